@@ -8,6 +8,8 @@ import importlib
 MODULES = [
     "tuneoff.train.cli",
     "tuneoff.data.cli",
+    "tuneoff.feedback.gold_cli",
+    "tuneoff.feedback.label_cli",
 ]
 
 

@@ -42,7 +42,7 @@ class TokenLoss(torch.nn.Module):
         return sft_loss_sum(logits, targets[keep]), keep.sum()
 
 
-def _examples(path: str, tokenizer, config: SFTConfig, where: str):
+def _examples(path: str, tokenizer, config: SFTConfig):
     from tuneoff.data.formats import load_sft
 
     tokenized, report = tokenize_dataset(load_sft(path), tokenizer, config.max_length, config.overlong, config.completion_only_loss)
@@ -101,9 +101,9 @@ def train(config: SFTConfig) -> Path:
 
     # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
-    train_examples, report = _examples(config.data, tokenizer, config, "data")
+    train_examples, report = _examples(config.data, tokenizer, config)
     if config.eval_data:
-        eval_examples, _ = _examples(config.eval_data, tokenizer, config, "eval_data")
+        eval_examples, _ = _examples(config.eval_data, tokenizer, config)
     else:
         train_examples, eval_examples = _split(train_examples, config.eval_fraction, config.seed)
 
