@@ -12,7 +12,9 @@ the data set at all (missing fields, wrong types) still raises :class:`tuneoff.e
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -202,3 +204,60 @@ def _require(row: dict, field: str, file: str, where: Any) -> dict:
         raise DataError(file, where, field, f"missing: a PandaLM record has instruction, input, response1, response2 and "
                                             f"annotator1..3, found keys {sorted(row)}")
     return row
+
+
+# --- SFT data from the shipped SST-2 and Self-Instruct files ------------------------------------------------
+
+SST2_TRAIN = "sst2/train.tsv.gz"
+SELF_INSTRUCT_SEED = "self-instruct/seed_tasks.jsonl"
+
+
+def shipped_data(relative: str) -> Path:
+    """A data file shipped inside the package (``tuneoff/assets/data``), with ORIGIN and LICENSE beside it."""
+    return Path(__file__).resolve().parent.parent / "assets" / "data" / relative
+
+
+def sst2_sentences(path: str | os.PathLike | None = None, label: int | None = None, min_words: int = 8) -> list[str]:
+    """Whole-sentence-like SST-2 train phrases (at least ``min_words`` words), optionally of one label (1 = positive).
+
+    SST-2 lists every constituent of every sentence; long phrases are nearly whole sentences.
+    """
+    import gzip
+
+    path = Path(path) if path else shipped_data(SST2_TRAIN)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [line.rstrip("\n").split("\t") for line in f][1:]
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        if len(row) != 2 or (label is not None and row[0] != str(label)):
+            continue
+        text = row[1].strip()
+        if len(text.split()) >= min_words and text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def sst2_sft_records(path: str | os.PathLike | None = None, label: int = 1, prompt_words: int = 4, min_words: int = 8) -> list[dict]:
+    """``{"prompt","completion"}`` records: the first ``prompt_words`` words of a review, then its rest."""
+    records = []
+    for sentence in sst2_sentences(path, label, min_words):
+        words = sentence.split()
+        records.append({"prompt": " ".join(words[:prompt_words]), "completion": " " + " ".join(words[prompt_words:])})
+    return records
+
+
+def self_instruct_messages(path: str | os.PathLike | None = None) -> list[dict]:
+    """``{"messages"}`` records from the Self-Instruct seed tasks: instruction (+ input) -> human-written output."""
+    path = Path(path) if path else shipped_data(SELF_INSTRUCT_SEED)
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        task = json.loads(line)
+        for instance in task["instances"]:
+            user = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"].strip() else "")
+            if instance["output"].strip():
+                records.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": instance["output"]}]})
+    return records

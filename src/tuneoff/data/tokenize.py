@@ -161,6 +161,7 @@ def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Te
 
     position_ids restart at 0 for each example; transformers reads the restarts (with attention_mask=None)
     as sequence boundaries and builds a block-diagonal causal mask, so no token attends across examples.
+    Call the model with ``use_cache=False``: with a cache, transformers skips that detection.
     Row-end padding forms its own segment with -100 labels; it is filled with a token other than the pad token
     (its value is never seen by another segment) so transformers does not mistake the batch for a padded one.
     """

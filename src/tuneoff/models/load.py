@@ -22,7 +22,7 @@ from tuneoff.errors import TuneoffError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REVIEW_GPT_DIR = ASSETS / "review-gpt"
 PRESETS = ("tiny", "review-gpt", "smollm2-135m")
-TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=512)
+TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: tests compare runs exactly
 
 
 def cache_dir() -> Path:

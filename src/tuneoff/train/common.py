@@ -38,6 +38,27 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def make_accelerator():
+    """An ``Accelerator``, refusing launches that would run several unsynchronised copies of one job.
+
+    ``accelerate launch --cpu`` starts several processes only through mpirun; ``--multi_gpu`` on a machine
+    without GPUs starts N processes that each believe they are alone. For several CPU processes (gloo), use
+    ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m tuneoff.cli ...``.
+    """
+    import os
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise TuneoffError(
+            f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: on CPU, launch with "
+            "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m tuneoff.cli ... (gloo)"
+        )
+    return accelerator
+
+
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW; no decay on biases and norm weights (1-D parameters). Fused on CUDA, foreach elsewhere."""
     params = [p for p in model.parameters() if p.requires_grad]

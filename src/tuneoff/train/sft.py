@@ -87,7 +87,6 @@ def evaluate(loss_model, batches: list[dict], accelerator) -> dict:
 
 def train(config: SFTConfig) -> Path:
     """Run SFT as configured; returns the folder of the final model."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
@@ -107,7 +106,7 @@ def train(config: SFTConfig) -> Path:
     else:
         train_examples, eval_examples = _split(train_examples, config.eval_fraction, config.seed)
 
-    accelerator = Accelerator()
+    accelerator = common.make_accelerator()
     common.seed_everything(config.seed)
     model = load_model(config.model, from_scratch=config.from_scratch)
     if config.lora:
