@@ -1,0 +1,251 @@
+"""`tuneoff label ...`: queue comparisons, serve the labelling page, manage annotators, export, statistics.
+
+    tuneoff label add --db fb.sqlite --prompts p.jsonl --responses-a a.jsonl --responses-b b.jsonl
+    tuneoff label add --db fb.sqlite --prompts p.jsonl --model-a review-gpt [--model-b runs/sft/model]
+    tuneoff label add --db fb.sqlite --pandalm ../shared/data/pandalm/testset-v1.json.gz
+    tuneoff label add --db fb.sqlite --preferences prefs.jsonl [--as-annotator file-labels]
+    tuneoff label annotators add NAME --db fb.sqlite        (prints the token once)
+    tuneoff label serve --db fb.sqlite --host 127.0.0.1 --port 8000 --annotators-per-task 3
+    tuneoff label export --db fb.sqlite --out prefs.jsonl [--mode majority|per-annotator] [--ties drop|keep]
+    tuneoff label stats --db fb.sqlite [--json stats.json]
+
+Heavy imports (FastAPI, uvicorn, torch) happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import math
+import sys
+
+from tuneoff.errors import TuneoffError
+
+
+def add_parser(subparsers) -> None:
+    label = subparsers.add_parser("label", help="collect human preferences in a browser and measure agreement",
+                                  description="Human feedback collection: queue, serve, export, statistics.")
+    verbs = label.add_subparsers(dest="label_verb", required=True, metavar="SUBVERB")
+
+    add = verbs.add_parser("add", help="queue comparison tasks (from generation files, models or a preference file)")
+    _db(add)
+    add.add_argument("--prompts", help="prompts file, {\"prompt\"} or {\"messages\"} per line")
+    add.add_argument("--responses-a",
+                     help="generation file for side a: {\"completion\"|\"response\"|\"output\", \"prompt\"?} per line")
+    add.add_argument("--responses-b", help="generation file for side b, line i answering the same prompt as line i of a")
+    add.add_argument("--model-a", help="sample response a from this model (preset name or HF folder); with --prompts")
+    add.add_argument("--model-b", help="sample response b from this model (default: a second sample from --model-a)")
+    add.add_argument("--max-new-tokens", type=int, default=128)
+    add.add_argument("--temperature", type=float, default=1.0)
+    add.add_argument("--top-p", type=float, default=1.0)
+    add.add_argument("--seed", type=int, default=0)
+    add.add_argument("--batch-size", type=int, default=8)
+    add.add_argument("--pandalm", help="import PandaLM's human test set with its three annotators' labels")
+    add.add_argument("--preferences", help="import the pairs of a {\"prompt\",\"chosen\",\"rejected\"} file as tasks")
+    add.add_argument("--as-annotator", help="with --preferences: also keep the file's labels under this annotator name")
+    add.set_defaults(func=run_add)
+
+    serve = verbs.add_parser("serve", help="serve the labelling page and its JSON API")
+    _db(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--annotators-per-task", type=int, default=3,
+                       help="distinct annotators each task gets (overlap makes agreement measurable)")
+    serve.add_argument("--lease-minutes", type=float, default=30.0,
+                       help="an assigned task left unanswered this long is offered to someone else")
+    serve.set_defaults(func=run_serve)
+
+    annotators = verbs.add_parser("annotators", help="create or list annotators")
+    annotator_verbs = annotators.add_subparsers(dest="annotators_verb", required=True, metavar="SUBVERB")
+    annotator_add = annotator_verbs.add_parser("add", help="create an annotator and print their token (once)")
+    annotator_add.add_argument("name")
+    _db(annotator_add)
+    annotator_add.set_defaults(func=run_annotators_add)
+    annotator_list = annotator_verbs.add_parser("list", help="list annotators")
+    _db(annotator_list)
+    annotator_list.set_defaults(func=run_annotators_list)
+
+    export = verbs.add_parser("export", help="write the preference JSONL the reward model reads")
+    _db(export)
+    export.add_argument("--out", required=True)
+    export.add_argument("--mode", choices=("majority", "per-annotator"), default="majority")
+    export.add_argument("--ties", choices=("drop", "keep"), default="drop")
+    export.add_argument("--min-annotators", type=int, default=1, help="majority mode: tasks with fewer labels are left out")
+    export.set_defaults(func=run_export)
+
+    stats = verbs.add_parser("stats", help="agreement (Cohen, Fleiss, Krippendorff) and biases (position, length)")
+    _db(stats)
+    stats.add_argument("--json", help="also write the figures to this JSON file")
+    stats.set_defaults(func=run_stats)
+
+
+def _db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", required=True, help="the feedback SQLite database")
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from tuneoff.feedback import store as fb
+
+    sources = [bool(args.pandalm), bool(args.preferences), bool(args.responses_a or args.responses_b), bool(args.model_a)]
+    if sum(sources) != 1:
+        raise TuneoffError("give exactly one source: --pandalm, --preferences, --responses-a/--responses-b, or --model-a")
+    if args.as_annotator and not args.preferences:
+        raise TuneoffError("--as-annotator goes with --preferences")
+    if args.model_b and not args.model_a:
+        raise TuneoffError("--model-b needs --model-a")
+    store = fb.Store(args.db)
+    if args.pandalm:
+        counts = fb.import_pandalm(store, args.pandalm)
+    elif args.preferences:
+        counts = fb.import_preferences(store, args.preferences, as_annotator=args.as_annotator)
+    elif args.responses_a or args.responses_b:
+        if not (args.responses_a and args.responses_b):
+            raise TuneoffError("--responses-a and --responses-b go together")
+        added, existing = store.add_tasks(fb.tasks_from_generations(args.prompts, args.responses_a, args.responses_b))
+        counts = {"tasks_added": added, "tasks_existing": existing}
+    else:
+        if not args.prompts:
+            raise TuneoffError("--model-a needs --prompts")
+        prompts = fb.load_prompt_texts(args.prompts)
+        pairs = sample_responses(prompts, args.model_a, args.model_b, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+        source_b = args.model_b or args.model_a
+        tasks = [fb.NewTask(prompt, a, b, messages, source_a=args.model_a, source_b=source_b)
+                 for (prompt, messages), (a, b) in zip(prompts, pairs)]
+        added, existing = store.add_tasks(tasks)
+        counts = {"tasks_added": added, "tasks_existing": existing}
+    store.close()
+    print(f"{args.db}: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in counts.items()))
+    return 0
+
+
+def sample_responses(prompts: list[tuple[str, list | None]], model_a: str, model_b: str | None = None, *,
+                     max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                     batch_size: int = 8) -> list[tuple[str, str]]:
+    """Two sampled responses per prompt: one from each model, or two from ``model_a`` alone."""
+    import torch
+
+    from tuneoff.models.load import load_model_and_tokenizer
+
+    torch.manual_seed(seed)
+    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    model, tokenizer = load_model_and_tokenizer(model_a)
+    first = _generate(model, tokenizer, prompts, **options)
+    if model_b is not None and model_b != model_a:
+        del model
+        model, tokenizer = load_model_and_tokenizer(model_b)
+    second = _generate(model, tokenizer, prompts, **options)
+    return list(zip(first, second))
+
+
+def _generate(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, batch_size) -> list[str]:
+    import torch
+
+    # Instruct models (with a chat template) get the prompt as a user turn; base models continue the text.
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    texts = [tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt}], tokenize=False,
+                                           add_generation_prompt=True) if chat else prompt
+             for prompt, messages in prompts]
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # generation appends on the right, so padding goes left
+    model.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat)
+        with torch.no_grad():
+            ids = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # (B, T + new)
+        new_tokens = ids[:, batch["input_ids"].shape[1]:]  # (B, new)
+        out.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return out
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.app import serve
+
+    if not _is_loopback(args.host):
+        print(f"warning: serving on {args.host} over plain HTTP: tokens cross the network in clear text; "
+              "put a TLS proxy in front", file=sys.stderr)
+    print(f"labelling page: http://{args.host}:{args.port}/login  (annotators log in with their token)", file=sys.stderr)
+    serve(args.db, host=args.host, port=args.port, annotators_per_task=args.annotators_per_task,
+          lease_seconds=args.lease_minutes * 60)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_annotators_add(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.store import Store
+
+    with Store(args.db) as store:
+        annotator, token = store.add_annotator(args.name)
+    print(f"annotator {annotator.name}: token {token}")
+    print("Give this token to the annotator; it is shown only once (the database keeps its hash).", file=sys.stderr)
+    return 0
+
+
+def run_annotators_list(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.store import Store
+
+    with Store(args.db, create=False) as store:
+        for annotator in store.annotators():
+            print(f"{annotator.id}\t{annotator.name}\t{'token' if annotator.can_log_in else 'imported'}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.store import Store, export_preferences
+
+    if args.min_annotators < 1:
+        raise TuneoffError("--min-annotators must be at least 1")
+    with Store(args.db, create=False) as store:
+        counts = export_preferences(store, args.out, mode=args.mode, ties=args.ties, min_annotators=args.min_annotators)
+    print(f"{args.out}: " + ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in counts.items()))
+    return 0
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.agreement import format_summary, summarize
+    from tuneoff.feedback.store import Store
+
+    with Store(args.db, create=False) as store:
+        summary = summarize(store.judgments())
+    print(format_summary(summary))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(_finite(summary), handle, indent=2)
+    return 0
+
+
+def _finite(value):
+    """NaN (an undefined statistic) becomes JSON null instead of the non-standard NaN token."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``label`` alone, as the ``tuneoff`` CLI would: ``python -m tuneoff.feedback.label_cli label stats --db X``."""
+    parser = argparse.ArgumentParser(prog="tuneoff")
+    add_parser(parser.add_subparsers(dest="verb", required=True, metavar="VERB"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except TuneoffError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
