@@ -210,6 +210,17 @@ def save_final_model(out: Path, model, tokenizer) -> Path:
     return final
 
 
+def progress(total: int, initial: int, desc: str, enabled: bool = True):
+    """A tqdm bar (rate and ETA); redrawn at most every 15 s when stderr is not a terminal (CI logs)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=interactive,
+                mininterval=0.2 if interactive else 15.0)
+
+
 class Throughput:
     """Tokens per second over the whole run so far (after resume: since the resume)."""
 

