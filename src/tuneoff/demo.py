@@ -30,6 +30,8 @@ class DemoConfig:
 
     out: str = "runs/demo"
     """Output folder (report.html, results.json, the SFT run)."""
+    model: str = "review-gpt"
+    """Base model of every arm."""
     prompts: int = 96
     """Held-out SST-2 dev review beginnings to continue."""
     prompt_words: int = 4
@@ -106,13 +108,13 @@ def run(config: DemoConfig) -> Path:
         data.write_text("".join(json.dumps(r) + "\n" for r in records[:3000]), encoding="utf-8")
         timings["data preparation"] = time.perf_counter() - start
         start = time.perf_counter()
-        sft = SFTConfig(model="review-gpt", data=str(data), out=str(sft_out),
+        sft = SFTConfig(model=config.model, data=str(data), out=str(sft_out),
                         max_steps=config.sft_steps, batch_size=16, max_length=64, lr=5e-4, warmup_ratio=0.05,
                         eval_every=100, save_every=100, seed=config.seed, resume=bool(common.checkpoints(sft_out)))
         train(sft)
         timings["sft training"] = time.perf_counter() - start
 
-    arms = {"base": "review-gpt", "sft": str(sft_out / "model")}
+    arms = {"base": config.model, "sft": str(sft_out / "model")}
     results: dict = {"config": asdict(config), "arms": {}, "samples": {}}
     for arm, model in arms.items():
         start = time.perf_counter()

@@ -64,6 +64,7 @@ def test_pad_batch_hand_computed():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 2, 3], [IGNORE, IGNORE, IGNORE]]
+    assert batch["num_tokens"].item() == 4
 
 
 def test_pack_first_fit_decreasing():
@@ -80,7 +81,7 @@ def test_packed_batch_positions_and_labels():
     assert batch["input_ids"].tolist() == [[7, 8, 9, 5, 6], [4, 3, 0, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
     assert batch["labels"].tolist() == [[IGNORE, 8, 9, IGNORE, 6], [IGNORE, 3, IGNORE, IGNORE, IGNORE]]
-    assert "attention_mask" not in batch
+    assert "attention_mask" not in batch and batch["num_tokens"].item() == 7
 
 
 def test_packing_does_not_leak_attention_across_examples():
@@ -94,7 +95,7 @@ def test_packing_does_not_leak_attention_across_examples():
     b = Tokenized(list(range(30, 35)), [IGNORE] + list(range(31, 35)))
 
     def token_losses(batch):
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        logits = model(**{k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}, use_cache=False).logits
         targets = shift_targets(batch["labels"])
         losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
         return losses[targets != IGNORE]

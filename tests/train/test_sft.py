@@ -65,7 +65,7 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path):
 
 
 def test_resume_after_kill_gives_identical_losses(tmp_path, small_data):
-    args = [*FAST, "--data", str(small_data), "--max-steps", "60", "--save-every", "10", "--eval-every", "20"]
+    args = [*FAST, "--data", str(small_data), "--max-steps", "60", "--save-every", "30", "--eval-every", "20"]
     straight = tmp_path / "straight"
     assert run_cli("sft", *args, "--out", str(straight)).returncode == 0
 
@@ -74,7 +74,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, small_data):
     process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "sft", *args, "--out", str(killed)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000020").exists() and process.poll() is None and time.time() < deadline:
+    while not (killed / "checkpoints" / "step-000030").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()

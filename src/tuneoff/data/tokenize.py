@@ -125,7 +125,7 @@ def tokenize_dataset(examples, tokenizer, max_length: int, overlong: str = "trun
 
 
 def pad_batch(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, all (B, T_max)."""
+    """Right-padded batch: input_ids, attention_mask, labels, all (B, T_max); num_tokens = real tokens (0-dim)."""
     width = max(len(e.input_ids) for e in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
@@ -135,7 +135,7 @@ def pad_batch(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_tokens": attention_mask.sum()}
 
 
 def pack(examples: list[Tokenized], max_length: int) -> list[list[Tokenized]]:
@@ -157,7 +157,8 @@ def pack(examples: list[Tokenized], max_length: int) -> list[list[Tokenized]]:
 
 
 def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Padding-free batch of packed rows: input_ids, labels, position_ids, all (B, T_max); no attention_mask.
+    """Padding-free batch of packed rows: input_ids, labels, position_ids, all (B, T_max); no attention_mask;
+    num_tokens = real tokens (0-dim).
 
     position_ids restart at 0 for each example; transformers reads the restarts (with attention_mask=None)
     as sequence boundaries and builds a block-diagonal causal mask, so no token attends across examples.
@@ -179,4 +180,5 @@ def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Te
             position_ids[r, start : start + n] = torch.arange(n)
             start += n
         position_ids[r, start:] = torch.arange(width - start)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    num_tokens = torch.tensor(sum(len(e.input_ids) for row in rows for e in row))
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "num_tokens": num_tokens}

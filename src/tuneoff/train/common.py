@@ -222,11 +222,13 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True):
 
 
 class Throughput:
-    """Tokens per second over the whole run so far (after resume: since the resume)."""
+    """Input tokens (all real tokens) and trained tokens (with a loss) per second since the loop started."""
 
     def __init__(self):
-        self.start, self.tokens = time.perf_counter(), 0
+        self.start, self.tokens, self.trained = time.perf_counter(), 0, 0
 
-    def add(self, tokens: int) -> float:
+    def add(self, tokens: int, trained: int) -> tuple[float, float]:
         self.tokens += tokens
-        return self.tokens / max(1e-9, time.perf_counter() - self.start)
+        self.trained += trained
+        elapsed = max(1e-9, time.perf_counter() - self.start)
+        return self.tokens / elapsed, self.trained / elapsed

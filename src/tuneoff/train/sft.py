@@ -33,7 +33,7 @@ class TokenLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, num_tokens=None):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
         targets = shift_targets(labels)  # (B, T)
@@ -152,8 +152,9 @@ def train(config: SFTConfig) -> Path:
         mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]
         batches = [{k: v.to(accelerator.device) for k, v in micro_batch(i).items()} for i in mine]
         cursor += config.grad_accum * world
-        local_tokens = sum(int((shift_targets(b["labels"]) != IGNORE).sum()) for b in batches)
-        step_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device), "sum")
+        trained = sum(float((shift_targets(b["labels"]) != IGNORE).sum()) for b in batches)
+        local = torch.tensor([trained, sum(float(b["num_tokens"]) for b in batches)])
+        step_tokens, input_tokens = accelerator.reduce(local.to(accelerator.device), "sum").unbind()
         loss_total = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(batches):
             sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(loss_model)
@@ -172,16 +173,18 @@ def train(config: SFTConfig) -> Path:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        rate = speed.add(int(step_tokens.item()))
+        rate, trained_rate = speed.add(int(input_tokens.item()), int(step_tokens.item()))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if step % config.log_every == 0 or step == total_steps:
             log.log(step, {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
-                           "train/tokens_per_s": rate, "train/epoch": cursor / (steps_per_epoch * config.grad_accum * world)})
+                           "train/tokens_per_s": rate, "train/trained_tokens_per_s": trained_rate,
+                           "train/epoch": cursor / (steps_per_epoch * config.grad_accum * world)})
         if eval_batches and (step % config.eval_every == 0 or step == total_steps):
             metrics = evaluate(loss_model, eval_batches, accelerator)
             log.log(step, metrics)
-            bar.write(f"step {step}: eval loss {metrics['eval/loss']:.4f}, perplexity {metrics['eval/perplexity']:.2f}") if is_main else None
+            if is_main:
+                bar.write(f"step {step}: eval loss {metrics['eval/loss']:.4f}, perplexity {metrics['eval/perplexity']:.2f}")
         if step % config.save_every == 0 or step == total_steps:
             accelerator.wait_for_everyone()
             if is_main:

@@ -1,0 +1,282 @@
+"""Reward-model training: Bradley–Terry loss on preference pairs, one loop under accelerate.
+
+r(x, y) is a scalar head on the decoder's last real token (``tuneoff.models.heads``); the loss of a pair is
+``-log σ(r(x, y_w) − r(x, y_l) − m)`` (Bradley & Terry 1952; Ouyang et al. 2022). The chosen and rejected
+responses of a micro-batch go through the model in one forward (concatenated along the batch). The loss of
+an optimizer step is the mean over all its pairs, across micro-batches and processes (pair-weighted, so
+gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
+checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
+Held-out evaluation (``tuneoff.eval.rm``): pairwise accuracy, ECE of σ(r_w − r_l), length-bias probe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuneoff.config import RMConfig, save_config
+from tuneoff.errors import DataError, TuneoffError
+from tuneoff.losses import bradley_terry_loss
+from tuneoff.train import common
+
+
+@dataclass
+class TokenizedPair:
+    chosen: list[int]
+    rejected: list[int]
+    chosen_length: int
+    """Response tokens of ``chosen`` (EOS excluded), for the length-bias probe."""
+    rejected_length: int
+    margin: float
+    prompt: str
+    """The prompt as text (conversations as JSON): pairs sharing it stay on one side of the held-out split."""
+
+
+def read_margins(path: str, field: str, count: int) -> list[float]:
+    """The numeric ``field`` of every record of ``path`` (one per pair, in file order)."""
+    from tuneoff.data.formats import position_label, read_rows
+
+    margins = []
+    for number, row in read_rows(path):
+        value = row.get(field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DataError(path, position_label(path, number), field, f"expected a finite number (the pair's margin), got {value!r}")
+        margins.append(float(value))
+    assert len(margins) == count, "read_rows and load_preferences disagree on the number of records"
+    return margins
+
+
+def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[TokenizedPair], str]:
+    """Validated preference pairs of ``path`` -> token ids, applying the over-long policy; and a summary line."""
+    from tuneoff.data.formats import load_preferences
+    from tuneoff.models.heads import encode_response, fit_left
+
+    pairs = load_preferences(path)
+    margins = read_margins(path, config.margin_field, len(pairs)) if config.margin_field else [0.0] * len(pairs)
+    out, truncated, dropped = [], 0, []
+    for pair, margin in zip(pairs, margins):
+        (chosen, n_chosen), (rejected, n_rejected) = (encode_response(tokenizer, pair.prompt, r) for r in (pair.chosen, pair.rejected))
+        longest = max(len(chosen), len(rejected))
+        if longest > config.max_length:
+            if config.overlong == "error":
+                file, _, line = pair.where.rpartition(":")
+                raise DataError(file or pair.where, line or None, None,
+                                f"pair is {longest} tokens, over max_length {config.max_length} (set --overlong truncate or drop)")
+            if config.overlong == "drop":
+                dropped.append(f"{pair.where} ({longest} tokens)")
+                continue
+            chosen, rejected, truncated = fit_left(chosen, config.max_length), fit_left(rejected, config.max_length), truncated + 1
+        prompt = pair.prompt if isinstance(pair.prompt, str) else json.dumps([[m.role, m.content] for m in pair.prompt])
+        out.append(TokenizedPair(chosen, rejected, n_chosen, n_rejected, config.margin + margin, prompt))
+    summary = f"{len(out)} pairs" + (f", {truncated} truncated to max_length" if truncated else "")
+    summary += f", {len(dropped)} dropped as over-long (first: {dropped[0]})" if dropped else ""
+    if not out:
+        raise TuneoffError(f"{path}: no pair left to train on ({summary})")
+    return out, summary
+
+
+def split_by_prompt(pairs: list[TokenizedPair], fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out about ``fraction`` of the pairs, whole prompts at a time, in a seeded order."""
+    if fraction <= 0:
+        return pairs, []
+    prompts = sorted({p.prompt for p in pairs})
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, size, target = set(), 0, max(1, round(len(pairs) * fraction))
+    count = {prompt: 0 for prompt in prompts}
+    for p in pairs:
+        count[p.prompt] += 1
+    for i in order:
+        if size >= target:
+            break
+        held.add(prompts[i])
+        size += count[prompts[i]]
+    train = [p for p in pairs if p.prompt not in held]
+    if not train:
+        raise TuneoffError(f"eval_fraction {fraction} leaves no training pair out of {len(pairs)}")
+    return train, [p for p in pairs if p.prompt in held]
+
+
+def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
+    """Micro-batches of one epoch in a seeded order; each holds the B chosen rows then the B rejected rows."""
+    from tuneoff.models.heads import pad_right
+
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else range(len(pairs))
+    ordered = [pairs[i] for i in order]
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        input_ids, attention_mask = pad_right([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)  # (2B, T)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask,
+                        "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
+                        "length": torch.tensor([p.chosen_length for p in chunk] + [p.rejected_length for p in chunk])})  # (2B,)
+    return batches
+
+
+def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected), each (B,), from one forward over the 2B sequences."""
+    rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    return rewards.chunk(2)
+
+
+@torch.inference_mode()
+def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
+    """Held-out metrics over every process's share of the batches, gathered on each process."""
+    from accelerate.utils import gather_object
+
+    from tuneoff.eval.rm import reward_model_metrics
+
+    model.eval()
+    rows = []
+    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
+        r_chosen, r_rejected = pair_rewards(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+        length_chosen, length_rejected = batch["length"].chunk(2)
+        rows += list(zip(r_chosen.tolist(), r_rejected.tolist(), length_chosen.tolist(), length_rejected.tolist(), batch["margin"].tolist()))
+    model.train()
+    rows = gather_object(rows) if accelerator.num_processes > 1 else rows
+    columns = torch.tensor(rows, dtype=torch.float64).T  # (5, N)
+    metrics = reward_model_metrics(columns[0], columns[1], columns[2], columns[3], columns[4], bins)
+    return {f"eval/{k}": v for k, v in metrics.items()}
+
+
+def _resolve_data(config: RMConfig) -> tuple[str, str]:
+    """(training file, held-out file); ``default`` names the default task's cached files."""
+    if config.data != "default":
+        return config.data, config.eval_data
+    from tuneoff.data.default_task import EVAL_FILE, TRAIN_FILE, default_task_files
+
+    folder = default_task_files()
+    print(f"rm: default task data in {folder}")
+    return str(folder / TRAIN_FILE), config.eval_data or str(folder / EVAL_FILE)
+
+
+def train(config: RMConfig) -> Path:
+    """Train a reward model as configured; returns the folder of the final model."""
+    from tuneoff.models.heads import RewardModel, disable_dropout, save_reward_model
+    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
+
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    if not config.data:
+        raise TuneoffError("no training data: pass --data FILE (or --data default)")
+    out = Path(config.out)
+    resume_from = common.prepare_out(out, config.resume)
+
+    # Everything that can fail on the user's input happens before the first byte is written to `out`.
+    tokenizer = load_tokenizer(config.model)
+    data, eval_data = _resolve_data(config)
+    train_pairs, summary = tokenize_pairs(data, tokenizer, config)
+    if eval_data:
+        eval_pairs, _ = tokenize_pairs(eval_data, tokenizer, config)
+    else:
+        train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
+
+    accelerator = common.make_accelerator()
+    common.seed_everything(config.seed)
+    lm = load_model(config.model, from_scratch=config.from_scratch)
+    if config.disable_dropout:
+        disable_dropout(lm)
+    if config.lora:
+        lm = apply_lora(lm, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    reward_model = RewardModel(lm)  # the head sits outside peft: it trains with or without LoRA
+    world = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
+    steps_per_epoch = batches_per_epoch // (config.grad_accum * world)
+    if steps_per_epoch < 1:
+        raise TuneoffError(f"{batches_per_epoch} micro-batches are fewer than grad_accum × processes = {config.grad_accum * world}")
+    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
+    optimizer = common.make_optimizer(reward_model, config.lr, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, common.lr_lambda(config.schedule, int(config.warmup_ratio * total_steps), total_steps)
+    )
+    model, optimizer = accelerator.prepare(reward_model, optimizer)
+    pad_id = tokenizer.pad_token_id
+    eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False) if eval_pairs else []
+
+    step, cursor = 0, 0  # cursor = micro-batches consumed, over all epochs and processes
+    if resume_from is not None:
+        state = common.load_checkpoint(resume_from, reward_model.model, optimizer, scheduler)
+        reward_model.load_head(resume_from)
+        step, cursor = state["step"], state["cursor"]
+    is_main = accelerator.is_main_process
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    log = common.MetricsLog(out, resume_step=step if resume_from else None, enabled=is_main)
+    if is_main:
+        print(f"rm: {summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; "
+              f"{total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size} pairs")
+
+    epoch_cache: dict[int, list[dict]] = {}
+
+    def micro_batch(index: int) -> dict:
+        epoch, position = divmod(index, steps_per_epoch * config.grad_accum * world)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch)
+        return epoch_cache[epoch][position]
+
+    metrics: dict = {}
+    start, pairs_seen = time.perf_counter(), 0
+    bar = common.progress(total_steps, step, "rm", enabled=is_main)
+    while step < total_steps:
+        mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]
+        batches = [{k: v.to(accelerator.device) for k, v in micro_batch(i).items()} for i in mine]
+        cursor += config.grad_accum * world
+        step_pairs = accelerator.reduce(torch.tensor(float(sum(len(b["margin"]) for b in batches)), device=accelerator.device), "sum")
+        totals = torch.zeros(2, device=accelerator.device)  # summed loss and correct pairs
+        for i, batch in enumerate(batches):
+            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
+            with sync:
+                r_chosen, r_rejected = pair_rewards(model, batch)  # (B,), (B,)
+                loss_sum = bradley_terry_loss(r_chosen, r_rejected, batch["margin"]) * len(r_chosen)
+                # DDP averages gradients over processes, so scale by world / global pair count.
+                accelerator.backward(loss_sum * world / step_pairs)
+            totals += torch.stack([loss_sum.detach(), (r_chosen > r_rejected).sum().float()])
+        loss, accuracy = (accelerator.reduce(totals, "sum") / step_pairs).tolist()
+        if not math.isfinite(loss):
+            kept = common.checkpoints(out)
+            where = kept[-1] if kept else "none was written yet"
+            raise TuneoffError(f"loss became {loss} at step {step + 1}; stopped. Last good checkpoint: {where}")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else torch.tensor(0.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        pairs_seen += int(step_pairs.item())
+        rate = pairs_seen / max(1e-9, time.perf_counter() - start)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", pairs_s=f"{rate:,.1f}")
+        if step % config.log_every == 0 or step == total_steps:
+            log.log(step, {"train/loss": loss, "train/accuracy": accuracy, "train/lr": scheduler.get_last_lr()[0],
+                           "train/grad_norm": float(grad_norm), "train/pairs_per_s": rate,
+                           "train/epoch": cursor / (steps_per_epoch * config.grad_accum * world)})
+        if eval_batches and (step % config.eval_every == 0 or step == total_steps):
+            metrics = evaluate(model, eval_batches, accelerator, config.calibration_bins)
+            log.log(step, metrics)
+            if is_main:
+                bar.write(f"step {step}: eval accuracy {metrics['eval/accuracy']:.4f}, ECE {metrics['eval/ece']:.4f}, "
+                          f"loss {metrics['eval/loss']:.4f}, length corr {metrics['eval/length_corr']:.3f}")
+        if step % config.save_every == 0 or step == total_steps:
+            accelerator.wait_for_everyone()
+            if is_main:
+                common.save_checkpoint(out, step, reward_model, tokenizer, optimizer, scheduler, {"cursor": cursor},
+                                       config.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+    final = out / "model"
+    if is_main:
+        info = {"max_length": config.max_length, "base_model": config.model, "steps": step}
+        if metrics:  # the held-out rewards set the normalisation RL may use (RewardScorer.score(normalize=True))
+            info.update(reward_mean=metrics["eval/reward_mean"], reward_std=metrics["eval/reward_std"], eval=metrics)
+            (out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+        save_reward_model(final, reward_model, tokenizer, info)
+        print(f"rm: reward model saved to {final}")
+    log.close()
+    accelerator.end_training()
+    return final

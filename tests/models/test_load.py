@@ -1,0 +1,67 @@
+import gzip
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+
+from tuneoff.errors import TuneoffError
+from tuneoff.models.load import REVIEW_GPT_DIR, load_model, load_model_and_tokenizer, load_tokenizer
+
+
+def test_tiny_is_small_random_and_dropout_free():
+    torch.manual_seed(0)
+    a = load_model("tiny")
+    torch.manual_seed(0)
+    b = load_model("tiny")
+    assert sum(p.numel() for p in a.parameters()) < 500_000
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert a.config.resid_pdrop == 0.0
+
+
+def test_unknown_model_is_a_clear_error(tmp_path):
+    with pytest.raises(TuneoffError, match="unknown model 'nope'"):
+        load_tokenizer("nope")
+    with pytest.raises(TuneoffError, match="holds no weights"):
+        (tmp_path / "config.json").write_text((REVIEW_GPT_DIR / "config.json").read_text())
+        load_model(str(tmp_path))
+
+
+def test_review_gpt_shipped_weights_write_reviews():
+    """The committed fp16 weights load in float32 and model held-out SST-2 dev text far better than chance."""
+    model, tokenizer = load_model_and_tokenizer("review-gpt")
+    assert next(model.parameters()).dtype == torch.float32
+    assert 3_000_000 < sum(p.numel() for p in model.parameters()) < 5_000_000
+    assert (REVIEW_GPT_DIR / "model.safetensors").stat().st_size < 10 * 2**20
+    with gzip.open(REVIEW_GPT_DIR.parent / "data" / "sst2" / "dev.tsv.gz", "rt") as f:
+        sentences = [line.split("\t")[1].strip() for line in f][1:65]
+    batch = tokenizer(sentences, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss.item()
+    # Uniform guessing over 4,096 tokens is perplexity 4,096; the recipe recorded ≈ 147 on its held-out split.
+    assert math.exp(loss) < 400, math.exp(loss)
+    recipe = json.loads((REVIEW_GPT_DIR / "RECIPE.json").read_text())
+    shipped = REVIEW_GPT_DIR.parent / "data" / "sst2" / "train.tsv.gz"
+    assert recipe["data"]["sha256"] == hashlib.sha256(shipped.read_bytes()).hexdigest()
+
+
+def test_review_gpt_recipe_runs_a_few_steps(tmp_path):
+    from tuneoff.models.review_gpt import build
+
+    card = build(tmp_path / "work", steps=2, export=tmp_path / "export")
+    assert card["tokens_seen"] == 2 * 32 * 128 and card["held_out_perplexity"] > 0
+    model, tokenizer = load_model_and_tokenizer(str(tmp_path / "export"))
+    assert model.config.n_layer == 4 and len(tokenizer) == 4096
+    assert (tmp_path / "export" / "tokenizer.json").read_bytes() == (REVIEW_GPT_DIR / "tokenizer.json").read_bytes()
+
+
+def test_smollm2_from_gguf_converts_once_and_loads():
+    pytest.importorskip("gguf")
+    model, tokenizer = load_model_and_tokenizer("smollm2-135m")
+    assert abs(sum(p.numel() for p in model.parameters()) - 134_515_008) < 1_000_000
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert out.shape[1] > len(ids)
