@@ -189,3 +189,177 @@ class SFTConfig(TrainConfig):
     """Pack several short examples into each max_length row (padding-free; attention never crosses examples)."""
     completion_only_loss: bool = True
     """Compute the loss on completion/assistant tokens only (prompt tokens are masked with -100)."""
+
+
+@dataclasses.dataclass
+class RMConfig(TrainConfig):
+    """Reward model: Bradley–Terry loss -log σ(r_w − r_l − m) on preference pairs, scalar head on the last real token."""
+
+    out: str = "runs/rm"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final reward model (model/)."""
+    data: str = ""
+    """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
+    task's pairs of review-gpt continuations labelled by simulated annotators, with a held-out split labelled by
+    the gold judge (built once and cached; see tuneoff.data.default_task)."""
+    batch_size: int = 8
+    """Preference pairs per micro-batch per process (each pair is two sequences, run in one forward)."""
+    lr: float = 1e-5
+    """Peak learning rate of AdamW."""
+    overlong: str = "truncate"
+    """Pairs with a sequence over max_length: truncate (keep its last max_length tokens: the prompt's beginning
+    goes, the response's end stays), drop (skip the pair, counted in the log) or error."""
+    margin: float = 0.0
+    """Constant margin m added to every pair: the preferred response must win by m to reach a low loss."""
+    margin_field: str = ""
+    """Name of a numeric field of each record holding that pair's margin (added to `margin`), e.g. `margin`."""
+    eval_fraction: float = 0.1
+    """Share of the prompts held out for evaluation when `eval_data` is not given (pairs sharing a prompt stay
+    on one side; 0 turns evaluation off)."""
+    disable_dropout: bool = True
+    """Turn the backbone's dropout off, so that both responses of a pair are scored by the same function."""
+    calibration_bins: int = 10
+    """Equal-width bins of the expected calibration error of σ(r_w − r_l)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.calibration_bins < 1:
+            raise TuneoffError(f"calibration_bins must be at least 1, got {self.calibration_bins}")
+
+
+@dataclasses.dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (Rafailov et al. 2023) and IPO (Azar et al. 2023) on preference pairs."""
+
+    out: str = "runs/dpo"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, cached reference
+    log-probs, final model (model/)."""
+    data: str = ""
+    """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
+    task's pairs (see tuneoff.data.default_task; held out: its gold-labelled pairs)."""
+    batch_size: int = 8
+    """Preference pairs per micro-batch per process (chosen and rejected run in one forward: 2× rows)."""
+    lr: float = 1e-5
+    """Peak learning rate of AdamW (TRL's default is 1e-6, sized for billion-parameter models)."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens; see `overlong`. Must be below max_length."""
+    overlong: str = "truncate"
+    """Pairs over max_prompt_length or max_length: truncate (the prompt keeps its last max_prompt_length tokens,
+    then each response is cut at its end to fit max_length), drop (skip the pair, counted in the log) or error."""
+    beta: float = 0.1
+    """β: strength of the implicit KL penalty to the reference (DPO's temperature; IPO's τ)."""
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO, summed log-probs) or ipo (IPO, per-token mean log-probs); see tuneoff.losses.DPO_LOSSES."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the share of labels assumed flipped, in [0, 0.5) (sigmoid loss only)."""
+    ref_model: str = ""
+    """Reference policy π_ref: empty = the starting model (with LoRA, the base with adapters disabled); or a
+    preset or folder. Its log-probs are computed once before training and cached in `out`."""
+    ref_batch_size: int = 32
+    """Pairs per forward of the one-off reference pass (no gradients, so larger than batch_size is fine)."""
+    disable_dropout: bool = True
+    """Turn the policy's dropout off, so that π and π_ref are the same function at step 0 (as TRL does)."""
+    eval_fraction: float = 0.1
+    """Share of the prompts held out for evaluation when `eval_data` is not given (pairs sharing a prompt stay
+    on one side; 0 turns evaluation off)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        from tuneoff.losses import DPO_LOSSES
+
+        if self.loss_type not in DPO_LOSSES:
+            raise TuneoffError(f"loss_type must be one of {', '.join(DPO_LOSSES)}, got '{self.loss_type}'")
+        if self.beta <= 0:
+            raise TuneoffError(f"beta must be positive, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise TuneoffError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.loss_type != "sigmoid":
+            raise TuneoffError(f"label_smoothing applies to the sigmoid loss only, not '{self.loss_type}'")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise TuneoffError(f"max_prompt_length must be in [1, max_length = {self.max_length}), got {self.max_prompt_length}")
+        if self.ref_batch_size < 1:
+            raise TuneoffError(f"ref_batch_size must be at least 1, got {self.ref_batch_size}")
+
+
+@dataclasses.dataclass
+class RLConfig(TrainConfig):
+    """Fields the online RL methods share (PPO, GRPO, RLOO). `data` is a prompt file; `max_steps` counts iterations."""
+
+    out: str = "runs/rl"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final model."""
+    reward_model: str = ""
+    """Reward: the folder of a `tuneoff rm` model, or `gold` (the gold judge; oracle runs)."""
+    reference: str = ""
+    """Reference policy for the KL penalty (default: the starting model; with LoRA, the base without adapters)."""
+    rollout_batch: int = 32
+    """Episodes (sampled responses) per iteration per process."""
+    max_prompt_length: int = 64
+    """Prompt tokens kept (the last ones)."""
+    max_new_tokens: int = 32
+    """Longest response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature (also used when recomputing log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    truncation: str = "keep"
+    """Responses that reach max_new_tokens without EOS: keep (scored as they are), penalty (score minus
+    truncation_penalty) or mask (left out of the update)."""
+    truncation_penalty: float = 1.0
+    """Subtracted from the score of a truncated response when truncation is penalty."""
+    kl_coef: float = 0.05
+    """β: weight of the KL(π‖π_ref) penalty."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: k1 (log π − log π_ref) or k3 (exp(ρ) − ρ − 1)."""
+    kl_stop: float = 40.0
+    """Stop the run when the mean per-sequence KL (nats) exceeds this bound."""
+    update_epochs: int = 1
+    """Passes over each iteration's episodes."""
+    clip_range: float = 0.2
+    """ε of the clipped ratio objective."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    eval_every: int = 10
+    """Log gold-judge scores of the rollouts every this many iterations (when the reward is not the gold judge)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.truncation not in ("keep", "penalty", "mask"):
+            raise TuneoffError(f"truncation must be keep, penalty or mask, got '{self.truncation}'")
+        if self.kl_estimator not in ("k1", "k3"):
+            raise TuneoffError(f"kl_estimator must be k1 or k3, got '{self.kl_estimator}'")
+        if self.rollout_batch % self.batch_size:
+            raise TuneoffError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size ({self.batch_size})")
+
+
+@dataclasses.dataclass
+class PPOConfig(RLConfig):
+    """PPO with a KL penalty (Ziegler 2019; Stiennon 2020; Ouyang 2022): per-token reward −β·KL plus the score
+    at the last token, a critic, GAE, whitened advantages, clipped ratio and value losses."""
+
+    out: str = "runs/ppo"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final model."""
+    lr: float = 1e-5
+    """Peak learning rate of AdamW (policy and critic)."""
+    update_epochs: int = 4
+    """PPO epochs over each iteration's episodes."""
+    gamma: float = 1.0
+    """Discount γ."""
+    lam: float = 0.95
+    """GAE λ."""
+    clip_range_value: float = 0.2
+    """ε of the clipped value loss."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    adaptive_kl: bool = True
+    """Adapt β towards kl_target (Ziegler 2019); false keeps β fixed."""
+    kl_target: float = 6.0
+    """Target per-sequence KL of the adaptive controller."""
+    kl_horizon: int = 10000
+    """Horizon (episodes) of the adaptive controller."""
+    ptx_data: str = ""
+    """PPO-ptx: an SFT file whose loss is mixed into each update (Ouyang 2022)."""
+    ptx_coef: float = 0.0
+    """Weight of the PPO-ptx SFT loss."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    schedule: str = "constant"
+    """Learning-rate decay after warmup: cosine, linear or constant."""

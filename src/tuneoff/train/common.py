@@ -146,8 +146,12 @@ def unwrap_for_saving(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the ``keep`` most recent."""
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
+                    extra: dict[str, dict] | None = None) -> Path:
+    """Write checkpoints/step-N atomically and keep only the ``keep`` most recent.
+
+    ``extra``: more state dicts to keep beside the model, each saved as ``NAME.safetensors`` (e.g. a critic).
+    """
     folder = out / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
@@ -162,6 +166,10 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, staging / "rng.pt")
+    for name, tensors in (extra or {}).items():
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(staging / f"{name}.safetensors"))
     (staging / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

@@ -1,0 +1,105 @@
+"""Batched sampling with a KV cache: token ids, per-token log-probs under the sampling policy, and masks.
+
+One prefill over the left-padded prompts, then one forward per new token that feeds only the new tokens and
+reuses the cache. The loop does nothing else per step: no logits processors, no stopping-criteria objects,
+and the LM head only on the last position. A sequence stops at its first EOS; the EOS is part of the
+response (it carries the reward in PPO) and everything after it is masked. Sequences that reach
+``max_new_tokens`` without EOS have ``ended = False``: the trainers decide (penalty or mask).
+
+Log-probs are those of the distribution sampled from, ``log_softmax(logits / temperature)`` before top-p
+truncation (as TRL and OpenRLHF do), so PPO's recomputed log-probs use the same temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) 1 on prompt tokens
+    response_ids: torch.Tensor  # (B, R) pad after the end
+    response_mask: torch.Tensor  # (B, R) 1 on generated tokens up to and including EOS
+    logprobs: torch.Tensor  # (B, R) log π(y_t | x, y_<t) of the sampled tokens, 0 where masked
+    ended: torch.Tensor  # (B,) True where the sequence emitted EOS
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,)
+        return self.response_mask.sum(-1)
+
+    def full(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt and response joined: ids and attention mask, (B, P + R)."""
+        return torch.cat([self.prompt_ids, self.response_ids], 1), torch.cat([self.prompt_mask, self.response_mask], 1)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> left-padded ids and mask, (B, P_max)."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        if p:
+            ids[row, width - len(p) :] = torch.tensor(p)
+            mask[row, width - len(p) :] = 1
+    return ids, mask
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V) -> sampled token (B,) and its log-prob under softmax(logits / T) (B,). T = 0 is greedy."""
+    if temperature == 0:
+        token = logits.argmax(-1)  # (B,)
+        return token, torch.zeros_like(token, dtype=logits.dtype)
+    logprobs = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
+    probs = logprobs.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set with mass >= top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+def cache_argument(model) -> str:
+    """transformers 5.2x renamed ``past_key_values`` to ``cache``; use whichever this model's forward takes."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
+             pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, generator=None) -> Rollout:
+    """Sample up to ``max_new_tokens`` per prompt with a KV cache; see the module docstring."""
+    from transformers import DynamicCache
+
+    B, device = prompt_ids.shape[0], prompt_ids.device
+    position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
+    cache = {cache_argument(model): DynamicCache()}
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+                logits_to_keep=1, **cache)
+    mask = prompt_mask
+    next_position = position_ids[:, -1:] + 1  # (B, 1)
+    tokens, logprobs = [], []
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        token, logprob = sample_token(out.logits[:, -1], temperature, top_p, generator)  # (B,), (B,)
+        token = torch.where(alive, token, torch.full_like(token, pad_token_id))
+        tokens.append(token)
+        logprobs.append(torch.where(alive, logprob, torch.zeros_like(logprob)))
+        alive = alive & (token != eos_token_id)
+        if not alive.any():
+            break
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True, **cache)
+        next_position = next_position + 1
+    response_ids = torch.stack(tokens, 1)  # (B, R)
+    is_eos = response_ids == eos_token_id
+    ended = is_eos.any(-1)
+    # 1 up to and including the first EOS; all ones for sequences that never ended
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # (B, R)
+    response_mask = (~after_eos).long()
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logprobs, 1) * response_mask, ended)

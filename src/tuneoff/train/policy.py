@@ -1,0 +1,129 @@
+"""Pieces the RL loops (PPO, GRPO, RLOO) share: prompts, scorers, response log-probs, KL controllers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tuneoff.errors import TuneoffError
+from tuneoff.models.heads import disable_dropout, position_ids_from_mask  # noqa: F401  (re-exported for the loops)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+@dataclass
+class EncodedPrompts:
+    texts: list  # what scorers see: the prompt string, or the messages tuple
+    ids: list[list[int]]
+
+
+def encode_prompts(path: str, tokenizer, max_prompt_length: int) -> EncodedPrompts:
+    """RL prompts from a file: plain text as is, conversations through the chat template (generation prompt on).
+
+    Prompts longer than ``max_prompt_length`` tokens keep their last tokens (the part the policy continues).
+    """
+    from tuneoff.data.formats import load_prompts
+    from tuneoff.data.tokenize import _chat_ids, _ids
+
+    texts, ids = [], []
+    for p in load_prompts(path):
+        if p.messages is not None:
+            texts.append(p.messages)
+            ids.append(_chat_ids(tokenizer, p.messages, add_generation_prompt=True)[-max_prompt_length:])
+        else:
+            texts.append(p.prompt)
+            ids.append(_ids(tokenizer, p.prompt)[-max_prompt_length:])
+    return EncodedPrompts(texts, ids)
+
+
+def prompt_batch(n_prompts: int, batch: int, iteration: int, seed: int) -> list[int]:
+    """Indices of the prompts of one iteration: a seeded permutation per pass, so a resumed run draws the same."""
+    per_pass = max(1, n_prompts // batch)
+    epoch, position = divmod(iteration, per_pass)
+    order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    return order[position * batch : (position + 1) * batch] if n_prompts >= batch else (order * batch)[:batch]
+
+
+# ---------------------------------------------------------------- scorers
+
+
+class GoldScorer:
+    """The gold judge as a reward (oracle runs): logit of P(positive) of prompt + response."""
+
+    def __init__(self):
+        from tuneoff.feedback.gold import load_gold_judge
+
+        self.judge = load_gold_judge()
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        texts = [(p if isinstance(p, str) else " ".join(m.content for m in p)) + " " + r for p, r in zip(prompts, responses)]
+        return torch.tensor(self.judge.logit(texts), dtype=torch.float32)
+
+
+def load_scorer(spec: str):
+    """``gold`` (the gold judge; oracle) or the folder of a reward model trained by ``tuneoff rm``."""
+    if spec == "gold":
+        return GoldScorer()
+    if not spec:
+        raise TuneoffError("no reward given: pass --reward-model FOLDER (from `tuneoff rm`) or --reward-model gold")
+    from tuneoff.models.heads import load_reward_model
+
+    return load_reward_model(spec)
+
+
+# ---------------------------------------------------------------- log-probs of responses
+
+
+def response_logprobs(model, full_ids: torch.Tensor, full_mask: torch.Tensor, prompt_len: int, response_mask: torch.Tensor,
+                      temperature: float, with_entropy: bool = False):
+    """log π(y_t | x, y_<t) of the response tokens, and optionally the entropy of π at those positions.
+
+    full_ids, full_mask: (B, P + R) left-padded prompt then response; response_mask: (B, R).
+    The LM head runs only on response positions that count (the largest matmul of a small model).
+    Returns logp (B, R) and entropy (B, R) or None; 0 where response_mask is 0.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
+                     use_cache=False).last_hidden_state  # (B, P + R, H)
+    keep = response_mask.bool()  # (B, R)
+    predicting = hidden[:, prompt_len - 1 : -1][keep]  # (N, H): the state before each response token
+    logits = head(predicting).float() / max(temperature, 1e-6)  # (N, V)
+    log_softmax = torch.log_softmax(logits, -1)
+    targets = full_ids[:, prompt_len:][keep]  # (N,)
+    logp = torch.zeros(response_mask.shape, dtype=torch.float32, device=full_ids.device)
+    logp[keep] = log_softmax.gather(-1, targets[:, None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros_like(logp)
+        entropy[keep] = -(log_softmax.exp() * log_softmax).sum(-1)
+    return logp, entropy
+
+
+# ---------------------------------------------------------------- KL coefficient
+
+
+class FixedKL:
+    def __init__(self, beta: float):
+        self.value = beta
+
+    def update(self, kl: float, n_steps: int) -> None:
+        pass
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019 (arXiv:1909.08593): β ← β·(1 + clip(KL/target − 1, ±0.2)·n/horizon)."""
+
+    def __init__(self, beta: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = beta, target, horizon
+
+    def update(self, kl: float, n_steps: int) -> None:
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+
+def check_finite(name: str, value: float, step: int) -> None:
+    if not math.isfinite(value):
+        raise TuneoffError(f"{name} became {value} at step {step}; stopped (see the last checkpoint)")

@@ -1,0 +1,65 @@
+import torch
+
+from tuneoff.rollout import generate, left_pad, sample_token
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_sample_token_logprob_and_top_p():
+    # probabilities (0.5, 0.3, 0.2): with top_p 0.6 only tokens 0 and 1 can be drawn.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(2000, 1)
+    token, logprob = sample_token(logits, temperature=1.0, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    assert set(token.tolist()) == {0, 1}
+    assert torch.allclose(logprob, torch.log(torch.tensor([0.5, 0.3, 0.2]))[token])  # untruncated distribution
+    share0 = (token == 0).float().mean().item()
+    assert abs(share0 - 0.5 / 0.8) < 0.04  # renormalised over the kept mass
+    greedy, _ = sample_token(logits[:1], temperature=0.0, top_p=1.0)
+    assert greedy.item() == 0
+
+
+def test_greedy_matches_transformers_generate():
+    from tuneoff.models.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("review-gpt")
+    model.eval()
+    prompts = ["the film is", "a dull , lifeless", "i loved every minute of this"]
+    ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
+    ours = generate(model, ids, mask, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, temperature=0.0)
+    with torch.inference_mode():
+        reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    reference = reference[:, ids.shape[1]:]
+    width = min(reference.shape[1], ours.response_ids.shape[1])
+    masked_ours = ours.response_ids.masked_fill(ours.response_mask == 0, tokenizer.pad_token_id)
+    assert torch.equal(masked_ours[:, :width], reference[:, :width])
+
+
+def test_masks_and_logprobs_match_a_full_forward():
+    """Stops at EOS per sequence; post-EOS is masked; sampled log-probs equal a fresh full forward's."""
+    from tuneoff.models.load import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer("review-gpt")
+    model.eval()
+    prompts = ["the film is", "a dull , lifeless mess", "it 's a", "the acting"]
+    ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
+    r = generate(model, ids, mask, max_new_tokens=40, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, temperature=0.9, generator=torch.Generator().manual_seed(1))
+    for row in range(len(prompts)):
+        n = int(r.response_mask[row].sum())
+        tokens = r.response_ids[row, :n].tolist()
+        assert (tokenizer.eos_token_id in tokens) == bool(r.ended[row])
+        if r.ended[row]:
+            assert tokens.index(tokenizer.eos_token_id) == n - 1
+        assert (r.response_mask[row, n:] == 0).all() and (r.logprobs[row, n:] == 0).all()
+    full_ids, full_mask = r.full()
+    position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids).logits
+    P = ids.shape[1]
+    logp = torch.log_softmax(logits[:, P - 1 : -1] / 0.9, -1).gather(-1, r.response_ids[..., None]).squeeze(-1)
+    assert torch.allclose(logp * r.response_mask, r.logprobs, atol=1e-4)

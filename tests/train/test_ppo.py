@@ -1,0 +1,110 @@
+"""PPO: reward shaping, masks, KL control, CLI smoke, KL bound, resume after a kill (tiny model, gold reward)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.conftest import ROOT, run_cli
+from tuneoff.config import PPOConfig
+from tuneoff.train.policy import AdaptiveKL, response_logprobs
+from tuneoff.train.ppo import apply_truncation, per_token_rewards
+
+PROMPTS = str(ROOT / "examples" / "sst2_prompts.jsonl")
+FAST = ["--model", "tiny", "--data", PROMPTS, "--reward-model", "gold", "--rollout-batch", "8", "--batch-size", "4",
+        "--max-new-tokens", "8", "--update-epochs", "2", "--log-every", "1", "--eval-every", "1", "--threads", "1", "--lr", "1e-4"]
+
+
+def test_per_token_rewards_hand_computed():
+    scores = torch.tensor([1.0, 2.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.5, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards = per_token_rewards(scores, kl, mask, beta=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, -0.1, -0.15 + 1.0], [-0.25 + 2.0, 0.0, 0.0]]))
+
+
+def test_truncation_policies():
+    scores, ended, mask = torch.tensor([1.0, 1.0]), torch.tensor([True, False]), torch.ones(2, 3, dtype=torch.long)
+    s, m = apply_truncation(scores, ended, mask, PPOConfig(truncation="penalty", truncation_penalty=0.5))
+    assert s.tolist() == [1.0, 0.5] and m.sum() == 6
+    s, m = apply_truncation(scores, ended, mask, PPOConfig(truncation="mask"))
+    assert s.tolist() == [1.0, 1.0] and m.tolist() == [[1, 1, 1], [0, 0, 0]]
+
+
+def test_adaptive_kl_controller():
+    # KL 9 vs target 6: error clipped to +0.2; β ← 0.1·(1 + 0.2·32/10000)
+    control = AdaptiveKL(0.1, target=6.0, horizon=10000)
+    control.update(9.0, 32)
+    assert abs(control.value - 0.1 * (1 + 0.2 * 32 / 10000)) < 1e-12
+    control.update(3.0, 32)  # error −0.5 clipped to −0.2
+    assert abs(control.value - 0.1 * (1 + 0.2 * 32 / 10000) * (1 - 0.2 * 32 / 10000)) < 1e-12
+
+
+def test_padding_and_post_eos_tokens_contribute_nothing():
+    from tuneoff.models.load import load_model
+
+    torch.manual_seed(0)
+    model = load_model("tiny").eval()
+    prompt = torch.tensor([[0, 0, 11, 12], [21, 22, 23, 24]])  # row 0 left-padded with 0
+    prompt_mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    response = torch.tensor([[31, 32, 33], [41, 42, 43]])
+    response_mask = torch.tensor([[1, 1, 1], [1, 0, 0]])  # row 1 ended after one token
+    ids, mask = torch.cat([prompt, response], 1), torch.cat([prompt_mask, response_mask], 1)
+    logp, entropy = response_logprobs(model, ids, mask, 4, response_mask, 1.0, with_entropy=True)
+    garbage = ids.clone()
+    garbage[0, :2] = 999  # other pad ids
+    garbage[1, 5:] = 777  # other post-EOS tokens
+    logp2, entropy2 = response_logprobs(model, garbage, mask, 4, response_mask, 1.0, with_entropy=True)
+    assert torch.equal(logp[1, 1:], torch.zeros(2)) and torch.equal(entropy[1, 1:], torch.zeros(2))
+    assert torch.allclose(logp, logp2, atol=1e-6) and torch.allclose(entropy, entropy2, atol=1e-6)
+    # and row 0 equals the same sequence without padding
+    alone, _ = response_logprobs(model, ids[:1, 2:], mask[:1, 2:], 2, response_mask[:1], 1.0)
+    assert torch.allclose(logp[:1], alone, atol=1e-5)
+
+
+def test_ppo_smoke_and_metrics(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("ppo", *FAST, "--out", str(out), "--max-steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac", "policy/approx_kl",
+                "val/ratio", "val/value_loss", "episodes_per_s"):
+        assert key in rows[-1], key
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "model")
+    assert (out / "checkpoints" / "step-000002" / "critic.safetensors").exists()
+
+
+def test_kl_bound_stops_the_run(tmp_path):
+    result = run_cli("ppo", *FAST, "--out", str(tmp_path / "run"), "--max-steps", "3", "--kl-stop", "-100")
+    assert result.returncode == 2 and "above kl_stop -100.0" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_resume_after_kill_gives_identical_metrics(tmp_path):
+    args = [*FAST, "--max-steps", "12", "--save-every", "4"]
+    straight = tmp_path / "straight"
+    assert run_cli("ppo", *args, "--out", str(straight)).returncode == 0
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "ppo", *args, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000004").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
+    assert kept and kept[-1] < "step-000012", f"the run finished before the kill: {kept}"
+    resumed = run_cli("ppo", *args, "--out", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def metrics(out: Path):
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
+
+    assert metrics(killed) == metrics(straight)
