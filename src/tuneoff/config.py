@@ -240,8 +240,8 @@ class DPOConfig(TrainConfig):
     """Preference pairs per micro-batch per process (chosen and rejected run in one forward: 2× rows)."""
     lr: float = 1e-5
     """Peak learning rate of AdamW (TRL's default is 1e-6, sized for billion-parameter models)."""
-    max_prompt_length: int = 256
-    """Longest prompt in tokens; see `overlong`. Must be below max_length."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (see `overlong`); below max_length. 0: half of max_length."""
     overlong: str = "truncate"
     """Pairs over max_prompt_length or max_length: truncate (the prompt keeps its last max_prompt_length tokens,
     then each response is cut at its end to fit max_length), drop (skip the pair, counted in the log) or error."""
@@ -274,6 +274,8 @@ class DPOConfig(TrainConfig):
             raise TuneoffError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise TuneoffError(f"label_smoothing applies to the sigmoid loss only, not '{self.loss_type}'")
+        if self.max_prompt_length == 0:
+            self.max_prompt_length = max(1, self.max_length // 2)
         if not 1 <= self.max_prompt_length < self.max_length:
             raise TuneoffError(f"max_prompt_length must be in [1, max_length = {self.max_length}), got {self.max_prompt_length}")
         if self.ref_batch_size < 1:
@@ -363,3 +365,36 @@ class PPOConfig(RLConfig):
     """Fraction of the steps spent warming the learning rate up linearly from 0."""
     schedule: str = "constant"
     """Learning-rate decay after warmup: cosine, linear or constant."""
+
+
+@dataclasses.dataclass
+class GRPOConfig(RLConfig):
+    """Critic-free RL: k samples per prompt, advantages from a group baseline (GRPO: group-normalised, Shao et al.
+    2024; RLOO: leave-one-out mean, Ahmadian et al. 2024), clipped ratio, and a KL term to the reference."""
+
+    out: str = "runs/grpo"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final model."""
+    baseline: str = "grpo"
+    """Advantage baseline: grpo (group mean, divided by the group std when scale_rewards) or rloo (leave-one-out mean)."""
+    num_generations: int = 4
+    """k: responses sampled per prompt (rollout_batch must be a multiple)."""
+    scale_rewards: bool = True
+    """GRPO only: divide by the group's std (Dr. GRPO argues against it for long answers)."""
+    kl_coef: float = 0.05
+    """β of the k3 KL(π‖π_ref) term in the loss. On by default (TRL's default is 0): the comparison holds every
+    arm to a KL budget, and without it the policy drifts freely and hacks a learned reward."""
+    kl_estimator: str = "k3"
+    """Per-token KL estimator in the loss: k3 (non-negative, DeepSeekMath) or k1."""
+    lr: float = 1e-5
+    """Peak learning rate of AdamW."""
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming the learning rate up linearly from 0."""
+    schedule: str = "constant"
+    """Learning-rate decay after warmup: cosine, linear or constant."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.baseline not in ("grpo", "rloo"):
+            raise TuneoffError(f"baseline must be grpo or rloo, got '{self.baseline}'")
+        if self.num_generations < 2 or self.rollout_batch % self.num_generations:
+            raise TuneoffError(f"num_generations must be ≥ 2 and divide rollout_batch ({self.rollout_batch}), got {self.num_generations}")

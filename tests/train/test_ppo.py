@@ -12,8 +12,8 @@ import torch
 
 from tests.conftest import ROOT, run_cli
 from tuneoff.config import PPOConfig
-from tuneoff.train.policy import AdaptiveKL, response_logprobs
-from tuneoff.train.ppo import apply_truncation, per_token_rewards
+from tuneoff.train.policy import AdaptiveKL, apply_truncation, response_logprobs
+from tuneoff.train.ppo import per_token_rewards
 
 PROMPTS = str(ROOT / "examples" / "sst2_prompts.jsonl")
 FAST = ["--model", "tiny", "--data", PROMPTS, "--reward-model", "gold", "--rollout-batch", "8", "--batch-size", "4",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tuneoff.config import DPOConfig, PPOConfig, RMConfig, SFTConfig, add_config_arguments, build_config
+from tuneoff.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig, add_config_arguments, build_config
 
 
 def _sft(args) -> int:
@@ -80,9 +80,30 @@ def add_ppo_parser(subparsers) -> None:
     parser.set_defaults(func=_ppo)
 
 
+def add_critic_free_parsers(subparsers) -> None:
+    """grpo and rloo: one loop (train/grpo.py), two baselines; each verb fixes its baseline."""
+    for verb, paper in (("grpo", "GRPO (Shao et al. 2024): advantages = (r - group mean) / group std"),
+                        ("rloo", "RLOO (Ahmadian et al. 2024): advantages = r - mean of the other k-1 samples")):
+        parser = subparsers.add_parser(
+            verb, help=f"critic-free RLHF: {verb.upper()}",
+            description=f"{paper}; k = --num-generations samples per prompt, clipped ratio, beta*KL(k3) to the reference. "
+            "--max-steps counts iterations. Every field below can be set in the --config YAML (same names) or as a flag.",
+        )
+        add_config_arguments(parser, GRPOConfig)
+
+        def handler(args, verb=verb) -> int:
+            from tuneoff.train.grpo import train
+
+            train(build_config(GRPOConfig, args, baseline=verb))
+            return 0
+
+        parser.set_defaults(func=handler)
+
+
 def add_parser(subparsers) -> None:
     """Every training verb of this module (the entry ``tuneoff.verbs`` lists)."""
     add_sft_parser(subparsers)
     add_rm_parser(subparsers)
     add_dpo_parser(subparsers)
     add_ppo_parser(subparsers)
+    add_critic_free_parsers(subparsers)

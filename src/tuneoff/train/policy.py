@@ -102,6 +102,55 @@ def response_logprobs(model, full_ids: torch.Tensor, full_mask: torch.Tensor, pr
     return logp, entropy
 
 
+# ---------------------------------------------------------------- one iteration's episodes
+
+
+@dataclass
+class Episodes:
+    """Sampled and scored responses of one iteration; everything the updates need, computed once."""
+
+    full_ids: torch.Tensor  # (B, P + R) prompt (left-padded) then response
+    full_mask: torch.Tensor  # (B, P + R) after the truncation policy
+    prompt_len: int
+    mask: torch.Tensor  # (B, R) response tokens that count
+    old_logp: torch.Tensor  # (B, R) log π_old of the sampled tokens (the sampling distribution)
+    raw_scores: torch.Tensor  # (B,) reward as scored
+    scores: torch.Tensor  # (B,) after the truncation policy
+    ended: torch.Tensor  # (B,) emitted EOS
+    prompt_texts: list
+    responses: list[str]
+
+
+def apply_truncation(scores, ended, mask, config):
+    """Scores and response masks after the truncation policy (see RLConfig.truncation)."""
+    if config.truncation == "penalty":
+        scores = scores - config.truncation_penalty * (~ended).float()
+    elif config.truncation == "mask":
+        mask = mask * ended[:, None].long()
+    return scores, mask
+
+
+def sample_and_score(model, tokenizer, prompts: EncodedPrompts, index: list[int], scorer, config, device) -> Episodes:
+    """Sample one response per index (KV-cached), decode, score once, apply the truncation policy."""
+    from tuneoff.rollout import generate, left_pad
+
+    prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in index], tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    rollout = generate(model, prompt_ids.to(device), prompt_mask.to(device), config.max_new_tokens,
+                       tokenizer.eos_token_id, tokenizer.pad_token_id, config.temperature, config.top_p)
+    model.train(was_training)
+    shown = rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
+    responses = tokenizer.batch_decode(shown, skip_special_tokens=True)
+    prompt_texts = [prompts.texts[i] for i in index]
+    raw_scores = scorer.score(prompt_texts, responses).to(device).float()  # (B,)
+    scores, mask = apply_truncation(raw_scores, rollout.ended, rollout.response_mask, config)
+    full_ids, _ = rollout.full()
+    full_mask = torch.cat([rollout.prompt_mask, mask], 1)
+    return Episodes(full_ids, full_mask, prompt_ids.shape[1], mask, rollout.logprobs * mask, raw_scores, scores,
+                    rollout.ended, prompt_texts, responses)
+
+
 # ---------------------------------------------------------------- KL coefficient
 
 

@@ -26,7 +26,7 @@ from tuneoff.errors import TuneoffError
 from tuneoff.losses import kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss
 from tuneoff.train import common
 from tuneoff.train.policy import (AdaptiveKL, FixedKL, check_finite, disable_dropout, encode_prompts, load_scorer,
-                                  position_ids_from_mask, prompt_batch, response_logprobs)
+                                  position_ids_from_mask, prompt_batch, response_logprobs, sample_and_score)
 
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
@@ -65,18 +65,8 @@ def per_token_rewards(scores, kl, mask, beta: float):
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
 
-def apply_truncation(scores, ended, mask, config):
-    """Scores and response masks after the truncation policy (see RLConfig.truncation)."""
-    if config.truncation == "penalty":
-        scores = scores - config.truncation_penalty * (~ended).float()
-    elif config.truncation == "mask":
-        mask = mask * ended[:, None].long()
-    return scores, mask
-
-
 def train(config: PPOConfig) -> Path:
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
-    from tuneoff.rollout import generate, left_pad
 
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -134,29 +124,18 @@ def train(config: PPOConfig) -> Path:
     while iteration < total:
         # 1. Rollout, scoring, reference and critic: once per iteration.
         index = prompt_batch(len(prompts.ids), config.rollout_batch, iteration * accelerator.num_processes + accelerator.process_index, config.seed)
-        prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in index], tokenizer.pad_token_id)
-        policy_model.eval()
-        rollout = generate(policy_model, prompt_ids.to(device), prompt_mask.to(device), config.max_new_tokens,
-                           tokenizer.eos_token_id, tokenizer.pad_token_id, config.temperature, config.top_p)
-        responses = tokenizer.batch_decode(rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-        prompt_texts = [prompts.texts[i] for i in index]
-        raw_scores = scorer.score(prompt_texts, responses).to(device).float()  # (B,)
-        scores, mask = apply_truncation(raw_scores, rollout.ended, rollout.response_mask, config)
-        full_ids, full_mask = rollout.full()
-        full_mask = torch.cat([prompt_mask.to(device), mask], 1)
-        P = prompt_ids.shape[1]
+        batch = sample_and_score(policy_model, tokenizer, prompts, index, scorer, config, device)
+        full_ids, full_mask, P, mask, old_logp = batch.full_ids, batch.full_mask, batch.prompt_len, batch.mask, batch.old_logp
         with torch.inference_mode():
             ref_logp = reference_logprobs(full_ids, full_mask, P, mask)  # (B, R)
             old_values = critic(full_ids, full_mask, P) * mask  # (B, R)
-        old_logp = rollout.logprobs * mask
         kl = KL_ESTIMATORS[config.kl_estimator](old_logp, ref_logp) * mask  # (B, R)
-        rewards = per_token_rewards(scores, kl, mask, kl_control.value)
+        rewards = per_token_rewards(batch.scores, kl, mask, kl_control.value)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         advantages = whiten(advantages, mask)
         ref_logp, old_values, advantages, returns = (t.clone() for t in (ref_logp, old_values, advantages, returns))
 
         # 2. PPO epochs over minibatches.
-        policy_model.train()
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vclipfrac", "approx_kl", "ratio", "entropy")}
         for _ in range(config.update_epochs):
             order = torch.randperm(len(index))
@@ -186,17 +165,17 @@ def train(config: PPOConfig) -> Path:
         seq_kl = float(kl.sum(-1).mean())
         kl_control.update(seq_kl, config.rollout_batch)
         metrics = {
-            "objective/kl": seq_kl, "objective/scores": float(raw_scores.mean()),
-            "objective/rlhf_reward": float((scores - kl_control.value * kl.sum(-1)).mean()),
+            "objective/kl": seq_kl, "objective/scores": float(batch.raw_scores.mean()),
+            "objective/rlhf_reward": float((batch.scores - kl_control.value * kl.sum(-1)).mean()),
             "objective/kl_coef": kl_control.value, "objective/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
             "policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]), "policy/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
             "loss/policy": sum(stats["pg"]) / len(stats["pg"]), "val/value_loss": sum(stats["vf"]) / len(stats["vf"]),
             "val/clipfrac": sum(stats["vclipfrac"]) / len(stats["vclipfrac"]), "val/ratio": sum(stats["ratio"]) / len(stats["ratio"]),
-            "episode/length": float(rollout.lengths.float().mean()), "episode/ended": float(rollout.ended.float().mean()),
+            "episode/length": float(mask.sum(-1).float().mean()), "episode/ended": float(batch.ended.float().mean()),
             "episodes_per_s": episodes / (time.perf_counter() - started), "train/lr": scheduler.get_last_lr()[0],
         }
         if gold is not None and (iteration % config.eval_every == 0 or iteration == total):
-            metrics["objective/gold"] = float(gold.score(prompt_texts, responses).mean())
+            metrics["objective/gold"] = float(gold.score(batch.prompt_texts, batch.responses).mean())
         check_finite("objective/kl", seq_kl, iteration)
         check_finite("loss/policy", metrics["loss/policy"], iteration)
         if iteration % config.log_every == 0 or iteration == total:
