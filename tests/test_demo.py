@@ -1,7 +1,8 @@
 import json
 
 from tests.conftest import run_cli
-from tuneoff.demo import distinct_n, mean_ci, write_report
+from tuneoff.demo import write_report
+from tuneoff.eval.alignment import distinct_n, mean_ci
 
 
 def test_mean_ci_hand_computed():

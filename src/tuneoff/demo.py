@@ -10,9 +10,7 @@ previous run finished (the SFT model, the gold judge's cache) and resumes an int
 
 from __future__ import annotations
 
-import gzip
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +19,8 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import SFTConfig
-from tuneoff.data.sources import shipped_data, sst2_sft_records
+from tuneoff.data.sources import sst2_sft_records
+from tuneoff.eval.alignment import continuations, distinct_n, held_out_prompts, mean_ci
 
 
 @dataclass
@@ -44,49 +43,9 @@ class DemoConfig:
     """Seed for prompt choice, training and sampling."""
 
 
-def dev_prompts(n: int, words: int, seed: int) -> list[str]:
-    with gzip.open(shipped_data("sst2/dev.tsv.gz"), "rt", encoding="utf-8") as f:
-        sentences = [line.rstrip("\n").split("\t")[1] for line in f][1:]
-    sentences = [s for s in sentences if len(s.split()) > words + 3]
-    random.Random(seed).shuffle(sentences)
-    return [" ".join(s.split()[:words]) for s in sentences[:n]]
-
-
-@torch.inference_mode()
-def continuations(model_dir: str, prompts: list[str], max_new_tokens: int, seed: int, batch: int = 32) -> list[str]:
-    from tuneoff.models.load import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(model_dir)
-    model.eval()
-    tokenizer.padding_side = "left"
-    torch.manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        encoded = tokenizer(chunk, return_tensors="pt", padding=True)
-        generated = model.generate(**encoded, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=max_new_tokens,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        out += tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-    return out
-
-
-def mean_ci(values: list[float]) -> dict:
-    """Mean with a normal-approximation 95% confidence interval."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
-    half = 1.96 * sd / math.sqrt(n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams / all n-grams over a set of texts (a simple diversity reading; EAD comes with eval/)."""
-    grams = [tuple(t.split()[i : i + n]) for t in texts for i in range(max(0, len(t.split()) - n + 1))]
-    return len(set(grams)) / max(1, len(grams))
-
-
 def run(config: DemoConfig) -> Path:
     from tuneoff.feedback.gold import load_gold_judge
+    from tuneoff.models.load import load_model_and_tokenizer
     from tuneoff.train import common
     from tuneoff.train.sft import train
 
@@ -97,7 +56,7 @@ def run(config: DemoConfig) -> Path:
     judge = load_gold_judge()
     timings["gold judge (build or load)"] = time.perf_counter() - start
 
-    prompts = dev_prompts(config.prompts, config.prompt_words, config.seed)
+    prompts = held_out_prompts(config.prompts, config.prompt_words, config.seed)
     sft_out = out / "sft"
     if not (sft_out / "model" / "config.json").exists():
         start = time.perf_counter()
@@ -118,7 +77,8 @@ def run(config: DemoConfig) -> Path:
     results: dict = {"config": asdict(config), "arms": {}, "samples": {}}
     for arm, model in arms.items():
         start = time.perf_counter()
-        texts = continuations(model, prompts, config.max_new_tokens, config.seed)
+        lm, tokenizer = load_model_and_tokenizer(model)
+        texts = continuations(lm, tokenizer, prompts, config.max_new_tokens, config.seed)
         timings[f"{arm} generation"] = time.perf_counter() - start
         scores = judge.score([p + " " + t for p, t in zip(prompts, texts)]).tolist()
         results["arms"][arm] = {"gold_reward": mean_ci(scores), "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),

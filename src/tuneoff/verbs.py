@@ -10,6 +10,7 @@ MODULES = [
     "tuneoff.data.cli",
     "tuneoff.feedback.gold_cli",
     "tuneoff.feedback.label_cli",
+    "tuneoff.eval.cli",
     "tuneoff.demo",
 ]
 
