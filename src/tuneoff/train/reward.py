@@ -276,6 +276,8 @@ def train(config: RMConfig) -> Path:
             info.update(reward_mean=metrics["eval/reward_mean"], reward_std=metrics["eval/reward_std"], eval=metrics)
             (out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
         save_reward_model(final, reward_model, tokenizer, info)
+        if config.lora:  # the adapter and head alone too, as SFT keeps its adapter
+            reward_model.save_pretrained(out / "adapter")
         print(f"rm: reward model saved to {final}")
     log.close()
     accelerator.end_training()

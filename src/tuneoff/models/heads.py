@@ -1,0 +1,229 @@
+"""Scalar reward model: a causal LM's decoder plus a linear head read at the last real token.
+
+r(x, y) = w · h_T + b, where h_T is the decoder's last hidden state at the last token of prompt x followed by
+response y (and EOS). The last token is found from the attention mask, never by searching for pad ids:
+SmolLM2's pad token *is* its EOS, so the first pad id can be the response's own end. Both left and right
+padding work, and position ids are rebuilt from the mask, so a sequence gets the same reward whatever its
+padding (transformers' plain forward numbers positions from 0 at the first column, pads included).
+
+On disk a reward model is a folder: the backbone as a Hugging Face causal-LM folder (safetensors, tokenizer;
+LoRA merged), the head in ``reward_head.safetensors`` (``weight`` (1, H), ``bias`` (1,)) and
+``reward_model.json`` (format, max_length, the reward mean/std over held-out responses, eval metrics).
+:func:`load_reward_model` gives back a :class:`RewardScorer` for the RL loops.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from tuneoff.errors import TuneoffError
+
+HEAD_FILE = "reward_head.safetensors"
+INFO_FILE = "reward_model.json"
+FORMAT_VERSION = 1
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last position whose mask is 1 in each row: (B, T) -> (B,) long.
+
+    Right padding [1 1 1 0 0] -> 2; left padding [0 0 1 1 1] -> 4; no padding -> T − 1.
+    A row without any real token is an error (it has no reward to read).
+    """
+    mask = attention_mask.bool()
+    if not bool(mask.any(dim=-1).all()):
+        raise ValueError("attention_mask has a row without any real token")
+    width = mask.shape[-1]
+    return width - 1 - mask.flip(-1).int().argmax(dim=-1)  # (B,) argmax finds the first 1 of the flipped row
+
+
+def gather_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state at each row's last real token: (B, T, H), (B, T) -> (B, H)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over real tokens, whatever the padding side; pads get 0: (B, T) -> (B, T)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0: r_w and r_l must come from the same function in one step."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+class RewardModel(torch.nn.Module):
+    """A causal LM (optionally LoRA-wrapped by peft) whose decoder feeds a scalar head.
+
+    The head lives outside peft, so it always trains, with or without LoRA. The LM head (vocabulary
+    projection) is never used; when it is not tied to the embeddings it is frozen so DDP sees no unused
+    trainable parameter.
+    """
+
+    def __init__(self, lm, head: torch.nn.Linear | None = None):
+        super().__init__()
+        self.model = lm
+        hidden = lm.config.get_text_config().hidden_size
+        if head is None:
+            head = torch.nn.Linear(hidden, 1)
+            # std 1/sqrt(H + 1), as OpenAI's lm-human-preferences initialises its reward head.
+            torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(hidden + 1))
+            torch.nn.init.zeros_(head.bias)
+        self.head = head
+        output, embeddings = lm.get_output_embeddings(), lm.get_input_embeddings()
+        if output is not None and output.weight is not embeddings.weight:
+            output.weight.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) of (B, T) token ids, padded on either side."""
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,  # (B, T, H)
+                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        return self.head(gather_last(hidden, attention_mask)).squeeze(-1).float()  # (B,)
+
+    def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
+        """Checkpoint form (what ``train.common.save_checkpoint`` calls): backbone or LoRA adapter + head."""
+        self.model.save_pretrained(folder, safe_serialization=safe_serialization)
+        save_head(self.head, Path(folder))
+
+    def load_head(self, folder) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(folder) / HEAD_FILE
+        if not path.exists():
+            raise TuneoffError(f"{folder} holds no {HEAD_FILE}: not a reward model")
+        self.head.load_state_dict(load_file(path))
+
+
+def save_head(head: torch.nn.Linear, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, folder / HEAD_FILE)
+
+
+def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: dict) -> Path:
+    """The final form: a plain HF folder (LoRA merged) + head + ``reward_model.json`` (``info`` added)."""
+    import copy
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder = Path(folder)
+    lm = model.model
+    if hasattr(lm, "peft_config"):
+        lm = copy.deepcopy(lm).merge_and_unload()
+    lm.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    save_head(model.head, folder)
+    (folder / INFO_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=1))
+    return folder
+
+
+# ---------------------------------------------------------------- text -> token ids (training and scoring alike)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response and the response's length in tokens.
+
+    A string prompt: prompt and response are tokenized separately (the ids a policy sees when it writes the
+    response) and EOS is appended, so the reward is read at EOS. A messages prompt (a tuple of objects with
+    ``role``/``content``): the conversation with the response as the next assistant turn, rendered by the
+    chat template (its end-of-turn token closes the response).
+    """
+    if isinstance(prompt, str):
+        response_ids = _ids(tokenizer, response) + [tokenizer.eos_token_id]
+        return _ids(tokenizer, prompt) + response_ids, len(response_ids) - 1
+    from tuneoff.data.tokenize import _chat_ids
+    from tuneoff.data.formats import Message
+
+    prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = _chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
+    if full[: len(prompt_ids)] != prompt_ids:
+        raise TuneoffError("the chat template is not prefix-consistent; cannot place the response after the prompt")
+    return full, len(full) - len(prompt_ids)
+
+
+def fit_left(ids: list[int], max_length: int) -> list[int]:
+    """Keep the last ``max_length`` tokens: the reward is read at the end, so the prompt's start goes first."""
+    return ids[-max_length:]
+
+
+def pad_right(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T_max), right-padded."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, : len(r)] = 1
+    return input_ids, attention_mask
+
+
+# ---------------------------------------------------------------- loading back as a scorer
+
+
+class RewardScorer:
+    """A trained reward model ready to score text (or token ids) in inference mode."""
+
+    def __init__(self, model: RewardModel, tokenizer, info: dict, device: str | torch.device = "cpu"):
+        self.model, self.tokenizer, self.info = model.eval().to(device), tokenizer, info
+        self.device = torch.device(device)
+        self.max_length = int(info.get("max_length", 512))
+
+    @torch.inference_mode()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Rewards (B,) of token ids (B, T) padded on either side; for RL loops that hold ids already."""
+        return self.model(input_ids.to(self.device), attention_mask.to(self.device)).cpu()
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32, normalize: bool = False) -> torch.Tensor:
+        """r(x, y) for each (prompt, response), tokenized exactly as in training: (B,) float32 on CPU.
+
+        normalize: subtract the mean and divide by the std of the rewards of held-out responses at the end
+        of training (``reward_mean``/``reward_std`` in ``reward_model.json``), so 0 is a typical response.
+        """
+        if isinstance(prompts, str) or isinstance(responses, str):
+            raise TypeError("score takes a list of prompts and a list of responses, got a string")
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        rows = [fit_left(encode_response(self.tokenizer, p, r)[0], self.max_length) for p, r in zip(prompts, responses)]
+        rewards = [self.score_ids(*pad_right(rows[i : i + batch_size], self.tokenizer.pad_token_id))
+                   for i in range(0, len(rows), batch_size)]
+        out = torch.cat(rewards) if rewards else torch.zeros(0)  # (B,)
+        if normalize:
+            out = (out - self.info.get("reward_mean", 0.0)) / max(self.info.get("reward_std", 1.0), 1e-6)
+        return out
+
+    __call__ = score
+
+
+def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") -> RewardScorer:
+    """The reward model saved by ``tuneoff rm`` in ``folder`` (``runs/NAME/model``) as a :class:`RewardScorer`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    for name in ("config.json", HEAD_FILE, INFO_FILE):
+        if not (folder / name).exists():
+            raise TuneoffError(f"{folder} is not a reward model folder: {name} is missing")
+    info = json.loads((folder / INFO_FILE).read_text())
+    if info.get("format") != FORMAT_VERSION:
+        raise TuneoffError(f"{folder}: reward model format {info.get('format')!r}, this tuneoff reads {FORMAT_VERSION}")
+    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = RewardModel(lm)
+    model.load_head(folder)
+    return RewardScorer(model, tokenizer, info, device)

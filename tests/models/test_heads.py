@@ -1,0 +1,105 @@
+"""The scalar reward head: last-token gather (left and right padding), padding invariance, save and load."""
+
+import pytest
+import torch
+
+from tuneoff.models.heads import (RewardModel, encode_response, gather_last, last_token_index, load_reward_model,
+                                  pad_right, position_ids_from_mask, save_reward_model)
+
+
+def test_last_token_index_right_and_left_padding():
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert last_token_index(right).tolist() == [2, 4, 0]
+    left = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert last_token_index(left).tolist() == [4, 4, 4]
+    with pytest.raises(ValueError, match="without any real token"):
+        last_token_index(torch.tensor([[1, 1], [0, 0]]))
+
+
+def test_gather_last_hand_computed():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)  # hidden[b, t] = 12b + 3t + (0, 1, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])  # row 0 right-padded (last real t = 1), row 1 left-padded (t = 3)
+    assert gather_last(hidden, mask).tolist() == [[3.0, 4.0, 5.0], [21.0, 22.0, 23.0]]
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2], [0, 0, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model():
+    from tuneoff.models.load import load_model
+
+    torch.manual_seed(0)
+    return RewardModel(load_model("tiny")).eval()
+
+
+def test_reward_does_not_depend_on_padding(tiny_reward_model):
+    """The same sequences alone, right-padded and left-padded in one batch give the same rewards."""
+    sequences = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    alone = torch.cat([tiny_reward_model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in sequences])
+    ids, mask = pad_right(sequences, pad_id=1)
+    right = tiny_reward_model(ids, mask)
+    width = ids.shape[1]
+    left_ids = torch.stack([torch.cat([torch.full((width - len(s),), 1), torch.tensor(s)]) for s in sequences])
+    left_mask = torch.stack([torch.cat([torch.zeros(width - len(s)), torch.ones(len(s))]).long() for s in sequences])
+    left = tiny_reward_model(left_ids, left_mask)
+    assert right.shape == (3,)
+    assert torch.allclose(alone, right, atol=1e-5) and torch.allclose(alone, left, atol=1e-5)
+
+
+def test_pad_token_equal_to_eos_is_not_mistaken_for_padding(tiny_reward_model):
+    """SmolLM2 pads with its EOS: a response ending in EOS followed by pads of the same id reads the EOS position."""
+    eos = 0
+    sequence = [5, 6, 7, eos]
+    alone = tiny_reward_model(torch.tensor([sequence]), torch.ones(1, 4, dtype=torch.long))
+    ids, mask = pad_right([sequence, [8, 9, 10, 11, 12, 13, 14]], pad_id=eos)
+    assert ids[0].tolist() == [5, 6, 7, eos, eos, eos, eos]
+    assert torch.allclose(tiny_reward_model(ids, mask)[0], alone[0], atol=1e-5)
+
+
+def test_encode_response_string_and_messages(tiny_tokenizer):
+    ids, n = encode_response(tiny_tokenizer, "the movie is", " great fun")
+    prompt = tiny_tokenizer("the movie is", add_special_tokens=False)["input_ids"]
+    response = tiny_tokenizer(" great fun", add_special_tokens=False)["input_ids"]
+    assert ids == prompt + response + [tiny_tokenizer.eos_token_id] and n == len(response)
+    from tuneoff.data.formats import Message
+
+    ids, n = encode_response(tiny_tokenizer, (Message("user", "hi"),), "hello there")
+    assert tiny_tokenizer.decode(ids).endswith("hello there<|im_end|>\n") and 0 < n < len(ids)
+
+
+def test_save_and_load_back_as_scorer(tmp_path, tiny_tokenizer, tiny_reward_model):
+    torch.manual_seed(1)
+    torch.nn.init.normal_(tiny_reward_model.head.weight)
+    folder = save_reward_model(tmp_path / "rm", tiny_reward_model, tiny_tokenizer,
+                               {"max_length": 64, "reward_mean": 1.0, "reward_std": 2.0})
+    assert (folder / "reward_head.safetensors").exists() and (folder / "model.safetensors").exists()
+    scorer = load_reward_model(folder)
+    prompts, responses = ["the movie is", "a film"], [" great fun", " that never ends , and it is dull"]
+    rewards = scorer.score(prompts, responses)
+    rows = [encode_response(tiny_tokenizer, p, r)[0] for p, r in zip(prompts, responses)]
+    with torch.no_grad():
+        expected = tiny_reward_model(*pad_right(rows, tiny_tokenizer.pad_token_id))
+    assert rewards.shape == (2,) and torch.allclose(rewards, expected, atol=1e-5)
+    assert torch.allclose(scorer.score(prompts, responses, normalize=True), (expected - 1.0) / 2.0, atol=1e-5)
+    assert torch.allclose(scorer.score(prompts, responses, batch_size=1), expected, atol=1e-5)
+
+
+def test_lora_trains_the_head_too():
+    from tuneoff.models.load import apply_lora, load_model
+
+    model = RewardModel(apply_lora(load_model("tiny"), r=2, alpha=4))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {"head.weight", "head.bias"} <= trainable
+    assert any("lora_" in name for name in trainable)
+    assert all("lora_" in name or name.startswith("head.") for name in trainable)
+
+
+def test_untied_lm_head_is_frozen():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, tie_word_embeddings=False))
+    model = RewardModel(lm)
+    assert not lm.lm_head.weight.requires_grad and lm.transformer.wte.weight.requires_grad
