@@ -134,7 +134,7 @@ def test_lora_trains_adapters_and_head(tmp_path, pairs):
 
 
 def test_smollm2_lora_on_real_hh_rlhf_pairs(tmp_path):
-    """CPU smoke: SmolLM2-135M (pad = EOS) with LoRA, two steps on two real HH-RLHF pairs, two held out."""
+    """CPU smoke: SmolLM2-135M (pad = EOS) with LoRA, one step on two real HH-RLHF pairs, two held out."""
     pytest.importorskip("gguf")
     import importlib.util
 
@@ -150,7 +150,7 @@ def test_smollm2_lora_on_real_hh_rlhf_pairs(tmp_path):
     data = write_jsonl(tmp_path / "hh.jsonl", [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in short])
     out = tmp_path / "run"
     result = run_cli("rm", "--model", "smollm2-135m", "--data", str(data), "--out", str(out), "--lora", "--lora-r", "8",
-                     "--max-steps", "2", "--batch-size", "1", "--max-length", "64", "--eval-fraction", "0.5", "--lr", "1e-4")
+                     "--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--eval-fraction", "0.5", "--lr", "1e-4")
     assert result.returncode == 0, result.stderr
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["eval/pairs"] == 2 and evaluation["eval/loss"] == evaluation["eval/loss"]
