@@ -19,3 +19,18 @@ def test_t_interval_hand_computed():
 def test_held_out_prompts_are_dev_beginnings_and_stable():
     a, b = held_out_prompts(20, 4, seed=0), held_out_prompts(20, 4, seed=0)
     assert a == b and len(a) == 20 and all(len(p.split()) == 4 for p in a)
+
+
+def test_eval_verb_smoke_on_tiny(tmp_path):
+    import json
+
+    from tests.conftest import run_cli
+
+    out = tmp_path / "eval.json"
+    result = run_cli("eval", "--model", "tiny", "--reference", "tiny", "--prompts", "6", "--max-new-tokens", "5", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["gold_reward"]["n"] == 6 and 0 <= summary["gold_reward"]["mean"] <= 1
+    # the exact KL of two next-token distributions, averaged over tokens: never negative
+    assert summary["kl_per_token"] >= 0.0
+    assert result.stdout.startswith("gold reward ")

@@ -250,7 +250,7 @@ def train(config: DPOConfig) -> Path:
         rate, trained_rate = speed.add(int(input_tokens.item()), int(trained_tokens.item()))
         pair_rate = pairs_seen / max(1e-9, time.perf_counter() - start)
         bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['rewards/accuracies']:.2f}", pairs_s=f"{pair_rate:,.1f}")
+        bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['rewards/accuracies']:.2f}", pairs_s=f"{pair_rate:,.1f}", refresh=False)
         if step % config.log_every == 0 or step == total_steps:
             log.log(step, {"train/loss": values.pop("loss"), **values, "train/lr": scheduler.get_last_lr()[0],
                            "train/grad_norm": float(grad_norm), "train/pairs_per_s": pair_rate, "train/tokens_per_s": rate,

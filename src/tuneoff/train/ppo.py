@@ -181,7 +181,7 @@ def train(config: PPOConfig) -> Path:
         if iteration % config.log_every == 0 or iteration == total:
             log.log(iteration, metrics)
         bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{seq_kl:.2f}", ep_s=f"{metrics['episodes_per_s']:.1f}")
+        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{seq_kl:.2f}", ep_s=f"{metrics['episodes_per_s']:.1f}", refresh=False)
         if seq_kl > config.kl_stop:
             kept = common.checkpoints(out)
             raise TuneoffError(f"KL(π‖π_ref) reached {seq_kl:.1f} nats at iteration {iteration}, above kl_stop {config.kl_stop}; "

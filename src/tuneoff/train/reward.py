@@ -251,7 +251,7 @@ def train(config: RMConfig) -> Path:
         pairs_seen += int(step_pairs.item())
         rate = pairs_seen / max(1e-9, time.perf_counter() - start)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", pairs_s=f"{rate:,.1f}")
+        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", pairs_s=f"{rate:,.1f}", refresh=False)
         if step % config.log_every == 0 or step == total_steps:
             log.log(step, {"train/loss": loss, "train/accuracy": accuracy, "train/lr": scheduler.get_last_lr()[0],
                            "train/grad_norm": float(grad_norm), "train/pairs_per_s": rate,

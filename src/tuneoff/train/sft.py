@@ -175,7 +175,7 @@ def train(config: SFTConfig) -> Path:
         step += 1
         rate, trained_rate = speed.add(int(input_tokens.item()), int(step_tokens.item()))
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", refresh=False)
         if step % config.log_every == 0 or step == total_steps:
             log.log(step, {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                            "train/tokens_per_s": rate, "train/trained_tokens_per_s": trained_rate,
