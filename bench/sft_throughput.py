@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = [
     # name, model, data, steps, extra flags
     ("review-gpt full", "review-gpt", "examples/sst2_positive_sft.jsonl", 40, []),
-    ("smollm2-135m LoRA r16", "smollm2-135m", "examples/self_instruct_messages.jsonl", 4, ["--lora", "--lora-r", "16"]),
-    ("smollm2-135m full", "smollm2-135m", "examples/self_instruct_messages.jsonl", 4, []),
+    ("smollm2-135m LoRA r16", "smollm2-135m", "examples/self_instruct_messages.jsonl", 6, ["--lora", "--lora-r", "16"]),
+    ("smollm2-135m full", "smollm2-135m", "examples/self_instruct_messages.jsonl", 6, []),
 ]
 
 
