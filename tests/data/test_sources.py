@@ -20,15 +20,13 @@ from tuneoff.data.sources import (
 )
 from tuneoff.errors import DataError
 
-REPO = Path(__file__).resolve().parents[2]
-DATA_ROOTS = [REPO / "src" / "tuneoff" / "assets" / "data", REPO.parent / "shared" / "data"]
-
-
 def real(relative: str) -> Path:
-    for root in DATA_ROOTS:
-        if (root / relative).exists():
-            return root / relative
-    pytest.skip(f"real data file {relative} not found under {[str(r) for r in DATA_ROOTS]}")
+    """A real data file shipped in the package (with its ORIGIN and LICENSE)."""
+    from tuneoff.data.sources import shipped_data
+
+    path = shipped_data(relative)
+    assert path.exists() and (path.parent / "LICENSE").exists() and (path.parent / "ORIGIN.txt").exists(), path
+    return path
 
 
 def gz_jsonl(tmp_path, rows, name="hh.jsonl.gz"):

