@@ -31,7 +31,6 @@ def expected_calibration_error(probs: torch.Tensor, outcomes: torch.Tensor, bins
     if probs.numel() == 0:
         return float("nan")
     index = (probs * bins).long().clamp(0, bins - 1)  # (N,) the bin of each prediction
-    count = torch.bincount(index, minlength=bins).double()  # (bins,)
     prob_sum = torch.bincount(index, weights=probs, minlength=bins)  # (bins,)
     outcome_sum = torch.bincount(index, weights=outcomes, minlength=bins)  # (bins,)
     gap = (outcome_sum - prob_sum).abs()  # (bins,) = n_b · |mean outcome − mean prob|

@@ -86,6 +86,33 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def open_run(out: Path, config, accelerator, resume_step: int | None) -> "MetricsLog":
+    """Create the output folder and write the resolved config (main process), and open the metrics log.
+
+    Called only after everything that can fail on the user's input has passed, so a bad input leaves no folder.
+    """
+    from tuneoff.config import save_config
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+    return MetricsLog(out, resume_step=resume_step, enabled=accelerator.is_main_process)
+
+
+class EpochBatches:
+    """Micro-batch ``index`` counted over all epochs: ``make(epoch)`` builds one epoch's list, only the current
+    epoch is kept. The seeded order per epoch makes a resumed run see exactly the batches it would have seen."""
+
+    def __init__(self, make, per_epoch: int):
+        self.make, self.per_epoch, self.epoch, self.batches = make, per_epoch, None, []
+
+    def __call__(self, index: int) -> dict:
+        epoch, position = divmod(index, self.per_epoch)
+        if epoch != self.epoch:
+            self.epoch, self.batches = epoch, self.make(epoch)
+        return self.batches[position]
+
+
 class MetricsLog:
     """Append-only metrics.jsonl plus TensorBoard scalars; on resume, lines past the checkpoint are dropped."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuneoff.config import DPOConfig, save_config
+from tuneoff.config import DPOConfig
 from tuneoff.data.pairs import TokenizedPair, make_batches, split_by_prompt, tokenize_pairs
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import DPO_LOSSES, IGNORE, MEAN_LOGPS, implicit_rewards, selected_logprobs, shift_targets, sum_by_row
@@ -201,22 +201,13 @@ def train(config: DPOConfig) -> Path:
         state = common.load_checkpoint(resume_from, model, optimizer, scheduler)
         step, cursor = state["step"], state["cursor"]
     is_main = accelerator.is_main_process
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    log = common.MetricsLog(out, resume_step=step if resume_from else None, enabled=is_main)
+    log = common.open_run(out, config, accelerator, step if resume_from else None)
     if is_main:
         print(f"dpo: {summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; {config.loss_type} loss, beta {config.beta}; "
               f"reference log-probs {reference}; {total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size} pairs")
 
-    epoch_cache: dict[int, list[dict]] = {}
-
-    def micro_batch(index: int) -> dict:
-        epoch, position = divmod(index, steps_per_epoch * config.grad_accum * world)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch)
-        return epoch_cache[epoch][position]
+    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+                                      steps_per_epoch * config.grad_accum * world)
 
     speed, pairs_seen, start = common.Throughput(), 0, time.perf_counter()
     bar = common.progress(total_steps, step, "dpo", enabled=is_main)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tuneoff.advantages import BASELINES, group_advantages, masked_mean
-from tuneoff.config import GRPOConfig, save_config
+from tuneoff.config import GRPOConfig
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import kl_k1, kl_k3, ppo_policy_loss
 from tuneoff.train import common
@@ -73,10 +73,7 @@ def train(config: GRPOConfig) -> Path:
     if resume_from is not None:
         iteration = common.load_checkpoint(resume_from, policy_model, optimizer, scheduler)["step"]
     is_main = accelerator.is_main_process
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    log = common.MetricsLog(out, resume_step=iteration if resume_from else None, enabled=is_main)
+    log = common.open_run(out, config, accelerator, iteration if resume_from else None)
     bar = common.progress(total, iteration, config.baseline, enabled=is_main)
     started, episodes = time.perf_counter(), 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneoff.advantages import gae, masked_mean, whiten
-from tuneoff.config import PPOConfig, save_config
+from tuneoff.config import PPOConfig
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss
 from tuneoff.train import common
@@ -107,10 +107,7 @@ def train(config: PPOConfig) -> Path:
         accelerator.unwrap_model(critic).load_state_dict(load_file(resume_from / "critic.safetensors"))
         iteration, kl_control.value = state["step"], state["kl_coef"]
     is_main = accelerator.is_main_process
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    log = common.MetricsLog(out, resume_step=iteration if resume_from else None, enabled=is_main)
+    log = common.open_run(out, config, accelerator, iteration if resume_from else None)
     policy_model = accelerator.unwrap_model(policy_module).model
     bar = common.progress(total, iteration, "ppo", enabled=is_main)
     started, episodes = time.perf_counter(), 0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuneoff.config import RMConfig, save_config
+from tuneoff.config import RMConfig
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import bradley_terry_loss
 from tuneoff.train import common
@@ -204,22 +204,13 @@ def train(config: RMConfig) -> Path:
         reward_model.load_head(resume_from)
         step, cursor = state["step"], state["cursor"]
     is_main = accelerator.is_main_process
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    log = common.MetricsLog(out, resume_step=step if resume_from else None, enabled=is_main)
+    log = common.open_run(out, config, accelerator, step if resume_from else None)
     if is_main:
         print(f"rm: {summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; "
               f"{total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size} pairs")
 
-    epoch_cache: dict[int, list[dict]] = {}
-
-    def micro_batch(index: int) -> dict:
-        epoch, position = divmod(index, steps_per_epoch * config.grad_accum * world)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch)
-        return epoch_cache[epoch][position]
+    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+                                      steps_per_epoch * config.grad_accum * world)
 
     metrics: dict = {}
     start, pairs_seen = time.perf_counter(), 0

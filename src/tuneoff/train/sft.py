@@ -8,14 +8,12 @@ optimizer step is the mean NLL over *all* trainable tokens of the step, across m
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import time
 from pathlib import Path
 
 import torch
 
-from tuneoff.config import SFTConfig, save_config
+from tuneoff.config import SFTConfig
 from tuneoff.data.tokenize import pack, packed_batch, pad_batch, tokenize_dataset
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import IGNORE, sft_loss_sum, shift_targets
@@ -128,22 +126,13 @@ def train(config: SFTConfig) -> Path:
         state = common.load_checkpoint(resume_from, accelerator.unwrap_model(loss_model).model, optimizer, scheduler)
         step, cursor = state["step"], state["cursor"]
     is_main = accelerator.is_main_process
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.yaml")
-    log = common.MetricsLog(out, resume_step=step if resume_from else None, enabled=is_main)
+    log = common.open_run(out, config, accelerator, step if resume_from else None)
     if is_main:
         print(f"sft: {report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval; "
               f"{total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size}")
 
-    epoch_cache: dict[int, list[dict]] = {}
-
-    def micro_batch(index: int) -> dict:
-        epoch, position = divmod(index, steps_per_epoch * config.grad_accum * world)
-        if epoch not in epoch_cache:
-            epoch_cache.clear()
-            epoch_cache[epoch] = make_batches(train_examples, config, tokenizer.pad_token_id, epoch)
-        return epoch_cache[epoch][position]
+    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_examples, config, tokenizer.pad_token_id, epoch),
+                                      steps_per_epoch * config.grad_accum * world)
 
     model_for_saving = accelerator.unwrap_model(loss_model).model
     speed = common.Throughput()
