@@ -77,23 +77,24 @@ def tokenize_pairs(path: str, tokenizer, max_length: int, max_prompt_length: int
     return out, summary
 
 
-def split_by_prompt(pairs: list[TokenizedPair], fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out about ``fraction`` of the pairs, whole prompts at a time, in a seeded order."""
+def split_by_prompt(pairs: list, fraction: float, seed: int, key=lambda p: p.group) -> tuple[list, list]:
+    """Hold out about ``fraction`` of the pairs, whole prompts at a time (``key`` names a pair's prompt), in a
+    seeded order. Shared by DPO and the reward model."""
     if fraction <= 0:
         return pairs, []
-    groups = sorted({p.group for p in pairs})
+    groups = sorted({key(p) for p in pairs})
     order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed)).tolist()
-    size = Counter(p.group for p in pairs)
+    size = Counter(key(p) for p in pairs)
     held, count, target = set(), 0, max(1, round(len(pairs) * fraction))
     for i in order:
         if count >= target:
             break
         held.add(groups[i])
         count += size[groups[i]]
-    train = [p for p in pairs if p.group not in held]
+    train = [p for p in pairs if key(p) not in held]
     if not train:
         raise TuneoffError(f"eval_fraction {fraction} leaves no training pair out of {len(pairs)}")
-    return train, [p for p in pairs if p.group in held]
+    return train, [p for p in pairs if key(p) in held]
 
 
 def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import RMConfig
+from tuneoff.data.pairs import split_by_prompt
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import bradley_terry_loss
 from tuneoff.train import common
@@ -79,27 +80,6 @@ def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[Tokeniz
     if not out:
         raise TuneoffError(f"{path}: no pair left to train on ({summary})")
     return out, summary
-
-
-def split_by_prompt(pairs: list[TokenizedPair], fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out about ``fraction`` of the pairs, whole prompts at a time, in a seeded order."""
-    if fraction <= 0:
-        return pairs, []
-    prompts = sorted({p.prompt for p in pairs})
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    held, size, target = set(), 0, max(1, round(len(pairs) * fraction))
-    count = {prompt: 0 for prompt in prompts}
-    for p in pairs:
-        count[p.prompt] += 1
-    for i in order:
-        if size >= target:
-            break
-        held.add(prompts[i])
-        size += count[prompts[i]]
-    train = [p for p in pairs if p.prompt not in held]
-    if not train:
-        raise TuneoffError(f"eval_fraction {fraction} leaves no training pair out of {len(pairs)}")
-    return train, [p for p in pairs if p.prompt in held]
 
 
 def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
@@ -174,7 +154,7 @@ def train(config: RMConfig) -> Path:
     if eval_data:
         eval_pairs, _ = tokenize_pairs(eval_data, tokenizer, config)
     else:
-        train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
+        train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed, key=lambda p: p.prompt)
 
     accelerator = common.make_accelerator()
     common.seed_everything(config.seed)
