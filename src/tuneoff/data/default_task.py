@@ -179,6 +179,15 @@ def default_task_files(config: DefaultTaskConfig = DefaultTaskConfig()) -> Path:
     return target
 
 
+def pair_files(data: str, eval_data: str) -> tuple[str, str]:
+    """(training file, held-out file) of a preference run; ``default`` names the default task's cached files
+    (built first when missing), whose held-out file is gold-labelled unless ``eval_data`` is given."""
+    if data != "default":
+        return data, eval_data
+    folder = default_task_files()
+    return str(folder / TRAIN_FILE), eval_data or str(folder / EVAL_FILE)
+
+
 def main(argv: list[str] | None = None) -> None:
     from tuneoff.config import add_config_arguments, build_config
 

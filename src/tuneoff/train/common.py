@@ -86,6 +86,19 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return factor
 
 
+def begin(config, missing_data: str) -> tuple[Path, Path | None]:
+    """What every loop checks first: thread count, a data file given, the output folder (see prepare_out).
+
+    Returns (output folder, checkpoint to resume from or None). ``missing_data`` is the message when --data is empty.
+    """
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    if not config.data:
+        raise TuneoffError(missing_data)
+    out = Path(config.out)
+    return out, prepare_out(out, config.resume)
+
+
 def open_run(out: Path, config, accelerator, resume_step: int | None) -> "MetricsLog":
     """Create the output folder and write the resolved config (main process), and open the metrics log.
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import DPOConfig
+from tuneoff.data.default_task import pair_files
 from tuneoff.data.pairs import TokenizedPair, make_batches, split_by_prompt, tokenize_pairs
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import DPO_LOSSES, IGNORE, MEAN_LOGPS, implicit_rewards, selected_logprobs, shift_targets, sum_by_row
@@ -140,32 +141,17 @@ def evaluate(scorer, batches: list[dict], accelerator, config: DPOConfig) -> dic
     return {f"eval/{name}": (value / totals[-1].clamp(min=1)).item() for name, value in zip(METRICS, totals)}
 
 
-def _resolve_data(config: DPOConfig) -> tuple[str, str]:
-    """(training file, held-out file); ``default`` names the default task's cached files."""
-    if config.data != "default":
-        return config.data, config.eval_data
-    from tuneoff.data.default_task import EVAL_FILE, TRAIN_FILE, default_task_files
-
-    folder = default_task_files()
-    return str(folder / TRAIN_FILE), config.eval_data or str(folder / EVAL_FILE)
-
-
 def train(config: DPOConfig) -> Path:
     """Run DPO (or IPO) as configured; returns the folder of the final model."""
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if not config.data:
-        raise TuneoffError("no training data: pass --data FILE (or --data default)")
-    out = Path(config.out)
-    resume_from = common.prepare_out(out, config.resume)
+    out, resume_from = common.begin(config, "no training data: pass --data FILE (or --data default)")
 
     # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
     if config.ref_model and load_tokenizer(config.ref_model).get_vocab() != tokenizer.get_vocab():
         raise TuneoffError(f"ref_model {config.ref_model} has another tokenizer than model {config.model}: DPO compares their log-probs token by token")
-    data, eval_data = _resolve_data(config)
+    data, eval_data = pair_files(config.data, config.eval_data)
     train_pairs, summary = tokenize_pairs(data, tokenizer, config.max_length, config.max_prompt_length, config.overlong)
     if eval_data:
         eval_pairs, _ = tokenize_pairs(eval_data, tokenizer, config.max_length, config.max_prompt_length, config.overlong)

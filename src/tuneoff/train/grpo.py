@@ -36,12 +36,7 @@ def sequence_advantages(scores: torch.Tensor, k: int, baseline: str, scale_rewar
 def train(config: GRPOConfig) -> Path:
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if not config.data:
-        raise TuneoffError("no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")
-    out = Path(config.out)
-    resume_from = common.prepare_out(out, config.resume)
+    out, resume_from = common.begin(config, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")
     tokenizer = load_tokenizer(config.model)
     prompts = encode_prompts(config.data, tokenizer, config.max_prompt_length)
     scorer = load_scorer(config.reward_model)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import RMConfig
+from tuneoff.data.default_task import pair_files
 from tuneoff.data.pairs import split_by_prompt
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import bradley_terry_loss
@@ -124,32 +125,18 @@ def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def _resolve_data(config: RMConfig) -> tuple[str, str]:
-    """(training file, held-out file); ``default`` names the default task's cached files."""
-    if config.data != "default":
-        return config.data, config.eval_data
-    from tuneoff.data.default_task import EVAL_FILE, TRAIN_FILE, default_task_files
-
-    folder = default_task_files()
-    print(f"rm: default task data in {folder}")
-    return str(folder / TRAIN_FILE), config.eval_data or str(folder / EVAL_FILE)
-
-
 def train(config: RMConfig) -> Path:
     """Train a reward model as configured; returns the folder of the final model."""
     from tuneoff.models.heads import RewardModel, disable_dropout, save_reward_model
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if not config.data:
-        raise TuneoffError("no training data: pass --data FILE (or --data default)")
-    out = Path(config.out)
-    resume_from = common.prepare_out(out, config.resume)
+    out, resume_from = common.begin(config, "no training data: pass --data FILE (or --data default)")
 
     # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
-    data, eval_data = _resolve_data(config)
+    data, eval_data = pair_files(config.data, config.eval_data)
+    if config.data == "default":
+        print(f"rm: default task data in {Path(data).parent}")
     train_pairs, summary = tokenize_pairs(data, tokenizer, config)
     if eval_data:
         eval_pairs, _ = tokenize_pairs(eval_data, tokenizer, config)

@@ -88,12 +88,7 @@ def train(config: SFTConfig) -> Path:
 
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if not config.data:
-        raise TuneoffError("no training data: pass --data FILE")
-    out = Path(config.out)
-    resume_from = common.prepare_out(out, config.resume)
+    out, resume_from = common.begin(config, "no training data: pass --data FILE")
 
     # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
