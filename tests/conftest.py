@@ -22,3 +22,22 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600):
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "tuneoff.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def kill_after_checkpoint(verb: str, args: list, out, checkpoint: str, final: str) -> list[str]:
+    """Start `tuneoff VERB ARGS --out OUT`, SIGKILL it once `checkpoints/CHECKPOINT` exists, and return the
+    checkpoints left behind; fails if the run reached its FINAL checkpoint before the kill (nothing to resume)."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", verb, *args, "--out", str(out)],
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / checkpoint).exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert kept and kept[-1] < final, f"the run finished before the kill: {kept}"
+    return kept

@@ -4,18 +4,13 @@ positive review; chosen continues that review, rejected is the middle of a negat
 
 import json
 import math
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import kill_after_checkpoint, run_cli
 
 FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--max-prompt-length", "16", "--lr", "1e-3",
         "--log-every", "1", "--threads", "1"]
@@ -98,15 +93,7 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path, pairs, capsys):
     assert run(*args, "--out", str(straight)) == 0
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "dpo", *args, "--out", str(killed)],
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000030").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    kept = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert kept and kept[-1] < "step-000060", f"the run finished before the kill: {kept}"
+    kill_after_checkpoint("dpo", args, killed, "step-000030", "step-000060")
     capsys.readouterr()
     assert run(*args, "--out", str(killed), "--resume") == 0
     assert "reused from reference-logps-" in capsys.readouterr().out

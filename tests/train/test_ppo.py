@@ -1,16 +1,11 @@
 """PPO: reward shaping, masks, KL control, CLI smoke, KL bound, resume after a kill (tiny model, gold reward)."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, kill_after_checkpoint, run_cli
 from tuneoff.config import PPOConfig
 from tuneoff.train.policy import AdaptiveKL, apply_truncation, response_logprobs
 from tuneoff.train.ppo import per_token_rewards
@@ -91,15 +86,7 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
     straight = tmp_path / "straight"
     assert run_cli("ppo", *args, "--out", str(straight)).returncode == 0
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "ppo", *args, "--out", str(killed)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000004").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    kept = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert kept and kept[-1] < "step-000012", f"the run finished before the kill: {kept}"
+    kill_after_checkpoint("ppo", args, killed, "step-000004", "step-000012")
     resumed = run_cli("ppo", *args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

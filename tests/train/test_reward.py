@@ -2,17 +2,12 @@
 and a CPU smoke of SmolLM2-135M with LoRA on real HH-RLHF pairs."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import kill_after_checkpoint, run_cli
 
 FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3", "--log-every", "1", "--threads", "1"]
 
@@ -73,16 +68,7 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path, pairs):
     assert run_cli("rm", *args, "--out", str(straight)).returncode == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "rm", *args, "--out", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000010").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    kept = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert kept and kept[-1] < "step-000040", f"the run finished before the kill: {kept}"
+    kill_after_checkpoint("rm", args, killed, "step-000010", "step-000040")
     resumed = run_cli("rm", *args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(killed) == metrics(straight)

@@ -2,16 +2,14 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, kill_after_checkpoint, run_cli
 
 EXAMPLES = ROOT / "examples"
 FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3", "--log-every", "1", "--threads", "1"]
@@ -70,16 +68,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, small_data):
     assert run_cli("sft", *args, "--out", str(straight)).returncode == 0
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", "sft", *args, "--out", str(killed)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000030").exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    kept = sorted(p.name for p in (killed / "checkpoints").glob("step-*"))
-    assert kept and kept[-1] < "step-000060", f"the run finished before the kill: {kept}"
+    kill_after_checkpoint("sft", args, killed, "step-000030", "step-000060")
     resumed = run_cli("sft", *args, "--out", str(killed), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert metrics(killed) == metrics(straight)
