@@ -219,9 +219,15 @@ class RMConfig(TrainConfig):
     """Turn the backbone's dropout off, so that both responses of a pair are scored by the same function."""
     calibration_bins: int = 10
     """Equal-width bins of the expected calibration error of σ(r_w − r_l)."""
+    pooling: str = "last"
+    """Where the scalar head reads the sequence: last (the last real token, as InstructGPT and TRL) or mean (the
+    mean hidden state over the real tokens: a bag of contextual features, more sample-efficient when the
+    preference is about words anywhere in the response, as on the default task)."""
 
     def __post_init__(self):
         super().__post_init__()
+        if self.pooling not in ("last", "mean"):
+            raise TuneoffError(f"pooling must be last or mean, got '{self.pooling}'")
         if self.calibration_bins < 1:
             raise TuneoffError(f"calibration_bins must be at least 1, got {self.calibration_bins}")
 

@@ -11,7 +11,7 @@ MODULES = [
     "tuneoff.feedback.gold_cli",
     "tuneoff.feedback.label_cli",
     "tuneoff.eval.cli",
-    "tuneoff.demo",
+    "tuneoff.compare.cli",
 ]
 
 

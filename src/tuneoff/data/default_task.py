@@ -56,6 +56,9 @@ class DefaultTaskConfig:
     """Annotator length bias: logit added per 10 words that a response is longer than the other."""
     annotators: int = 4
     """Simulated annotators in the panel (same habits, independent random draws)."""
+    flip_rate: float = 0.0
+    """Label noise on top of the annotators' own: this share of training labels, drawn at random, is flipped
+    (chosen and rejected swapped), as from careless or adversarial labellers."""
     seed: int = 0
     """Seeds the prompt choice, sampling and the annotators."""
     model: str = "review-gpt"
@@ -93,6 +96,15 @@ def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed:
             texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
             pairs += [(prompt, texts[2 * i], texts[2 * i + 1]) for i, prompt in enumerate(chunk)]
     return pairs
+
+
+def flip_labels(records: list[dict], rate: float, seed: int) -> list[dict]:
+    """Swap chosen and rejected in a random ``rate`` share of the records (exactly round(rate · N) of them)."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"flip_rate must be in [0, 1], got {rate}")
+    flipped = set(random.Random(seed).sample(range(len(records)), round(rate * len(records))))
+    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "flipped": True} if i in flipped else r
+            for i, r in enumerate(records)]
 
 
 def gold_ordered(pairs: list[tuple[str, str, str]], judge) -> list[dict]:
@@ -137,7 +149,7 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     held_out, training = pairs[: config.eval_pairs], pairs[config.eval_pairs :]
     panel = make_annotators(config.annotators, temperature=config.temperature, length_bias=config.length_bias,
                             seed=config.seed)
-    train_records = simulate_preferences(training, panel, judge.logit, shuffle_order=True)
+    train_records = flip_labels(simulate_preferences(training, panel, judge.logit, shuffle_order=True), config.flip_rate, config.seed)
     eval_records = gold_ordered(held_out, judge)
     eval_annotated = simulate_preferences(held_out, panel, judge.logit, shuffle_order=True)
     _write_jsonl(folder / TRAIN_FILE, train_records)

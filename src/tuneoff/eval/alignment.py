@@ -126,3 +126,66 @@ def evaluate_policy(model_name: str, prompts: list[str], seed: int, max_new_toke
         proxy = load_scorer(reward_model).score(prompts, texts).tolist()
     kl = kl_per_token(model, load_model(reference), tokenizer, prompts, max_new_tokens, seed) if reference else None
     return Evaluation(gold, proxy, kl, texts)
+
+
+LENGTH_CONTROL_L2 = 1e-4
+"""L2 penalty (λ/2)·φ² on the summed log-likelihood of ``length_controlled_win_rate``: keeps φ finite when length
+separates wins from losses, and moves σ(θ) by ~λ (< 1e-4) when it does not."""
+
+
+def length_controlled_win_rate(a_scores, b_scores, a_lengths, b_lengths) -> float:
+    """Win rate of a over b at equal length, by the regression adjustment of AlpacaEval 2's length-controlled win rate
+    (Dubois et al. 2024, arXiv:2404.04475), reduced to one length term and no per-instruction terms.
+
+    Per paired item i: y_i = 1 if a scores above b, 0.5 on a tie, 0 otherwise (fractional targets), and
+    z_i = (len_a − len_b) / sd(len_a − len_b) (population sd; z = 0 everywhere when it is 0 — dividing by the sd
+    rescales φ only, not σ(θ)). Fit P(a wins) = σ(θ + φ·z) by maximum likelihood (Newton's method with
+    step halving, a tiny L2 penalty on φ only: ``LENGTH_CONTROL_L2``) and return σ(θ), the win rate predicted at
+    z = 0. AlpacaEval 2 passes z through tanh; this linear form is the one we specified. When a always wins
+    (or never), θ has no finite maximum and the raw 1.0 (0.0) is returned.
+    """
+    import numpy as np
+
+    if not len(a_scores) == len(b_scores) == len(a_lengths) == len(b_lengths) > 0:
+        raise ValueError("need the same, nonzero number of scores and lengths for a and b")
+    y = np.array([1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(a_scores, b_scores)])  # (n,)
+    if np.all(y == 1.0) or np.all(y == 0.0):
+        return float(y[0])
+    delta = np.asarray(a_lengths, dtype=float) - np.asarray(b_lengths, dtype=float)  # (n,)
+    sd = float(delta.std())
+    z = delta / sd if sd > 0 else np.zeros_like(delta)  # (n,)
+    theta, _phi = _fit_logistic(y, z, LENGTH_CONTROL_L2)
+    return 1.0 / (1.0 + math.exp(-theta))
+
+
+def _fit_logistic(y, z, l2: float) -> tuple[float, float]:
+    """argmax over (θ, φ) of Σ_i [y_i log σ(η_i) + (1 − y_i) log σ(−η_i)] − (l2/2)·φ², η_i = θ + φ·z_i.
+    The objective is concave, so Newton with step halving converges from (0, 0)."""
+    import numpy as np
+
+    X = np.stack([np.ones_like(z), z], axis=1)  # (n, 2): intercept, length
+    penalty = np.diag([0.0, l2])  # (2, 2): θ is not penalised
+
+    def objective(w):
+        eta = X @ w  # (n,)
+        return float(-(y * np.logaddexp(0.0, -eta) + (1 - y) * np.logaddexp(0.0, eta)).sum() - 0.5 * l2 * w[1] ** 2)
+
+    w = np.zeros(2)
+    value = objective(w)
+    for _ in range(200):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (X @ w)))  # (n,) σ(η) without overflow
+        grad = X.T @ (y - p) - penalty @ w  # (2,)
+        curvature = X.T @ (X * (p * (1 - p))[:, None]) + penalty  # (2, 2), minus the Hessian
+        step = np.linalg.solve(curvature, grad)
+        t = 1.0
+        while objective(w + t * step) < value and t > 1e-12:
+            t /= 2
+        w, value = w + t * step, objective(w + t * step)
+        if np.max(np.abs(t * step)) < 1e-12:
+            break
+    return float(w[0]), float(w[1])
+
+
+def paired_win_rates(scores: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """``win_rate(scores[a], scores[b])`` for every ordered pair of arms a ≠ b: result[a][b] = P(a beats b)."""
+    return {a: {b: win_rate(scores[a], scores[b]) for b in scores if b != a} for a in scores}

@@ -1,4 +1,5 @@
-"""Scalar reward model: a causal LM's decoder plus a linear head read at the last real token.
+"""Scalar reward model: a causal LM's decoder plus a linear head read at the last real token (or, with
+``pooling="mean"``, on the mean hidden state of the real tokens).
 
 r(x, y) = w · h_T + b, where h_T is the decoder's last hidden state at the last token of prompt x followed by
 response y (and EOS). The last token is found from the attention mask, never by searching for pad ids:
@@ -47,6 +48,16 @@ def gather_last(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return hidden[rows, last_token_index(attention_mask).to(hidden.device)]  # (B, H)
 
 
+def masked_mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean hidden state over each row's real tokens: (B, T, H), (B, T) -> (B, H)."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, H)
+
+
+POOLINGS = {"last": gather_last, "mean": masked_mean_pool}
+"""Where the head reads the sequence: the last real token (InstructGPT, TRL) or the mean over real tokens."""
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """0, 1, 2, ... over real tokens, whatever the padding side; pads get 0: (B, T) -> (B, T)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -67,9 +78,11 @@ class RewardModel(torch.nn.Module):
     trainable parameter.
     """
 
-    def __init__(self, lm, head: torch.nn.Linear | None = None):
+    def __init__(self, lm, head: torch.nn.Linear | None = None, pooling: str = "last"):
         super().__init__()
-        self.model = lm
+        if pooling not in POOLINGS:
+            raise TuneoffError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+        self.model, self.pooling = lm, pooling
         hidden = lm.config.get_text_config().hidden_size
         if head is None:
             head = torch.nn.Linear(hidden, 1)
@@ -86,7 +99,7 @@ class RewardModel(torch.nn.Module):
         decoder = self.model.get_decoder()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,  # (B, T, H)
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-        return self.head(gather_last(hidden, attention_mask)).squeeze(-1).float()  # (B,)
+        return self.head(POOLINGS[self.pooling](hidden, attention_mask)).squeeze(-1).float()  # (B,)
 
     def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
         """Checkpoint form (what ``train.common.save_checkpoint`` calls): backbone or LoRA adapter + head."""
@@ -224,6 +237,6 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = RewardModel(lm)
+    model = RewardModel(lm, pooling=info.get("pooling", "last"))
     model.load_head(folder)
     return RewardScorer(model, tokenizer, info, device)

@@ -125,7 +125,9 @@ def train(config: GRPOConfig) -> Path:
             "episodes_per_s": episodes / (time.perf_counter() - started), "train/lr": scheduler.get_last_lr()[0],
         }
         if gold is not None and (iteration % config.eval_every == 0 or iteration == total):
-            metrics["objective/gold"] = float(gold.score(batch.prompt_texts, batch.responses).mean())
+            gold_logits = gold.score(batch.prompt_texts, batch.responses)  # (B,) logit of P(positive)
+            metrics["objective/gold"] = float(gold_logits.mean())
+            metrics["objective/gold_p"] = float(torch.sigmoid(gold_logits).mean())  # the scale evaluation reports
         check_finite("loss/policy", metrics["loss/policy"], iteration)
         if iteration % config.log_every == 0 or iteration == total:
             log.log(iteration, metrics)

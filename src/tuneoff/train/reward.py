@@ -150,7 +150,7 @@ def train(config: RMConfig) -> Path:
         disable_dropout(lm)
     if config.lora:
         lm = apply_lora(lm, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    reward_model = RewardModel(lm)  # the head sits outside peft: it trains with or without LoRA
+    reward_model = RewardModel(lm, pooling=config.pooling)  # the head sits outside peft: it trains with or without LoRA
     world = accelerator.num_processes
     batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
     steps_per_epoch = batches_per_epoch // (config.grad_accum * world)
@@ -229,7 +229,7 @@ def train(config: RMConfig) -> Path:
     accelerator.wait_for_everyone()
     final = out / "model"
     if is_main:
-        info = {"max_length": config.max_length, "base_model": config.model, "steps": step}
+        info = {"max_length": config.max_length, "base_model": config.model, "steps": step, "pooling": config.pooling}
         if metrics:  # the held-out rewards set the normalisation RL may use (RewardScorer.score(normalize=True))
             info.update(reward_mean=metrics["eval/reward_mean"], reward_std=metrics["eval/reward_std"], eval=metrics)
             (out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1))

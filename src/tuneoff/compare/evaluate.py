@@ -1,0 +1,133 @@
+"""Held-out evaluation of one policy (one arm, one seed): samples, judge and proxy scores, KL to the base, diversity.
+
+The same held-out prompts for every arm and seed (chosen by ``prompt_seed``); sampling seeded by the run's seed.
+- across-input: one sample per prompt (``prompts`` of them): judge score, proxy score, length, KL(π‖π_base);
+- per-input: ``samples_per_prompt`` samples of each of the first ``diversity_prompts`` prompts.
+Everything per prompt is kept (``eval.json``), so win rates between arms pair the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+class _Clock:
+    """Wall and CPU seconds of one phase."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> dict:
+        return {"wall_s": time.perf_counter() - self.wall, "cpu_s": time.process_time() - self.cpu}
+
+
+def eval_prompt_file(spec: dict, folder: Path) -> str:
+    if spec["eval_prompts"] != "default":
+        return spec["eval_prompts"]
+    from tuneoff.eval.alignment import held_out_prompts
+
+    prompts = held_out_prompts(spec["eval"]["prompts"], spec["prompt_words"], spec["eval"]["prompt_seed"])
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    return str(path)
+
+
+@torch.inference_mode()
+def sample(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperature: float, generator, batch: int = 64):
+    """Sampled responses to ``ids``: (token id lists, decoded texts, full ids/masks per batch for the KL)."""
+    from tuneoff.rollout import generate, left_pad
+
+    tokens, texts, batches = [], [], []
+    for i in range(0, len(ids), batch):
+        prompt_ids, prompt_mask = left_pad(ids[i : i + batch], tokenizer.pad_token_id)
+        r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                     temperature, generator=generator)
+        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids, r.response_mask)]
+        ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
+        tokens += ends
+        texts += tokenizer.batch_decode(ends, skip_special_tokens=True)
+        batches.append((*r.full(), prompt_ids.shape[1], r.response_mask))
+    return tokens, texts, batches
+
+
+@torch.inference_mode()
+def kl_to_base(model, base, batches, temperature: float) -> float:
+    """KL(π‖π_base) per response token: the exact KL of the two next-token distributions, summed over the
+    vocabulary at every sampled response position, averaged over positions."""
+    from tuneoff.models.heads import position_ids_from_mask
+
+    total, count = 0.0, 0
+    for full_ids, full_mask, P, mask in batches:
+        positions = position_ids_from_mask(full_mask)
+        logp = torch.log_softmax(model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
+        ref = torch.log_softmax(base(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
+        kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
+        total += float((kl * mask).sum())
+        count += int(mask.sum())
+    return total / max(1, count)
+
+
+def judge_scores(judge: str, prompts: list, texts: list[str]) -> list[float]:
+    """The judge's verdict per response: gold = P(positive) of prompt + response; else a held-out RM's reward."""
+    if judge == "gold":
+        from tuneoff.feedback.gold import load_gold_judge
+
+        return load_gold_judge().score([_as_text(p) + " " + t.strip() for p, t in zip(prompts, texts)]).tolist()
+    from tuneoff.models.heads import load_reward_model
+
+    return load_reward_model(judge).score(prompts, texts).tolist()
+
+
+def _as_text(prompt) -> str:
+    return prompt if isinstance(prompt, str) else " ".join(m.content for m in prompt)
+
+
+def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str, spec: dict, folder: Path) -> dict:
+    """Sample, score and measure one policy; writes ``folder/eval.json`` and returns the same dict."""
+    from tuneoff.eval.diversity import diversity_report
+    from tuneoff.models.load import load_model, load_tokenizer
+    from tuneoff.train.policy import encode_prompts
+
+    settings = spec["eval"]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec["seed"])
+    tokenizer = load_tokenizer(model_name)
+    prompts = encode_prompts(eval_prompt_file(spec, folder), tokenizer, 64)
+    model = load_model(model_name).eval()
+    generator = torch.Generator().manual_seed(10_000 + spec["seed"])
+    T, new = settings["temperature"], settings["max_new_tokens"]
+
+    clock = _Clock()
+    tokens, texts, batches = sample(model, tokenizer, prompts.ids, new, T, generator)
+    k, d = settings["samples_per_prompt"], min(settings["diversity_prompts"], len(prompts.ids))
+    group_tokens, group_texts, _ = sample(model, tokenizer, [ids for ids in prompts.ids[:d] for _ in range(k)], new, T, generator)
+    generation = clock.read()
+
+    clock = _Clock()
+    judged = judge_scores(judge, prompts.texts, texts)
+    proxy_scores = None
+    if proxy:
+        from tuneoff.models.heads import load_reward_model
+
+        proxy_scores = load_reward_model(proxy).score(prompts.texts, texts).tolist()
+    kl = 0.0 if spec["method"] == "base" else kl_to_base(model, load_model(base_name).eval(), batches, T)
+    groups = [group_texts[i * k : (i + 1) * k] for i in range(d)]
+    grouped_tokens = [group_tokens[i * k : (i + 1) * k] for i in range(d)]
+    diversity = diversity_report(groups, grouped_tokens, texts, tokens, len(tokenizer))
+    scoring = clock.read()
+
+    shown = settings["samples_shown"]
+    result = {
+        "arm": spec["arm"], "seed": spec["seed"], "model": model_name, "prompts": [_as_text(p) for p in prompts.texts],
+        "responses": texts, "gold": judged, "proxy": proxy_scores, "lengths": [len(t) for t in tokens],
+        "kl_per_token": kl, "diversity": diversity,
+        "samples": [{"prompt": _as_text(p), "response": t, "gold": g} for p, t, g in list(zip(prompts.texts, texts, judged))[:shown]],
+        "phases": {"generation": generation, "scoring": scoring},
+        "generated_tokens": sum(map(len, tokens)) + sum(map(len, group_tokens)),
+    }
+    (folder / "eval.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return result

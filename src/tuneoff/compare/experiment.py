@@ -1,0 +1,277 @@
+"""An experiment: arms × seeds on one base model, data and budget, planned as a graph of cached jobs.
+
+One YAML file (``tuneoff compare --config experiment.yaml``) names everything::
+
+    name: demo
+    base: review-gpt                 # every arm starts here (or from another arm: `init`)
+    seeds: [0, 1, 2]
+    feedback: {pairs: 2000, temperature: 1.0, length_bias: 0.0, flip_rate: 0.0}   # simulated annotators
+    sft_data: curated                # curated | raw | a file of SFT records
+    arms:
+      base: {method: base}
+      sft: {method: sft, max_steps: 100, lr: 5.0e-4}
+      sft+ppo: {method: ppo, init: sft, max_steps: 15}
+      dpo: {method: dpo, max_steps: 150}
+      grpo: {method: grpo, max_steps: 40}
+    priorities: {preset: balanced}
+
+``extends: NAME`` starts from a shipped preset (``src/tuneoff/assets/experiments/NAME.yaml``) or another file
+and overrides its keys (mappings merge, everything else replaces), so each knob's config is a few lines.
+
+The plan (:func:`plan`) is a list of :class:`Job`: the shared stages (gold judge, labelled pairs, proxy reward
+model) once, then one job per arm × seed that trains (except ``base``) and evaluates. Each job's key hashes its
+own settings and its inputs' keys: a finished job whose key is unchanged is reused on a rerun, anything
+downstream of a change is recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+from tuneoff.errors import TuneoffError
+
+FORMAT_VERSION = 1
+"""Bump when what a job computes changes: it is part of every job key."""
+METHODS = ("base", "sft", "ppo", "grpo", "rloo", "dpo")
+"""What an arm can be; `init` chains them (sft+ppo = ppo with init: sft)."""
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "experiments"
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """The comparison's knobs (YAML keys = these names)."""
+
+    name: str = "experiment"
+    """Shown in the report."""
+    base: str = "review-gpt"
+    """Base model of every arm: a preset (tiny, review-gpt, smollm2-135m) or a Hugging Face folder."""
+    seeds: list = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    """Every trained arm runs once per seed (training order, sampling, evaluation samples)."""
+    workers: int = 0
+    """Jobs run at once, each in its own process; 0: one per CPU core."""
+    threads: int = 1
+    """torch threads per job process (on 2 cores, two 1-thread jobs beat one 2-thread job for small models)."""
+    judge: str = "gold"
+    """Who says what is good: `gold` (the SST-2 sentiment classifier trained on human labels; the default task)
+    or `rm` (a reward model trained on `judge_data`, disjoint from the feedback: for real-data presets)."""
+    judge_data: str = ""
+    """Preference file of the held-out judge when `judge` is rm."""
+    judge_rm: dict = dataclasses.field(default_factory=dict)
+    """Training fields (RMConfig) of the held-out judge."""
+    feedback: dict = dataclasses.field(default_factory=dict)
+    """Preference labels. Simulated (default): fields of tuneoff.data.default_task.DefaultTaskConfig (pairs,
+    eval_pairs, temperature, length_bias, flip_rate, annotators, max_new_tokens). From files: {train: FILE,
+    eval: FILE}, preference records people (or anyone) made."""
+    prompts: str = "default"
+    """RL training prompts: `default` (beginnings of SST-2 train sentences) or a prompt file."""
+    eval_prompts: str = "default"
+    """Held-out evaluation prompts: `default` (beginnings of SST-2 dev sentences, never trained on) or a file."""
+    sft_data: str = "curated"
+    """SFT demonstrations: `curated` (positive human-written SST-2 train reviews), `raw` (all reviews, either
+    sentiment) or a file of SFT records."""
+    sft_records: int = 3000
+    """How many curated/raw reviews the SFT arm sees."""
+    prompt_words: int = 4
+    """Words of each SST-2 sentence kept as the prompt (default prompts only)."""
+    eval: dict = dataclasses.field(default_factory=dict)
+    """Held-out evaluation: prompts (96), diversity_prompts (24), samples_per_prompt (4), max_new_tokens (24),
+    temperature (1.0), prompt_seed (0), samples_shown (6)."""
+    rm: dict = dataclasses.field(default_factory=dict)
+    """Training fields (RMConfig) of the proxy reward model the RL arms optimise."""
+    arms: dict = dataclasses.field(default_factory=dict)
+    """name -> {method: base|sft|ppo|grpo|rloo|dpo, init: another arm (optional), description, and any training
+    field of that method's config (max_steps, lr, kl_coef, ...)}."""
+    priorities: dict = dataclasses.field(default_factory=lambda: {"preset": "balanced"})
+    """Weights of alignment, diversity, cost and stability for the recommendation, or {preset: NAME}."""
+    notes: list = dataclasses.field(default_factory=list)
+    """Lines shown in the report (what this experiment is about)."""
+
+    def __post_init__(self):
+        if not self.arms:
+            raise TuneoffError("experiment has no arms: add e.g. `arms: {base: {method: base}, sft: {method: sft}}`")
+        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise TuneoffError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        if self.judge not in ("gold", "rm"):
+            raise TuneoffError(f"judge must be gold or rm, got {self.judge!r}")
+        if self.judge == "rm" and not self.judge_data:
+            raise TuneoffError("judge: rm needs judge_data, a preference file disjoint from the feedback")
+        for name, arm in self.arms.items():
+            _check_arm(name, arm, self.arms)
+
+    @property
+    def eval_settings(self) -> dict:
+        defaults = {"prompts": 96, "diversity_prompts": 24, "samples_per_prompt": 4, "max_new_tokens": 24,
+                    "temperature": 1.0, "prompt_seed": 0, "samples_shown": 6}
+        unknown = set(self.eval) - set(defaults)
+        if unknown:
+            raise TuneoffError(f"eval: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(defaults)})")
+        return {**defaults, **self.eval}
+
+
+def _check_arm(name: str, arm, arms: dict) -> None:
+    if not isinstance(arm, dict) or arm.get("method") not in METHODS:
+        raise TuneoffError(f"arm {name!r}: needs `method`, one of {', '.join(METHODS)} (got {arm!r})")
+    seen, current = {name}, arm
+    while current.get("init"):
+        parent = current["init"]
+        if parent not in arms:
+            raise TuneoffError(f"arm {name!r}: init {parent!r} is not an arm of this experiment")
+        if parent in seen:
+            raise TuneoffError(f"arm {name!r}: init chain loops through {parent!r}")
+        seen.add(parent)
+        current = arms[parent]
+    if arm["method"] == "base" and arm.get("init"):
+        raise TuneoffError(f"arm {name!r}: a base arm trains nothing, so it takes no init")
+    fields = _method_fields(arm["method"])
+    unknown = set(arm) - {"method", "init", "description"} - fields
+    if unknown:
+        raise TuneoffError(f"arm {name!r}: unknown field(s) {', '.join(sorted(unknown))} for method {arm['method']}")
+
+
+def _method_fields(method: str) -> set[str]:
+    from tuneoff.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
+
+    owned = {"model", "data", "out", "seed", "resume", "reward_model", "reference", "baseline"}
+    cls = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": GRPOConfig, "dpo": DPOConfig}.get(method)
+    return {f.name for f in dataclasses.fields(cls)} - owned if cls else set()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _merge(base: dict, override: dict) -> dict:
+    """Mappings merge key by key (recursively); any other value replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    from tuneoff.config import load_yaml
+
+    data = load_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    candidate = Path(parent) if str(parent).endswith((".yaml", ".yml")) else PRESETS_DIR / f"{parent}.yaml"
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = path.parent / candidate
+    if not candidate.exists():
+        shipped = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+        raise TuneoffError(f"{path}: extends {parent!r}: no such preset (shipped: {shipped}) or file")
+    if candidate.resolve() in seen:
+        raise TuneoffError(f"{path}: extends loops through {candidate}")
+    return _merge(_read(candidate, seen + (candidate.resolve(),)), data)
+
+
+def load_experiment(path: str | Path, **overrides) -> ExperimentConfig:
+    """Read an experiment YAML (following `extends`), then apply ``overrides`` (e.g. seeds from the CLI)."""
+    path = Path(path)
+    data = {**_read(path), **{k: v for k, v in overrides.items() if v is not None}}
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = set(data) - names
+    if unknown:
+        raise TuneoffError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
+    for key in ("feedback", "eval", "rm", "arms", "priorities", "judge_rm"):
+        if key in data and not isinstance(data[key], dict):
+            raise TuneoffError(f"{path}: field '{key}' must be a mapping, got {data[key]!r}")
+    return ExperimentConfig(**data)
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise TuneoffError(f"no shipped experiment preset {name!r}")
+    return path
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass
+class Job:
+    """One unit of work in its own process: ``kind`` says which runner (tuneoff.compare.jobs) executes ``spec``."""
+
+    name: str
+    kind: str
+    spec: dict
+    deps: list = dataclasses.field(default_factory=list)
+    folder: str = ""
+    key: str = ""
+    weight: float = 1.0
+    """Rough relative duration, so the longest chains start first."""
+
+
+def _key(kind: str, spec: dict, deps: list[Job]) -> str:
+    payload = {"kind": kind, "spec": spec, "deps": sorted(d.key for d in deps), "format": FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _init_chain(arm: str, arms: dict) -> list[str]:
+    chain = [arm]
+    while arms[chain[-1]].get("init"):
+        chain.append(arms[chain[-1]]["init"])
+    return chain
+
+
+def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
+    """Every job of the experiment, each after the jobs it reads from, with its folder under ``out``."""
+    out = Path(out)
+    jobs: dict[str, Job] = {}
+
+    def add(name: str, kind: str, spec: dict, deps: list[Job], folder: Path, weight: float = 1.0) -> Job:
+        job = Job(name, kind, spec, [d.name for d in deps], "", _key(kind, spec, deps), weight)
+        job.folder = str(folder / job.key) if folder.name == "stages" else str(folder)
+        jobs[name] = job
+        return job
+
+    stages = out / "stages"
+    judge = add("judge", "gold" if config.judge == "gold" else "rm",
+                {"data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
+                if config.judge == "rm" else {}, [], stages, 0.3)
+    needs_pairs = any(a["method"] in ("ppo", "grpo", "rloo", "dpo") for a in config.arms.values())
+    pairs = rm = None
+    if needs_pairs:
+        if "train" in config.feedback:
+            pairs = add("pairs", "pair_files", {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},
+                        [], stages, 0.1)
+        else:
+            pairs = add("pairs", "pairs", {"task": {"model": config.base, "prompt_words": config.prompt_words, **config.feedback},
+                                           "threads": config.threads}, [judge] if config.judge == "gold" else [], stages, 1.0)
+    if any(a["method"] in ("ppo", "grpo", "rloo") for a in config.arms.values()):
+        rm = add("rm", "rm", {"model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], stages, 2.0)
+
+    shared = {"base": config.base, "threads": config.threads, "prompts": config.prompts, "prompt_words": config.prompt_words,
+              "sft_data": config.sft_data, "sft_records": config.sft_records}
+    for seed in config.seeds:
+        for arm in _arm_order(config.arms):
+            arm_spec = dict(config.arms[arm])
+            method, init = arm_spec["method"], arm_spec.get("init")
+            run = out / "runs" / arm / f"seed-{seed}"
+            trained = None
+            if method != "base":
+                deps = ([jobs[f"train:{init}/seed-{seed}"]] if init else []) + ([pairs] if method == "dpo" else []) \
+                    + ([rm] if method in ("ppo", "grpo", "rloo") else [])
+                trained = add(f"train:{arm}/seed-{seed}", "train", {**shared, "arm": arm, "arm_spec": arm_spec, "seed": seed},
+                              deps, run, {"sft": 1.0, "dpo": 1.2}.get(method, 1.5))
+            spec = {"arm": arm, "method": method, "base": config.base, "seed": seed, "threads": config.threads,
+                    "eval": config.eval_settings, "eval_prompts": config.eval_prompts, "prompt_words": config.prompt_words,
+                    "judge": config.judge}
+            add(f"eval:{arm}/seed-{seed}", "eval", spec, [judge] + [d for d in (trained, rm) if d is not None],
+                run / "eval", 0.4)
+    return list(jobs.values())
+
+
+def _arm_order(arms: dict) -> list[str]:
+    """Arms with their `init` arm first."""
+    ordered: list[str] = []
+    for arm in arms:
+        for name in reversed(_init_chain(arm, arms)):
+            if name not in ordered:
+                ordered.append(name)
+    return ordered

@@ -1,0 +1,230 @@
+"""What each job of an experiment does (run in its own process by :mod:`tuneoff.compare.scheduler`).
+
+A runner takes (spec, folder, inputs) — ``inputs`` maps each dependency's name to its result — and returns a
+JSON-able result. Training runners call the library's loops with the method's config dataclass; nothing here
+reimplements a loop. Costs (wall, CPU, peak memory) are measured around the runner by the scheduler; runners
+add what only they know (tokens processed, labels consumed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+from tuneoff.errors import TuneoffError
+
+RL_METHODS = ("ppo", "grpo", "rloo")
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _metrics(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _last(rows: list[dict], key: str):
+    values = [r[key] for r in rows if key in r]
+    return values[-1] if values else None
+
+
+def n_params(model_folder: str) -> int:
+    """Parameters of a saved model, from its safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    folder = Path(model_folder)
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+# ---------------------------------------------------------------- shared stages
+
+
+def run_gold(spec: dict, folder: Path, inputs: dict) -> dict:
+    from tuneoff.feedback.gold import evaluate, load_gold_judge
+
+    accuracy = evaluate(load_gold_judge())
+    return {"dev_accuracy": accuracy["dev"], "test_accuracy": accuracy["test"]}
+
+
+def run_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
+    """Pairs of base-model responses labelled by simulated annotators (the default task's builder, cached)."""
+    import dataclasses
+
+    from tuneoff.data.default_task import EVAL_FILE, INFO_FILE, TRAIN_FILE, DefaultTaskConfig, default_task_files
+
+    known = {f.name for f in dataclasses.fields(DefaultTaskConfig)}
+    unknown = set(spec["task"]) - known
+    if unknown:
+        raise TuneoffError(f"feedback: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+    files = default_task_files(DefaultTaskConfig(**spec["task"]))
+    info = json.loads((files / INFO_FILE).read_text())
+    return {"train": str(files / TRAIN_FILE), "eval": str(files / EVAL_FILE), "pairs": info["train_pairs"],
+            "eval_pairs": info["eval_pairs"], "agreement_with_gold": info["train_label_agreement_with_gold"],
+            "generation_s": info["generation_s"], "task": info["config"]}
+
+
+def run_pair_files(spec: dict, folder: Path, inputs: dict) -> dict:
+    from tuneoff.data.formats import load_preferences
+
+    pairs = load_preferences(spec["train"])
+    if spec["eval"]:
+        load_preferences(spec["eval"])
+    return {"train": spec["train"], "eval": spec["eval"], "pairs": len(pairs), "agreement_with_gold": None}
+
+
+def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
+    """The proxy reward model on the labelled pairs (or, with `data`, a held-out judge RM)."""
+    from tuneoff.config import RMConfig, build_config
+    from tuneoff.train.reward import train
+
+    pairs = inputs.get("pairs", {})
+    data = spec.get("data") or pairs["train"]
+    eval_data = "" if spec.get("data") else pairs.get("eval", "")
+    run = folder / "run"
+    config = build_config(RMConfig, None, **{"eval_every": 100000, "save_every": 100, **spec["rm"]}, model=spec["model"],
+                          data=data, eval_data=eval_data, out=str(run), threads=spec["threads"],
+                          resume=bool(_checkpoints(run)))
+    started = time.perf_counter()
+    model = train(config)
+    rows = _metrics(run)
+    tokens = _training_tokens(rows, time.perf_counter() - started)
+    return {"model": str(model), "accuracy": _last(rows, "eval/accuracy"), "ece": _last(rows, "eval/ece"),
+            "labels": pairs.get("pairs"), "tokens": tokens, "flops": 6.0 * n_params(str(model)) * tokens if tokens else None}
+
+
+def _checkpoints(run: Path) -> list:
+    from tuneoff.train.common import checkpoints
+
+    return checkpoints(run)
+
+
+def _training_tokens(rows: list[dict], elapsed: float) -> float | None:
+    """Tokens a loop processed: its last cumulative rate (input tokens/s over the whole loop) × the loop's time
+    (an estimate: the loop's rate excludes its set-up)."""
+    rate = _last(rows, "train/tokens_per_s")
+    return rate * elapsed if rate is not None else None
+
+
+# ---------------------------------------------------------------- arms
+
+
+def sft_file(spec: dict, folder: Path) -> str:
+    """The SFT arm's demonstrations: curated (positive human reviews), raw (all reviews) or the user's file."""
+    from tuneoff.data.sources import sst2_sft_records
+
+    choice = spec["sft_data"]
+    if choice not in ("curated", "raw"):
+        if not Path(choice).exists():
+            raise TuneoffError(f"sft_data: {choice}: no such file (or use curated / raw)")
+        return choice
+    records = sst2_sft_records(label=1 if choice == "curated" else None, prompt_words=spec["prompt_words"])
+    random.Random(0).shuffle(records)
+    return str(_write_jsonl(folder / "data" / f"sft-{choice}.jsonl", records[: spec["sft_records"]]))
+
+
+def prompt_file(choice: str, words: int, folder: Path) -> str:
+    """RL prompts: the default task's (SST-2 train beginnings) or the user's file."""
+    if choice != "default":
+        if not Path(choice).exists():
+            raise TuneoffError(f"prompts: {choice}: no such file (or use default)")
+        return choice
+    from tuneoff.data.default_task import train_prompts
+
+    return str(_write_jsonl(folder / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts(words, 0)]))
+
+
+def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
+    """Train one arm for one seed, starting from the base or from its `init` arm's model of the same seed."""
+    from tuneoff import config as configs
+    from tuneoff.config import build_config
+
+    arm = dict(spec["arm_spec"])
+    method, init = arm.pop("method"), arm.pop("init", None)
+    arm.pop("description", None)
+    start = inputs[f"train:{init}/seed-{spec['seed']}"]["model"] if init else spec["base"]
+    common = {"model": start, "out": str(folder), "seed": spec["seed"], "threads": spec["threads"],
+              "resume": bool(_checkpoints(folder))}
+    labels = 0
+    if method == "sft":
+        cls, data = configs.SFTConfig, {"data": sft_file(spec, folder)}
+    elif method == "dpo":
+        pairs = inputs["pairs"]
+        cls, data, labels = configs.DPOConfig, {"data": pairs["train"], "eval_data": pairs["eval"]}, pairs["pairs"]
+    else:
+        cls = configs.PPOConfig if method == "ppo" else configs.GRPOConfig
+        data = {"data": prompt_file(spec["prompts"], spec["prompt_words"], folder), "reward_model": inputs["rm"]["model"]}
+        data.update({"baseline": method} if method != "ppo" else {})
+        labels = inputs["rm"].get("labels") or 0
+    config = build_config(cls, None, **{**arm, **common, **data})
+    started = time.perf_counter()
+    model = _train_loop(method)(config)
+    elapsed = time.perf_counter() - started
+    rows = _metrics(folder)
+    return {"model": str(model), "method": method, "init": init, "labels": labels, "curve": curve(rows, method),
+            "training_s": elapsed, **_train_cost(rows, method, config, str(model), elapsed)}
+
+
+def _train_loop(method: str):
+    if method == "sft":
+        from tuneoff.train.sft import train
+    elif method == "dpo":
+        from tuneoff.train.dpo import train
+    elif method == "ppo":
+        from tuneoff.train.ppo import train
+    else:
+        from tuneoff.train.grpo import train
+    return train
+
+
+def curve(rows: list[dict], method: str) -> list[dict]:
+    """Training trajectory rows {step, kl (per token), kl_seq, proxy, gold (P(positive)), loss} from metrics.jsonl."""
+    out = []
+    for r in rows:
+        length = r.get("episode/length")
+        kl_seq = r.get("objective/kl")
+        out.append({"step": r["step"], "kl_seq": kl_seq,
+                    "kl": kl_seq / length if kl_seq is not None and length else None,
+                    "proxy": r.get("objective/scores"), "gold": r.get("objective/gold_p"),
+                    "loss": r.get("train/loss", r.get("loss/policy"))})
+    return [c for c in out if any(c[k] is not None for k in ("kl", "proxy", "gold", "loss"))]
+
+
+def _train_cost(rows: list[dict], method: str, config, model: str, elapsed: float) -> dict:
+    """Tokens and estimated FLOPs of a training run (6·N per trained token; RL adds sampling and scoring)."""
+    n = n_params(model)
+    if method in ("sft", "dpo"):
+        tokens = _training_tokens(rows, elapsed)
+        return {"tokens": tokens, "flops": 6.0 * n * tokens if tokens else None, "params": n}
+    iterations = _last([r for r in rows if "episode/length" in r], "step") or 0
+    length = sum(r["episode/length"] for r in rows if "episode/length" in r) / max(1, sum("episode/length" in r for r in rows))
+    tokens = iterations * config.rollout_batch * (length + 8)  # + a typical prompt's tokens
+    # sampling 2N, reference 2N, (critic 2N + 6N per epoch for PPO), policy 6N per epoch
+    per_token = 4 * n + 6 * n * config.update_epochs * (2 if method == "ppo" else 1) + (2 * n if method == "ppo" else 0)
+    return {"tokens": tokens, "flops": per_token * tokens, "params": n}
+
+
+def run_eval(spec: dict, folder: Path, inputs: dict) -> dict:
+    from tuneoff.compare.evaluate import evaluate_arm
+
+    trained = inputs.get(f"train:{spec['arm']}/seed-{spec['seed']}")
+    model = trained["model"] if trained else spec["base"]
+    proxy = inputs["rm"]["model"] if "rm" in inputs else None
+    judge = inputs["judge"].get("model") if spec["judge"] == "rm" else "gold"
+    result = evaluate_arm(model, spec["base"], proxy, judge, spec, folder)
+    return result
+
+
+RUNNERS = {"gold": run_gold, "pairs": run_pairs, "pair_files": run_pair_files, "rm": run_rm, "train": run_train,
+           "eval": run_eval}

@@ -1,0 +1,397 @@
+"""Which arm to use: scores on four axes across the arms of one comparison, weighted by the user's priorities.
+
+Each axis is scored in [0, 1] *across the arms of this comparison* by min–max (1 = the best arm on that
+axis, 0 = the worst; 0.5 each when all arms measure the same or only one has the value). A score
+therefore says where an arm stands among these arms, not how good it is in absolute terms. Scores from
+two different runs cannot be compared.
+
+- alignment: the mean gold reward (``arms[a]["gold_reward"]["mean"]``). This is the independent judge. The
+  proxy reward is never used, because the RL arms were trained on it and can hack it.
+- diversity: six components, per-input and across-input for each of EAD, embedding diversity and
+  1 − self-BLEU (lower self-BLEU is more diverse). Each component is min–max normalised across arms
+  first, so no metric dominates because of its range. The axis score is the mean over the components the
+  arm has. It is not stretched again, so an arm that is best on some components and worst on others
+  stays in the middle.
+- cost: total wall seconds (``cost.wall_s.mean``), lower is better, on a log scale. 100 s against 1,000 s
+  counts as much as 10 s against 100 s, so one very slow arm does not squash the rest together. Runs under
+  ``MIN_WALL_S`` count as ``MIN_WALL_S``; otherwise the log would reward the last milliseconds without bound.
+- stability: the seed standard deviation of the gold reward (``stability.seed_sd``), lower is better,
+  min–max normalised. An arm with any divergence event (``stability.divergence_events`` > 0: KL blow-up,
+  NaN, reward collapse) then loses ``DIVERGENCE_PENALTY``, floored at 0. A diverging run counts as unstable
+  even if its surviving seeds happen to agree.
+
+The candidates are the tuned arms: ``base`` is the reference they are measured against (win rates, KL), not a
+candidate, since by construction it is the cheapest, most stable arm with the base's own diversity (it is
+ranked only when it is the only arm). The explanation says whether the choice beats base beyond noise.
+
+A missing value (None, NaN, e.g. the seed sd of a one-seed run) skips that axis for that arm, with a
+note. The arm's weighted score is then the weighted mean over the axes it has. Ties go to the tuned arm
+over ``base``, then to the higher gold reward: the untuned model is only recommended when it wins outright.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tuneoff.errors import TuneoffError
+
+AXES = ("alignment", "diversity", "cost", "stability")
+PRESETS: dict[str, dict[str, float]] = {
+    "balanced": {"alignment": 0.25, "diversity": 0.25, "cost": 0.25, "stability": 0.25},
+    "strict-alignment": {"alignment": 0.6, "diversity": 0.05, "cost": 0.1, "stability": 0.25},
+    "creative": {"alignment": 0.25, "diversity": 0.55, "cost": 0.1, "stability": 0.1},
+    "budget": {"alignment": 0.25, "diversity": 0.1, "cost": 0.55, "stability": 0.1},
+}
+DIVERGENCE_PENALTY = 0.5
+MIN_WALL_S = 1.0
+DIVERSITY_COMPONENTS = [(scope, metric) for scope in ("per_input", "across_input") for metric in ("ead", "self_bleu", "embedding")]
+MEASURED_AS = {"alignment": "gold reward", "diversity": "diversity metrics", "cost": "wall time",
+               "stability": "seed sd of gold reward (needs 2 or more seeds)"}
+
+
+def resolve_priorities(priorities: dict | str | None = None) -> dict[str, float]:
+    """Weights over ``AXES`` that sum to 1.
+
+    ``priorities`` is a preset name (``PRESETS``) or a dict with an optional ``"preset"`` plus per-axis
+    weights that replace the preset's. A dict without ``"preset"`` is taken literally: the axes it leaves
+    out weigh 0. None or an empty dict means ``balanced``.
+    """
+    if priorities is None or priorities == {}:
+        priorities = "balanced"
+    if isinstance(priorities, str):
+        priorities = {"preset": priorities}
+    if not isinstance(priorities, dict):
+        raise TuneoffError(f"priorities: expected a preset name or a dict of weights, got {type(priorities).__name__}")
+    explicit = {axis: weight for axis, weight in priorities.items() if axis != "preset"}
+    unknown = sorted(map(str, set(explicit) - set(AXES)))
+    if unknown:
+        raise TuneoffError(f"priorities: unknown axis {', '.join(map(repr, unknown))}; the axes are {', '.join(AXES)}")
+    weights = dict.fromkeys(AXES, 0.0)
+    if "preset" in priorities:
+        preset = priorities["preset"]
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise TuneoffError(f"priorities: unknown preset {preset!r}; the presets are {', '.join(PRESETS)}")
+        weights.update(PRESETS[preset])
+    for axis, weight in explicit.items():
+        if _finite(weight) is None or weight < 0:
+            raise TuneoffError(f"priorities: the weight of {axis!r} must be a number >= 0, got {weight!r}")
+        weights[axis] = float(weight)
+    total = sum(weights.values())
+    if total <= 0:
+        raise TuneoffError("priorities: the weights sum to 0; give at least one axis a positive weight")
+    return {axis: weight / total for axis, weight in weights.items()}
+
+
+def axis_scores(results: dict) -> dict[str, dict[str, float]]:
+    """Per arm, per axis, a score in [0, 1] across the arms (see the module docstring); missing axes are absent."""
+    return _scores_and_notes(results)[0]
+
+
+def recommend(results: dict, priorities: dict | str | None = None) -> dict:
+    """The arm to use under ``priorities``, with the ranking and an explanation that quotes the measured numbers.
+
+    Returns ``{"priorities", "ranking": [{"arm", "score", "axes"}] best first, "choice", "explanation",
+    "within_noise", "notes"}``. ``within_noise`` is True when the 95% CIs of gold reward of the top two arms
+    of the ranking overlap. It is False when they do not overlap and also when that is unknown (fewer than
+    2 seeds); the explanation says which.
+    """
+    weights = resolve_priorities(priorities)
+    arms = results.get("arms") if isinstance(results, dict) else None
+    if not arms:
+        raise TuneoffError("results: there are no arms to compare")
+    # The untuned base is the reference, not a candidate: it is cheapest, keeps the base's diversity and never
+    # varies, so it would win every axis but alignment by construction. Candidates are the tuned arms.
+    candidates = {arm: m for arm, m in arms.items() if not _is_base(arm, m)} or arms
+    scores, notes = _scores_and_notes({"arms": candidates})
+    ranking = [{"arm": arm, "score": _weighted(axes, weights), "axes": axes} for arm, axes in scores.items()]
+
+    def order(row):  # ties (to rounding) go to a tuned arm, then to the higher gold reward
+        gold = _mean(arms[row["arm"]].get("gold_reward"))
+        return -round(row["score"], 9), _is_base(row["arm"], arms[row["arm"]]), -gold if gold is not None else math.inf, row["arm"]
+
+    ranking.sort(key=order)
+    choice = ranking[0]["arm"]
+    runner = ranking[1]["arm"] if len(ranking) > 1 else None
+    overlap = _overlap(arms[choice].get("gold_reward"), arms[runner].get("gold_reward")) if runner else None
+    explanation = [_weights_sentence(weights), _ranking_sentence(ranking), _gold_sentence(arms, choice)]
+    if runner:
+        explanation += [_versus_sentence(arms, ranking[0], ranking[1], weights), _noise_sentence(arms, choice, runner, overlap)]
+    explanation += [_base_sentence(arms, ranking), _divergence_sentence(arms, choice)] + notes
+    return {"priorities": weights, "ranking": ranking, "choice": choice,
+            "explanation": [s for s in explanation if s], "within_noise": overlap is True, "notes": notes}
+
+
+# --- numbers -------------------------------------------------------------------------------------------------
+
+def _finite(x) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _get(tree, *keys):
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _mean(ci) -> float | None:
+    return _finite(ci.get("mean")) if isinstance(ci, dict) else None
+
+
+def _decimals(x: float, digits: int) -> int:
+    return digits - 1 if x == 0 else max(0, digits - 1 - math.floor(math.log10(abs(x))))
+
+
+def format_number(x, digits: int = 3) -> str:
+    """``digits`` significant digits (0.712, 27.3, 743, 1.5e+06), integers whole (2,000); "n/a" for None or NaN."""
+    whole = isinstance(x, int) and not isinstance(x, bool)
+    x = _finite(x)
+    if x is None:
+        return "n/a"
+    if x == 0 or whole and abs(x) < 1e5:  # counts (labels, events) and empty phases read as whole numbers
+        return f"{int(x):,}"
+    if abs(x) >= 1e5:  # tokens, FLOPs
+        return f"{x:.{digits}g}"
+    return f"{x:,.{_decimals(x, digits)}f}"
+
+
+def format_ci(ci, digits: int = 3) -> str:
+    """``mean [low, high]`` with the decimals of the mean; just the mean when the CI is NaN (one seed)."""
+    mean = _mean(ci)
+    if mean is None:
+        return "n/a"
+    low, high = _finite(ci.get("ci_low")), _finite(ci.get("ci_high"))
+    if abs(mean) >= 1e5:
+        parts = [format_number(v, digits) for v in (mean, low, high)]
+    else:
+        parts = [f"{v:,.{_decimals(mean, digits)}f}" if v is not None else "" for v in (mean, low, high)]
+    return parts[0] if low is None or high is None else f"{parts[0]} [{parts[1]}, {parts[2]}]"
+
+
+def format_seconds(seconds) -> str:
+    return "n/a" if _finite(seconds) is None else f"{format_number(seconds)} s"
+
+
+# --- axes ----------------------------------------------------------------------------------------------------
+
+def _minmax(values: dict[str, float | None]) -> dict[str, float]:
+    present = {arm: v for arm, v in values.items() if v is not None}
+    if not present:
+        return {}
+    low, high = min(present.values()), max(present.values())
+    if high - low <= 1e-12 * max(1.0, abs(high)):
+        return dict.fromkeys(present, 0.5)
+    return {arm: (v - low) / (high - low) for arm, v in present.items()}
+
+
+def _alignment(arms: dict) -> dict[str, float]:
+    return _minmax({arm: _mean(m.get("gold_reward")) for arm, m in arms.items()})
+
+
+def _diversity(arms: dict) -> dict[str, float]:
+    components = []
+    for scope, metric in DIVERSITY_COMPONENTS:
+        sign = -1.0 if metric == "self_bleu" else 1.0  # min–max of −self-BLEU equals that of 1 − self-BLEU
+        raw = {arm: _mean(_get(m, "diversity", scope, metric)) for arm, m in arms.items()}
+        components.append(_minmax({arm: None if v is None else sign * v for arm, v in raw.items()}))
+    scores = {}
+    for arm in arms:
+        mine = [component[arm] for component in components if arm in component]
+        if mine:
+            scores[arm] = sum(mine) / len(mine)
+    return scores
+
+
+def _cost(arms: dict) -> dict[str, float]:
+    walls = {arm: _mean(_get(m, "cost", "wall_s")) for arm, m in arms.items()}
+    return _minmax({arm: None if w is None or w < 0 else -math.log(max(w, MIN_WALL_S)) for arm, w in walls.items()})
+
+
+def _stability(arms: dict) -> dict[str, float]:
+    sds = {arm: _finite(_get(m, "stability", "seed_sd")) for arm, m in arms.items()}
+    scores = _minmax({arm: None if sd is None else -sd for arm, sd in sds.items()})
+    for arm in scores:
+        if _divergences(arms[arm]) > 0:
+            scores[arm] = max(0.0, scores[arm] - DIVERGENCE_PENALTY)
+    return scores
+
+
+AXIS_SCORES = {"alignment": _alignment, "diversity": _diversity, "cost": _cost, "stability": _stability}
+
+
+def _scores_and_notes(results: dict) -> tuple[dict[str, dict[str, float]], list[str]]:
+    arms = results.get("arms") if isinstance(results, dict) else None
+    if not arms:
+        raise TuneoffError("results: there are no arms to compare")
+    scores: dict[str, dict[str, float]] = {arm: {} for arm in arms}
+    notes = []
+    for axis, score in AXIS_SCORES.items():
+        for arm, value in score(arms).items():
+            scores[arm][axis] = value
+        missing = [arm for arm in arms if axis not in scores[arm]]
+        if missing:
+            notes.append(f"No {MEASURED_AS[axis]} for {', '.join(missing)}: the {axis} axis is skipped for "
+                         f"{'it' if len(missing) == 1 else 'them'} and the weighted score uses the other axes.")
+    return scores, notes
+
+
+def _weighted(axes: dict[str, float], weights: dict[str, float]) -> float:
+    total = sum(weights[axis] for axis in axes)
+    return sum(weights[axis] * score for axis, score in axes.items()) / total if total > 0 else 0.0
+
+
+def _is_base(name: str, arm: dict) -> bool:
+    return arm.get("method", name) == "base"
+
+
+def _divergences(arm: dict) -> int:
+    return int(_finite(_get(arm, "stability", "divergence_events")) or 0)
+
+
+def _overlap(a, b) -> bool | None:
+    """Whether two 95% CIs overlap; None when either is missing or NaN (one seed)."""
+    bounds = [(_finite(_get(ci, "ci_low")), _finite(_get(ci, "ci_high"))) for ci in (a, b)]
+    if any(v is None for pair in bounds for v in pair):
+        return None
+    (low_a, high_a), (low_b, high_b) = bounds
+    return low_a <= high_b and low_b <= high_a
+
+
+# --- explanation ---------------------------------------------------------------------------------------------
+
+def _weights_sentence(weights: dict[str, float]) -> str:
+    used = sorted((axis for axis in AXES if weights[axis] > 0), key=lambda axis: -weights[axis])
+    return "Priorities: " + ", ".join(f"{axis} {weights[axis]:.0%}" for axis in used) + "."
+
+
+def _ranking_sentence(ranking: list[dict]) -> str:
+    order = ", ".join(f"{row['arm']} {row['score']:.2f}" for row in ranking)
+    return f"Recommended: {ranking[0]['arm']}. Weighted scores (0 to 1, across these arms): {order}."
+
+
+def _gold_sentence(arms: dict, choice: str) -> str:
+    by_gold = sorted(((_mean(m.get("gold_reward")), arm) for arm, m in arms.items() if _mean(m.get("gold_reward")) is not None),
+                     key=lambda pair: -pair[0])
+    if not by_gold:
+        return "No arm has a gold reward measurement."
+    gold = {arm: format_ci(arms[arm]["gold_reward"]) for _, arm in by_gold}
+    first = by_gold[0][1]
+    if len(by_gold) == 1:
+        return f"Only {first} has a gold reward: {gold[first]}."
+    second = by_gold[1][1]
+    sentence = f"{first} has the highest gold reward, {gold[first]}, vs {second} {gold[second]}"
+    if choice in gold and choice not in (first, second):
+        sentence += f"; the recommended {choice} has {gold[choice]}"
+    return sentence + "."
+
+
+def _alignment_numbers(a: dict, b: dict) -> str:
+    return f"gold reward {format_ci(a.get('gold_reward'))} vs {format_ci(b.get('gold_reward'))}"
+
+
+def _diversity_numbers(a: dict, b: dict) -> str:
+    pairs = [("across-input embedding diversity", ("across_input", "embedding")), ("per-input EAD", ("per_input", "ead"))]
+    return ", ".join(f"{label} {format_number(_mean(_get(a, 'diversity', *keys)))} vs "
+                     f"{format_number(_mean(_get(b, 'diversity', *keys)))}" for label, keys in pairs)
+
+
+def _cost_numbers(a: dict, b: dict) -> str:
+    return f"{format_seconds(_mean(_get(a, 'cost', 'wall_s')))} vs {format_seconds(_mean(_get(b, 'cost', 'wall_s')))} of wall time"
+
+
+def _stability_numbers(a: dict, b: dict) -> str:
+    text = f"seed sd of gold reward {format_number(_get(a, 'stability', 'seed_sd'))} vs {format_number(_get(b, 'stability', 'seed_sd'))}"
+    if _divergences(a) or _divergences(b):
+        text += f", divergence events {_divergences(a)} vs {_divergences(b)}"
+    return text
+
+
+AXIS_WORDS = {"alignment": ("more aligned", "less aligned", _alignment_numbers),
+              "diversity": ("more diverse", "less diverse", _diversity_numbers),
+              "cost": ("cheaper", "more expensive", _cost_numbers),
+              "stability": ("more stable", "less stable", _stability_numbers)}
+
+
+def _versus_sentence(arms: dict, first: dict, second: dict, weights: dict[str, float]) -> str:
+    better, worse = [], []
+    for axis in sorted((axis for axis in AXES if weights[axis] > 0), key=lambda axis: -weights[axis]):
+        if axis not in first["axes"] or axis not in second["axes"]:
+            continue
+        difference = first["axes"][axis] - second["axes"][axis]
+        up, down, numbers = AXIS_WORDS[axis]
+        if abs(difference) > 1e-9:
+            phrase = f"{up if difference > 0 else down} ({numbers(arms[first['arm']], arms[second['arm']])})"
+            (better if difference > 0 else worse).append(phrase)
+    if not better and not worse:
+        return f"{first['arm']} and {second['arm']} score the same on every weighted axis."
+    sentence = f"Against the runner-up {second['arm']}, {first['arm']} is " + (_join(better) if better else "no better on any axis")
+    return sentence + (", but " + _join(worse) if worse else "") + "."
+
+
+def _join(phrases: list[str]) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def _noise_sentence(arms: dict, choice: str, runner: str, overlap: bool | None) -> str:
+    a, b = arms[choice], arms[runner]
+    if overlap is None:
+        return (f"Whether {choice} and {runner} differ in gold reward beyond noise is unknown: at least one has no "
+                f"95% confidence interval (fewer than 2 seeds).")
+    if not overlap:
+        return f"The gold-reward difference between {choice} and {runner} is beyond seed noise: their 95% CIs do not overlap."
+    sentence = (f"The alignment difference between {choice} and {runner} is within noise: their 95% CIs of gold reward "
+                f"overlap ({_alignment_numbers(a, b)}).")
+    walls = {arm: _mean(_get(arms[arm], "cost", "wall_s")) for arm in (choice, runner)}
+    sds = {arm: _finite(_get(arms[arm], "stability", "seed_sd")) for arm in (choice, runner)}
+    cheaper = min(walls, key=walls.get) if None not in walls.values() and walls[choice] != walls[runner] else None
+    # fewer divergence events first: a run that blew up is less stable whatever its seed sd
+    stable_key = {arm: (_divergences(arms[arm]), sds[arm]) for arm in (choice, runner)}
+    stabler = min(stable_key, key=stable_key.get) if None not in sds.values() and stable_key[choice] != stable_key[runner] else None
+    if cheaper and cheaper == stabler:
+        other = runner if cheaper == choice else choice
+        sentence += (f" {cheaper} is then preferable: it is cheaper ({_cost_numbers(arms[cheaper], arms[other])}) and "
+                     f"more stable ({_stability_numbers(arms[cheaper], arms[other])}).")
+    elif cheaper and stabler:
+        sentence += (f" Then prefer {cheaper} when cost matters ({_cost_numbers(arms[cheaper], arms[stabler])}), "
+                     f"{stabler} when stability does ({_stability_numbers(arms[stabler], arms[cheaper])}).")
+    elif cheaper or stabler:
+        arm = cheaper or stabler
+        other = runner if arm == choice else choice
+        words, numbers = ("cheaper", _cost_numbers) if cheaper else ("more stable", _stability_numbers)
+        sentence += f" {arm} is then preferable: it is {words} ({numbers(arms[arm], arms[other])})."
+    return sentence
+
+
+def _base_sentence(arms: dict, ranking: list[dict]) -> str:
+    choice = ranking[0]["arm"]
+    if _is_base(choice, arms[choice]):
+        tuned = [row for row in ranking if not _is_base(row["arm"], arms[row["arm"]])]
+        if not tuned:
+            return ""
+        best = tuned[0]
+        return (f"No tuned arm beats the untuned {choice} under these priorities; the best tuned arm is {best['arm']} "
+                f"(weighted score {best['score']:.2f}), {_alignment_numbers(arms[best['arm']], arms[choice])} for {choice}.")
+    win, controlled = arms[choice].get("win_rate_vs_base"), arms[choice].get("length_controlled_win_rate_vs_base")
+    base = next((arm for arm, m in arms.items() if _is_base(arm, m)), None)
+    if base is None:
+        return ""
+    sentence = f"{choice}'s win rate against {base} by gold score is {format_ci(win)} (ties count half)" if _mean(win) is not None \
+        else f"{choice} against {base}"
+    if _mean(controlled) is not None:
+        sentence += f"; length-controlled {format_ci(controlled)}"
+    overlap = _overlap(arms[choice].get("gold_reward"), arms[base].get("gold_reward"))
+    if overlap is True:
+        sentence += (f". Its gold reward is not above {base}'s beyond noise ({_alignment_numbers(arms[choice], arms[base])}):"
+                     f" on this budget tuning did not measurably help")
+    elif overlap is False and (_mean(arms[choice].get("gold_reward")) or 0) > (_mean(arms[base].get("gold_reward")) or 0):
+        sentence += f", and its gold reward is above {base}'s beyond seed noise ({_alignment_numbers(arms[choice], arms[base])})"
+    return sentence + "."
+
+
+def _divergence_sentence(arms: dict, choice: str) -> str:
+    events = _divergences(arms[choice])
+    if not events:
+        return ""
+    return (f"Caution: {choice} had {events} divergence event{'s' if events > 1 else ''} over its seeds "
+            f"(KL blow-up, NaN or reward collapse).")
