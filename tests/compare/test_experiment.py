@@ -39,7 +39,7 @@ def test_demo_preset_has_the_five_arms_and_three_seeds():
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
     config = load_experiment(write(tmp_path, "extends: demo\nseeds: [4]\nfeedback: {length_bias: 1.0}\narms: {sft: {lr: 0.1}}\n"))
     assert config.seeds == [4]
-    assert config.feedback["length_bias"] == 1.0 and config.feedback["pairs"] == 2000  # merged, not replaced
+    assert config.feedback["length_bias"] == 1.0 and config.feedback["pairs"] == 4000  # merged, not replaced
     assert config.arms["sft"]["lr"] == 0.1 and config.arms["sft"]["method"] == "sft" and "grpo" in config.arms
 
 

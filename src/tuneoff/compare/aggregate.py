@@ -70,7 +70,7 @@ def seed_cost(config: ExperimentConfig, arm: str, seed: int, records: dict) -> d
     labels = 0
     for r in chain:
         result = r.get("result") or {}
-        if r["kind"] in ("pairs", "pair_files"):
+        if r["kind"] in ("pairs", "pair_files", "real_pairs"):
             phases["data"] += r["wall_s"]
             labels = max(labels, result.get("pairs") or 0)
         elif r["kind"] in ("train", "rm"):

@@ -42,11 +42,12 @@ def sample(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperat
     from tuneoff.rollout import generate, left_pad
 
     tokens, texts, batches = [], [], []
+    device = next(model.parameters()).device
     for i in range(0, len(ids), batch):
-        prompt_ids, prompt_mask = left_pad(ids[i : i + batch], tokenizer.pad_token_id)
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids[i : i + batch], tokenizer.pad_token_id))
         r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                      temperature, generator=generator)
-        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids, r.response_mask)]
+        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu())]
         ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
         tokens += ends
         texts += tokenizer.batch_decode(ends, skip_special_tokens=True)
@@ -66,7 +67,7 @@ def kl_to_base(model, base, batches, temperature: float) -> float:
         logp = torch.log_softmax(model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
         ref = torch.log_softmax(base(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
         kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
-        total += float((kl * mask).sum())
+        total += float((kl * mask.to(kl.dtype)).sum())
         count += int(mask.sum())
     return total / max(1, count)
 
@@ -96,9 +97,11 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec["seed"])
     tokenizer = load_tokenizer(model_name)
-    prompts = encode_prompts(eval_prompt_file(spec, folder), tokenizer, 64)
-    model = load_model(model_name).eval()
-    generator = torch.Generator().manual_seed(10_000 + spec["seed"])
+    prompts = encode_prompts(eval_prompt_file(spec, folder), tokenizer, settings.get("max_prompt_length", 64))
+    prompts.texts[:], prompts.ids[:] = prompts.texts[: settings["prompts"]], prompts.ids[: settings["prompts"]]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_name).eval().to(device)
+    generator = torch.Generator(device).manual_seed(10_000 + spec["seed"])
     T, new = settings["temperature"], settings["max_new_tokens"]
 
     clock = _Clock()
@@ -114,7 +117,7 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
         from tuneoff.models.heads import load_reward_model
 
         proxy_scores = load_reward_model(proxy).score(prompts.texts, texts).tolist()
-    kl = 0.0 if spec["method"] == "base" else kl_to_base(model, load_model(base_name).eval(), batches, T)
+    kl = 0.0 if spec["method"] == "base" else kl_to_base(model, load_model(base_name).eval().to(device), batches, T)
     groups = [group_texts[i * k : (i + 1) * k] for i in range(d)]
     grouped_tokens = [group_tokens[i * k : (i + 1) * k] for i in range(d)]
     diversity = diversity_report(groups, grouped_tokens, texts, tokens, len(tokenizer))

@@ -65,26 +65,33 @@ class ExperimentConfig:
     feedback: dict = dataclasses.field(default_factory=dict)
     """Preference labels. Simulated (default): fields of tuneoff.data.default_task.DefaultTaskConfig (pairs,
     eval_pairs, temperature, length_bias, flip_rate, annotators, max_new_tokens). From files: {train: FILE,
-    eval: FILE}, preference records people (or anyone) made."""
+    eval: FILE}, preference records people (or anyone) made. Real shipped data: {source: real, sources:
+    [hh-rlhf-harmless, pandalm], pairs, eval_pairs, judge_pairs, prompts, eval_prompts} (caps; 0 = all), split
+    by prompt into judge / feedback / held-out (tuneoff.compare.real_data); use with judge: rm and
+    prompts: feedback, eval_prompts: feedback."""
     prompts: str = "default"
-    """RL training prompts: `default` (beginnings of SST-2 train sentences) or a prompt file."""
+    """RL training prompts: `default` (beginnings of SST-2 train sentences), `feedback` (the prompts of the real
+    feedback split) or a prompt file."""
     eval_prompts: str = "default"
-    """Held-out evaluation prompts: `default` (beginnings of SST-2 dev sentences, never trained on) or a file."""
+    """Held-out evaluation prompts: `default` (beginnings of SST-2 dev sentences, never trained on), `feedback`
+    (the held-out prompt split of real feedback) or a file."""
     sft_data: str = "curated"
-    """SFT demonstrations: `curated` (positive human-written SST-2 train reviews), `raw` (all reviews, either
-    sentiment) or a file of SFT records."""
+    """SFT demonstrations: `curated` (SST-2 train reviews that people labelled positive), `high-gold` (reviews the
+    gold judge scores P(positive) ≥ 0.9, whatever their label), `raw` (all reviews, either sentiment) or a file
+    of SFT records. An sft arm may override it."""
     sft_records: int = 3000
     """How many curated/raw reviews the SFT arm sees."""
     prompt_words: int = 4
     """Words of each SST-2 sentence kept as the prompt (default prompts only)."""
     eval: dict = dataclasses.field(default_factory=dict)
     """Held-out evaluation: prompts (96), diversity_prompts (24), samples_per_prompt (4), max_new_tokens (24),
-    temperature (1.0), prompt_seed (0), samples_shown (6)."""
+    temperature (1.0), prompt_seed (0), samples_shown (6), max_prompt_length (64 tokens, the last ones kept)."""
     rm: dict = dataclasses.field(default_factory=dict)
     """Training fields (RMConfig) of the proxy reward model the RL arms optimise."""
     arms: dict = dataclasses.field(default_factory=dict)
     """name -> {method: base|sft|ppo|grpo|rloo|dpo, init: another arm (optional), description, and any training
-    field of that method's config (max_steps, lr, kl_coef, ...)}."""
+    field of that method's config (max_steps, lr, kl_coef, ...); an sft arm may set its own sft_data}. In a
+    file that extends another, `name: null` drops an inherited arm."""
     priorities: dict = dataclasses.field(default_factory=lambda: {"preset": "balanced"})
     """Weights of alignment, diversity, cost and stability for the recommendation, or {preset: NAME}."""
     notes: list = dataclasses.field(default_factory=list)
@@ -97,15 +104,18 @@ class ExperimentConfig:
             raise TuneoffError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.judge not in ("gold", "rm"):
             raise TuneoffError(f"judge must be gold or rm, got {self.judge!r}")
-        if self.judge == "rm" and not self.judge_data:
-            raise TuneoffError("judge: rm needs judge_data, a preference file disjoint from the feedback")
+        if self.judge == "rm" and not self.judge_data and self.feedback.get("source") != "real":
+            raise TuneoffError("judge: rm needs judge_data, a preference file disjoint from the feedback "
+                               "(with feedback source: real, the judge split is made for you)")
+        if self.judge == "gold" and self.feedback.get("source") == "real":
+            raise TuneoffError("the gold judge scores SST-2 sentiment; with real preferences (feedback source: real) use judge: rm")
         for name, arm in self.arms.items():
             _check_arm(name, arm, self.arms)
 
     @property
     def eval_settings(self) -> dict:
         defaults = {"prompts": 96, "diversity_prompts": 24, "samples_per_prompt": 4, "max_new_tokens": 24,
-                    "temperature": 1.0, "prompt_seed": 0, "samples_shown": 6}
+                    "temperature": 1.0, "prompt_seed": 0, "samples_shown": 6, "max_prompt_length": 64}
         unknown = set(self.eval) - set(defaults)
         if unknown:
             raise TuneoffError(f"eval: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(defaults)})")
@@ -127,7 +137,7 @@ def _check_arm(name: str, arm, arms: dict) -> None:
     if arm["method"] == "base" and arm.get("init"):
         raise TuneoffError(f"arm {name!r}: a base arm trains nothing, so it takes no init")
     fields = _method_fields(arm["method"])
-    unknown = set(arm) - {"method", "init", "description"} - fields
+    unknown = set(arm) - {"method", "init", "description"} - ({"sft_data"} if arm["method"] == "sft" else set()) - fields
     if unknown:
         raise TuneoffError(f"arm {name!r}: unknown field(s) {', '.join(sorted(unknown))} for method {arm['method']}")
 
@@ -144,9 +154,12 @@ def _method_fields(method: str) -> set[str]:
 
 
 def _merge(base: dict, override: dict) -> dict:
-    """Mappings merge key by key (recursively); any other value replaces."""
+    """Mappings merge key by key (recursively); any other value replaces; null removes an inherited mapping."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
+        if value is None and isinstance(base, dict) and key in base and isinstance(base[key], dict):
+            del merged[key]  # `name: null` drops an inherited arm (or any inherited mapping)
+            continue
         merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
 
@@ -231,12 +244,15 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
         return job
 
     stages = out / "stages"
-    judge = add("judge", "gold" if config.judge == "gold" else "rm",
-                {"data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
-                if config.judge == "rm" else {}, [], stages, 0.3)
-    needs_pairs = any(a["method"] in ("ppo", "grpo", "rloo", "dpo") for a in config.arms.values())
+    real = config.feedback.get("source") == "real"
     pairs = rm = None
-    if needs_pairs:
+    if real:  # human preferences split by prompt: also the judge's data, the RL and the evaluation prompts
+        pairs = add("pairs", "real_pairs", {k: v for k, v in config.feedback.items() if k != "source"}, [], stages, 0.1)
+    judge = add("judge", "gold" if config.judge == "gold" else "rm",
+                {"role": "judge", "data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
+                if config.judge == "rm" else {}, [pairs] if config.judge == "rm" and real and not config.judge_data else [], stages, 0.3)
+    needs_pairs = any(a["method"] in ("ppo", "grpo", "rloo", "dpo") for a in config.arms.values())
+    if needs_pairs and not real:
         if "train" in config.feedback:
             pairs = add("pairs", "pair_files", {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},
                         [], stages, 0.1)
@@ -244,7 +260,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             pairs = add("pairs", "pairs", {"task": {"model": config.base, "prompt_words": config.prompt_words, **config.feedback},
                                            "threads": config.threads}, [judge] if config.judge == "gold" else [], stages, 1.0)
     if any(a["method"] in ("ppo", "grpo", "rloo") for a in config.arms.values()):
-        rm = add("rm", "rm", {"model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], stages, 2.0)
+        rm = add("rm", "rm", {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], stages, 2.0)
 
     shared = {"base": config.base, "threads": config.threads, "prompts": config.prompts, "prompt_words": config.prompt_words,
               "sft_data": config.sft_data, "sft_records": config.sft_records}
@@ -255,14 +271,15 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             run = out / "runs" / arm / f"seed-{seed}"
             trained = None
             if method != "base":
-                deps = ([jobs[f"train:{init}/seed-{seed}"]] if init else []) + ([pairs] if method == "dpo" else []) \
+                deps = ([jobs[f"train:{init}/seed-{seed}"]] if init else []) \
+                    + ([pairs] if method == "dpo" or (real and method in ("ppo", "grpo", "rloo")) else []) \
                     + ([rm] if method in ("ppo", "grpo", "rloo") else [])
                 trained = add(f"train:{arm}/seed-{seed}", "train", {**shared, "arm": arm, "arm_spec": arm_spec, "seed": seed},
                               deps, run, {"sft": 1.0, "dpo": 1.2}.get(method, 1.5))
             spec = {"arm": arm, "method": method, "base": config.base, "seed": seed, "threads": config.threads,
                     "eval": config.eval_settings, "eval_prompts": config.eval_prompts, "prompt_words": config.prompt_words,
                     "judge": config.judge}
-            add(f"eval:{arm}/seed-{seed}", "eval", spec, [judge] + [d for d in (trained, rm) if d is not None],
+            add(f"eval:{arm}/seed-{seed}", "eval", spec, [judge] + [d for d in (trained, rm, pairs if real else None) if d is not None],
                 run / "eval", 0.4)
     return list(jobs.values())
 

@@ -17,6 +17,9 @@ from pathlib import Path
 from tuneoff.errors import TuneoffError
 
 RL_METHODS = ("ppo", "grpo", "rloo")
+SFT_DATA = ("curated", "high-gold", "raw")
+HIGH_GOLD = 0.9
+"""`high-gold` SFT data: reviews the gold judge scores at least this P(positive)."""
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -90,8 +93,10 @@ def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
     from tuneoff.train.reward import train
 
     pairs = inputs.get("pairs", {})
-    data = spec.get("data") or pairs["train"]
-    eval_data = "" if spec.get("data") else pairs.get("eval", "")
+    if spec.get("role") == "judge":  # a held-out judge: its own file, or the judge split of real feedback
+        data, eval_data = spec.get("data") or pairs["judge"], ""
+    else:
+        data, eval_data = pairs["train"], pairs.get("eval", "")
     run = folder / "run"
     config = build_config(RMConfig, None, **{"eval_every": 100000, "save_every": 100, **spec["rm"]}, model=spec["model"],
                           data=data, eval_data=eval_data, out=str(run), threads=spec["threads"],
@@ -101,7 +106,7 @@ def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
     rows = _metrics(run)
     tokens = _training_tokens(rows, time.perf_counter() - started)
     return {"model": str(model), "accuracy": _last(rows, "eval/accuracy"), "ece": _last(rows, "eval/ece"),
-            "labels": pairs.get("pairs"), "tokens": tokens, "flops": 6.0 * n_params(str(model)) * tokens if tokens else None}
+            "labels": pairs.get("pairs") if spec.get("role") != "judge" else None, "tokens": tokens, "flops": 6.0 * n_params(str(model)) * tokens if tokens else None}
 
 
 def _checkpoints(run: Path) -> list:
@@ -125,17 +130,30 @@ def sft_file(spec: dict, folder: Path) -> str:
     from tuneoff.data.sources import sst2_sft_records
 
     choice = spec["sft_data"]
-    if choice not in ("curated", "raw"):
+    if choice not in SFT_DATA:
         if not Path(choice).exists():
-            raise TuneoffError(f"sft_data: {choice}: no such file (or use curated / raw)")
+            raise TuneoffError(f"sft_data: {choice}: no such file (or use {', '.join(SFT_DATA)})")
         return choice
     records = sst2_sft_records(label=1 if choice == "curated" else None, prompt_words=spec["prompt_words"])
+    if choice == "high-gold":
+        from tuneoff.feedback.gold import load_gold_judge
+
+        gold = load_gold_judge().score([r["prompt"] + r["completion"] for r in records])  # (N,) P(positive)
+        records = [r for r, p in zip(records, gold) if p >= HIGH_GOLD]
     random.Random(0).shuffle(records)
     return str(_write_jsonl(folder / "data" / f"sft-{choice}.jsonl", records[: spec["sft_records"]]))
 
 
-def prompt_file(choice: str, words: int, folder: Path) -> str:
-    """RL prompts: the default task's (SST-2 train beginnings) or the user's file."""
+def run_real_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
+    from tuneoff.compare.real_data import build
+
+    return build(spec, folder)
+
+
+def prompt_file(choice: str, words: int, folder: Path, inputs: dict | None = None) -> str:
+    """RL prompts: the default task's (SST-2 train beginnings), the real feedback's, or the user's file."""
+    if choice == "feedback":
+        return inputs["pairs"]["prompts"]
     if choice != "default":
         if not Path(choice).exists():
             raise TuneoffError(f"prompts: {choice}: no such file (or use default)")
@@ -157,6 +175,7 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
     common = {"model": start, "out": str(folder), "seed": spec["seed"], "threads": spec["threads"],
               "resume": bool(_checkpoints(folder))}
     labels = 0
+    spec = {**spec, "sft_data": arm.pop("sft_data", spec["sft_data"])}
     if method == "sft":
         cls, data = configs.SFTConfig, {"data": sft_file(spec, folder)}
     elif method == "dpo":
@@ -164,7 +183,7 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
         cls, data, labels = configs.DPOConfig, {"data": pairs["train"], "eval_data": pairs["eval"]}, pairs["pairs"]
     else:
         cls = configs.PPOConfig if method == "ppo" else configs.GRPOConfig
-        data = {"data": prompt_file(spec["prompts"], spec["prompt_words"], folder), "reward_model": inputs["rm"]["model"]}
+        data = {"data": prompt_file(spec["prompts"], spec["prompt_words"], folder, inputs), "reward_model": inputs["rm"]["model"]}
         data.update({"baseline": method} if method != "ppo" else {})
         labels = inputs["rm"].get("labels") or 0
     config = build_config(cls, None, **{**arm, **common, **data})
@@ -222,9 +241,11 @@ def run_eval(spec: dict, folder: Path, inputs: dict) -> dict:
     model = trained["model"] if trained else spec["base"]
     proxy = inputs["rm"]["model"] if "rm" in inputs else None
     judge = inputs["judge"].get("model") if spec["judge"] == "rm" else "gold"
+    if spec["eval_prompts"] == "feedback":
+        spec = {**spec, "eval_prompts": inputs["pairs"]["eval_prompts"]}
     result = evaluate_arm(model, spec["base"], proxy, judge, spec, folder)
     return result
 
 
-RUNNERS = {"gold": run_gold, "pairs": run_pairs, "pair_files": run_pair_files, "rm": run_rm, "train": run_train,
+RUNNERS = {"gold": run_gold, "pairs": run_pairs, "real_pairs": run_real_pairs, "pair_files": run_pair_files, "rm": run_rm, "train": run_train,
            "eval": run_eval}

@@ -40,7 +40,8 @@ def _child(job: Job, inputs: dict, threads: int) -> None:
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
     sys.stdout = sys.stderr = log
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     wall, cpu = time.perf_counter(), time.process_time()
     record = {"key": job.key, "name": job.name, "kind": job.kind}
     try:
