@@ -32,5 +32,12 @@ test: $(STAMP) chromium
 review-gpt: $(STAMP)
 	$(PY) -m tuneoff.models.review_gpt --work runs/review-gpt
 
+# tuneoff vs TRL 1.16 (bench/run.py; --full for 3 repeats). TRL 1.16 dropped PPOTrainer: TRL 1.12.0's
+# experimental PPO goes to bench/.trl112 without its dependencies and is imported by the PPO child only.
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	test -d bench/.trl112/trl || $(PY) -m pip install -q --no-deps --target bench/.trl112 trl==1.12.0
+	$(PY) -m bench.run --quick
+
 clean:
 	rm -rf runs .pytest_cache

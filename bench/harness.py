@@ -44,7 +44,11 @@ class Meter:
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_steps += 1
         if self.optimizer_steps % self.steps_per_unit == 0:
-            self.marks.append((time.perf_counter(), dict(self.counts)))
+            self.mark()
+
+    def mark(self) -> None:
+        """End of a unit: its time and the counters so far."""
+        self.marks.append((time.perf_counter(), dict(self.counts)))
 
     def _counting(self, forward):
         meter = self

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from tuneoff.errors import TuneoffError
 from tuneoff.models.heads import (RewardModel, encode_response, gather_last, last_token_index, load_reward_model,
-                                  pad_right, position_ids_from_mask, save_reward_model)
+                                  masked_mean_pool, pad_right, position_ids_from_mask, save_reward_model)
 
 
 def test_last_token_index_right_and_left_padding():
@@ -20,6 +21,31 @@ def test_gather_last_hand_computed():
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)  # hidden[b, t] = 12b + 3t + (0, 1, 2)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1]])  # row 0 right-padded (last real t = 1), row 1 left-padded (t = 3)
     assert gather_last(hidden, mask).tolist() == [[3.0, 4.0, 5.0], [21.0, 22.0, 23.0]]
+
+
+def test_masked_mean_pool_hand_computed():
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).reshape(2, 4, 3)  # hidden[b, t] = 12b + 3t + (0, 1, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1]])
+    # row 0: mean of t = 0, 1 -> (0 + 3) / 2 = 1.5 (+ 0, 1, 2); row 1: mean of t = 1, 2, 3 -> 12 + 6 = 18 (+ 0, 1, 2)
+    assert masked_mean_pool(hidden, mask).tolist() == [[1.5, 2.5, 3.5], [18.0, 19.0, 20.0]]
+
+
+def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path, tiny_tokenizer):
+    from tuneoff.models.load import load_model
+
+    torch.manual_seed(0)
+    model = RewardModel(load_model("tiny"), pooling="mean").eval()
+    sequences = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    alone = torch.cat([model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in sequences])
+    ids, mask = pad_right(sequences, pad_id=1)
+    left_ids = torch.stack([torch.cat([torch.full((6 - len(s),), 1), torch.tensor(s)]) for s in sequences])
+    left_mask = (left_ids != 1).long()
+    assert torch.allclose(model(ids, mask), alone, atol=1e-5) and torch.allclose(model(left_ids, left_mask), alone, atol=1e-5)
+    scorer = load_reward_model(save_reward_model(tmp_path / "rm", model, tiny_tokenizer, {"max_length": 32}))
+    assert scorer.model.pooling == "mean"
+    assert torch.allclose(scorer.score_ids(ids, mask), alone, atol=1e-5)
+    with pytest.raises(TuneoffError, match="pooling must be one of last, mean"):
+        RewardModel(load_model("tiny"), pooling="max")
 
 
 def test_position_ids_from_mask():

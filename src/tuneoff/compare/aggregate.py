@@ -227,6 +227,11 @@ def aggregate(config: ExperimentConfig, records: dict) -> dict:
                 per_seed[seed] = value
         arms[arm] = _arm_summary(config, arm, per_seed, records)
     failures = [f"{name}: {r['status']}: {r.get('error', '')}" for name, r in records.items() if r["status"] != "ok"]
+    chained = [arm for arm, spec in config.arms.items() if spec.get("init") and spec["method"] in ("ppo", "grpo", "rloo")]
+    if chained:
+        failures.insert(0, f"Training trajectories are measured on the training rollouts with KL to each run's own "
+                        f"reference; {', '.join(chained)} start from another arm's model, so their trajectories begin at "
+                        f"KL 0 from that model. Final points are held-out evaluations with KL to the base.")
     return {
         "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": dataclasses.asdict(config), "environment": environment(), "seeds": list(config.seeds),

@@ -136,7 +136,7 @@ def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: d
     lm.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     save_head(model.head, folder)
-    (folder / INFO_FILE).write_text(json.dumps({"format": FORMAT_VERSION, **info}, indent=1))
+    (folder / INFO_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "pooling": model.pooling, **info}, indent=1))
     return folder
 
 

@@ -1,0 +1,60 @@
+"""One benchmark run in a fresh process: `python -m bench.child FOLDER/spec.json` writes FOLDER/result.json.
+
+The parent (`bench.run`) starts one of these per run, so that each run's peak RSS is its own (os.wait4) and no
+run inherits another's allocator state, thread pools or imported modules.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.harness import Meter
+
+
+def sample(spec: dict, meter: Meter) -> None:
+    """`units` generate calls of one sampler (bench/rollout.py), the first one a warm-up."""
+    from bench.rollout import SAMPLERS, prompt_batch
+    from tuneoff.models.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(spec["model"])
+    model.eval()
+    meter.describe_model(model, lora=False)
+    ids, mask = prompt_batch(tokenizer, spec["batch_size"])
+    sampler = SAMPLERS[spec["side"]](model, tokenizer, ids, mask, spec["new_tokens"])
+    for _ in range(spec["units"]):  # the window starts at the end of the first (warm-up) call
+        meter.add_episodes(ids.shape[0], sampler())
+        meter.mark()
+
+
+def run(spec: dict, meter: Meter) -> None:
+    if spec["kind"] == "sampling":
+        return sample(spec, meter)
+    if spec["kind"] in ("grpo", "ppo"):
+        meter.watch_gold_judge()
+    if spec["side"] == "tuneoff":
+        from bench import tuneoff_side as side
+    elif spec["side"] == "trl-1.12":
+        from bench import trl_ppo as side
+    else:
+        from bench import trl_side as side
+    side.run(spec, meter)
+
+
+def main() -> None:
+    spec_path = Path(sys.argv[1])
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])  # before any thread pool exists; tuneoff's `threads` field says the same
+    started = time.perf_counter()
+    meter = Meter(spec["steps_per_unit"]).install()
+    run(spec, meter)
+    result = {**meter.summary(), "child_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    (spec_path.parent / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
