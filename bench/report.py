@@ -37,16 +37,20 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), se
 
 
+def plus_minus(value: float, se: float) -> str:
+    return f"{value:.3f}" + ("" if math.isnan(se) else f" ± {se:.3f}")
+
+
 def quality(workload: Workload, result: dict) -> tuple[float, float, str]:
     """(value, standard error, text): the mean loss over the last half of the steps, or the mean reward."""
     if workload.kind == "sampling":
         return math.nan, math.nan, "—"
     if workload.kind in ("grpo", "ppo"):
         value, se = mean_se(result["rewards"])
-        return value, se, f"reward {value:.3f} ± {se:.3f}"
+        return value, se, f"reward {plus_minus(value, se)}"
     losses = result["losses"]
     value, se = mean_se(losses[len(losses) // 2 :])
-    return value, se, f"loss {losses[0]:.3f} → {value:.3f} ± {se:.3f}"
+    return value, se, f"loss {losses[0]:.3f} → {plus_minus(value, se)}"
 
 
 def within_noise(a: tuple, b: tuple) -> str:
@@ -74,12 +78,11 @@ def row(workload: Workload, label: str, runs: list[dict], reference: list[dict] 
     ok = [r for r in runs if "error" not in r]
     if not ok:
         reason = runs[0]["error"].strip().splitlines()[-1][:160] if runs else "not run"
-        return f"| {workload.name} | {label} | failed: {reason} | | | | | | |"
+        return f"| {workload.name} | {label} | failed: {reason} |" + " |" * 6
     per_metric = {m: [rates(workload, r)[m] for r in ok] for m in workload.metrics}
     throughput = "; ".join(f"{spread(v, digits_for(statistics.median(v)))} {SHORT[m]}" for m, v in per_metric.items())
     ratio = ratio_cell(workload, runs, reference) if reference is not None else ""
-    flops = "—" if workload.kind == "sampling" else \
-        f"{statistics.median(model_flops(r) / r['time_s'] for r in ok) / 1e9:.1f} GFLOP/s ({statistics.median(model_flops(r) / r['time_s'] / peak_flops for r in ok):.0%})"
+    flops = "—" if workload.kind == "sampling" else flops_cell(ok, peak_flops)
     mine = quality(workload, ok[0])
     text = mine[2]
     if reference and any("error" not in r for r in reference):
@@ -88,6 +91,11 @@ def row(workload: Workload, label: str, runs: list[dict], reference: list[dict] 
     unit = statistics.median(r["time_s"] / r["timed_units"] for r in ok)
     wall = statistics.median(r["wall_s"] for r in ok)
     return f"| {workload.name} | {label} | {throughput} | {unit:.2f} | {rss:,.0f} | {ratio} | {flops} | {text} | {wall:.0f} |"
+
+
+def flops_cell(runs: list[dict], peak_flops: float) -> str:
+    achieved = statistics.median(model_flops(r) / r["time_s"] for r in runs)  # FLOP/s
+    return f"{achieved / 1e9:.1f} GFLOP/s ({achieved / peak_flops:.0%})"
 
 
 def ratio_cell(workload: Workload, runs: list[dict], reference: list[dict]) -> str:
@@ -147,22 +155,27 @@ METHOD = """\
   base model once (the tied embedding once; for the reward model it stands in for the unused LM head). The
   same formula and counts for both frameworks, so tuneoff's skipped LM-head positions count as work it did not
   need to do; attention's T² term is ignored. Shown as GFLOP/s and as a share of the fp32 matmul peak.
-- Same in both: model weights (float32), data file, batch 8, sequence length, AdamW (β 0.9/0.999, ε 1e-8, no
-  weight decay; torch.optim.AdamW with its defaults in both), constant learning rate without warm-up, gradient clipping 1.0 (PPO: off),
-  seed 0, torch threads, no evaluation, no checkpoints during training. The data order is each framework's own
-  seeded shuffle, so the batches differ; token counts are measured, not assumed.
+- Same in both: model weights (float32), data file, batch 8, sequence length, torch.optim.AdamW (β 0.9/0.999,
+  ε 1e-8, no weight decay), constant learning rate without warm-up, gradient clipping 1.0 (PPO: off), seed 0,
+  torch threads, dropout as the model config says (off where the method turns it off: RM, DPO, GRPO, PPO), no
+  evaluation, no checkpoints during training. Each framework shuffles the data with its own seeded sampler;
+  token counts are measured, not assumed.
 - Quality: the mean training loss over the last half of the steps (first-step loss before the arrow), or the
   mean reward of every episode; Δ is compared with two combined standard errors of those means.
 """
 
 
-def document(sections: list[str], command: str, threads: int, peaks: tuple[float, float], mode: str) -> str:
+def document(sections: list[str], command: str, threads: int, peaks: tuple[float, float], mode: str,
+             loads: tuple[float, float]) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     head = (f"# tuneoff vs TRL on this machine\n\n"
             f"- Date: {time.strftime('%Y-%m-%d %H:%M')}\n- Command: `{command}` ({mode})\n"
             f"- Machine: {cores} cores, {cpu_model()}; {versions()}; {threads} torch threads per run\n"
             f"- fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5): {peaks[0]:.1f} GFLOP/s before the runs, "
-            f"{peaks[1]:.1f} after (the FLOP/s shares use the higher)\n\n## How it is measured\n\n{METHOD}")
+            f"{peaks[1]:.1f} after (the FLOP/s shares use the higher)\n"
+            f"- 1-minute load average: {loads[0]:.2f} before the runs, {loads[1]:.2f} after (the runs add about {threads}; "
+            f"more means other processes shared the cores, which slows small-kernel code most and skews the ratios)\n\n"
+            f"## How it is measured\n\n{METHOD}")
     return head + "\n" + "\n\n".join(sections) + "\n"
 
 

@@ -36,6 +36,7 @@ def parse_args() -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="more steps, 3 repeats")
     parser.add_argument("--workloads", default="", help="comma-separated names or prefixes (default: all)")
     parser.add_argument("--repeats", type=int, default=0, help="A/B pairs per workload (default: 1 quick, 3 full)")
+    parser.add_argument("--units", type=int, default=0, help="override every workload's units (smoke tests; ≥ 2)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run and in the matmul peak")
     parser.add_argument("--out", default="bench/results.md")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds before a child is killed")
@@ -95,12 +96,16 @@ def spec_for(workload: Workload, side: str, units: int, data: dict, threads: int
 
 def runs_of(workload: Workload, args, repeats: int, work: Path) -> dict[str, list[dict]]:
     """All runs of one workload, alternating sides: {side label: [result per repeat]}."""
-    units = workload.units[0 if args.quick else 1]
-    data = prepare(workload, units, work / "data")
+    units = units_of(workload, args)
     sides = [("tuneoff", "tuneoff", {}), (workload.comparison, LABELS[workload.comparison], {})]
     if workload.tuneoff_variant:
         sides.append(("tuneoff", "tuneoff (" + ", ".join(workload.tuneoff_variant) + ")", workload.tuneoff_variant))
     runs: dict[str, list[dict]] = {label: [] for _, label, _ in sides}
+    try:
+        data = prepare(workload, units, work / "data")
+    except Exception as error:  # one workload's missing data must not cost the others their runs
+        print(f"  {workload.name}: data preparation failed: {error!r}", flush=True)
+        return {label: [{"error": f"data preparation failed: {error!r}"}] for label in runs}
     for repeat in range(repeats):
         for side, label, variant in sides:
             folder = work / f"{label.replace(' ', '_')}-{repeat}"
@@ -109,6 +114,10 @@ def runs_of(workload: Workload, args, repeats: int, work: Path) -> dict[str, lis
             runs[label].append(result)
             print(f"  {workload.name} · {label} · repeat {repeat + 1}: " + progress_line(workload, result), flush=True)
     return runs
+
+
+def units_of(workload: Workload, args) -> int:
+    return args.units or workload.units[0 if args.quick else 1]
 
 
 def progress_line(workload: Workload, result: dict) -> str:
@@ -131,6 +140,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     workloads = select(args.workloads)
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    load_before = os.getloadavg()[0]  # other processes on these cores make every number here meaningless
     peak_before = matmul_peak(args.threads)
     print(f"fp32 matmul peak: {peak_before:.1f} GFLOP/s with {args.threads} threads", flush=True)
     all_runs: dict[str, dict] = {}
@@ -145,8 +155,9 @@ def main() -> None:
     failures = report.failures(workloads, all_runs)
     sections = ["## Results\n\n" + table, "## What is identical, and what is not\n\n" + notes] + ([failures] if failures else [])
     mode = f"{'quick' if args.quick else 'full'}: {repeats} repeat(s); units per run: " + \
-           ", ".join(f"{w.name} {w.units[0 if args.quick else 1]}" for w in workloads)
-    text = report.document(sections, command, args.threads, (peak_before, peak_after), mode)
+           ", ".join(f"{w.name} {units_of(w, args)}" for w in workloads)
+    text = report.document(sections, command, args.threads, (peak_before, peak_after), mode,
+                           (load_before, os.getloadavg()[0]))
     Path(args.out).write_text(text)
     print("\n" + text)
     print(f"written to {args.out}")

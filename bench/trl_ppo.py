@@ -87,6 +87,7 @@ def run(spec: dict, meter) -> None:
         whiten_rewards=False, stop_token="eos", missing_eos_penalty=None, num_sample_generations=0,
         local_rollout_forward_batch_size=8, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, optim="adamw_torch", seed=0, bf16=False, fp16=False, gradient_checkpointing=False,
+        activation_checkpointing=False,
         use_cpu=True, report_to=[], dataloader_num_workers=0, eval_strategy="no", save_strategy="no",
         logging_steps=10**6, disable_tqdm=True)
     trainer = ppo_module.PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,

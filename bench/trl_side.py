@@ -21,7 +21,7 @@ def trl_args(config_class, spec: dict, **extra):
         output_dir=spec["out"], max_steps=spec["units"], per_device_train_batch_size=spec["batch_size"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, lr_scheduler_type="constant",
         warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        seed=0, data_seed=0, bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, report_to=[],
+        seed=0, data_seed=0, bf16=False, fp16=False, gradient_checkpointing=False, activation_checkpointing=False, use_cpu=True, report_to=[],
         dataloader_num_workers=0, eval_strategy="no", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
         **extra)
 

@@ -90,7 +90,8 @@ WORKLOADS = [
              notes="tuneoff.rollout.generate vs transformers' generate (KV cache, do_sample, temperature 1, top_k 0), "
                    "exactly 64 new tokens per sequence (EOS never stops either), from bench/rollout.py. A unit is "
                    "one generate call."),
-    Workload("sampling-b32", "sampling", "review-gpt", (3, 4), batch_size=32, new_tokens=64, comparison="transformers"),
+    Workload("sampling-b32", "sampling", "review-gpt", (3, 4), batch_size=32, new_tokens=64, comparison="transformers",
+             notes="as sampling-b8, 32 sequences per call."),
 ]
 
 
@@ -114,17 +115,20 @@ def prepare(workload: Workload, units: int, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     if workload.data == "pairs":
         return {"data": str(write_pairs(folder / "pairs.jsonl", units * workload.batch_size))}
-    if workload.model == "smollm2-135m":
+    source = ROOT / workload.data
+    if workload.kind == "sft" and "messages" in json.loads(source.read_text().splitlines()[0]):
         convert_once(workload.model)
-        return {"data": str(fitting_conversations(ROOT / workload.data, workload.max_length, folder / "messages.jsonl"))}
-    return {"data": str(ROOT / workload.data) if workload.data else ""}
+        return {"data": str(fitting_conversations(source, workload.model, workload.max_length, folder / "messages.jsonl"))}
+    return {"data": str(source)}
 
 
 def convert_once(model: str) -> None:
-    """SmolLM2 is converted from GGUF once (≈ 25 s, 1 GB); do it in a throwaway process, before any timed child."""
+    """SmolLM2 is converted from GGUF once (≈ 25 s, 1 GB): in a throwaway process, before any timed child."""
     import subprocess
     import sys
 
+    if model != "smollm2-135m":
+        return
     subprocess.run([sys.executable, "-c", f"from tuneoff.models.load import resolve; resolve({model!r})"], check=True)
 
 
@@ -154,11 +158,11 @@ def write_pairs(path: Path, count: int) -> Path:
     return path
 
 
-def fitting_conversations(source: Path, max_length: int, path: Path) -> Path:
+def fitting_conversations(source: Path, model: str, max_length: int, path: Path) -> Path:
     """The conversations whose prompt (chat template, generation prompt on) leaves room for a completion token."""
     from tuneoff.models.load import load_tokenizer
 
-    tokenizer = load_tokenizer("smollm2-135m")
+    tokenizer = load_tokenizer(model)
     kept = []
     for line in source.read_text().splitlines():
         messages = json.loads(line)["messages"]
