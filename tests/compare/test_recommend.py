@@ -211,3 +211,12 @@ def test_the_fixture_under_strict_alignment():
     assert [row["arm"] for row in result["ranking"]][:2] == ["sft+ppo", "dpo"]
     assert any("dpo is then preferable: it is cheaper (289 s vs 743 s of wall time) and more stable" in s for s in result["explanation"])
     assert "sft+ppo has the highest gold reward, 0.767 [0.704, 0.829], vs grpo 0.745 [0.633, 0.857]." in result["explanation"]
+
+
+def test_differences_within_noise_are_not_stretched_to_the_full_range():
+    # gold 0.70 vs 0.71 with 95% CI half-widths of 0.05: range 0.01 < noise 0.05, so the scores are 0 and
+    # 0.01 / 0.05 = 0.2 (plain min-max would give 0 and 1); diversity has no CI here, so it stays min-max.
+    results = {"arms": {"a": arm(0.70, 0.65, 0.75, 0.5, 100, 0.02), "b": arm(0.71, 0.66, 0.76, 0.6, 100, 0.02)}}
+    scores = axis_scores(results)
+    assert scores["a"]["alignment"] == pytest.approx(0.0) and scores["b"]["alignment"] == pytest.approx(0.2)
+    assert scores["a"]["diversity"] == pytest.approx(0.0) and scores["b"]["diversity"] == pytest.approx(1.0)

@@ -1,7 +1,9 @@
 """Which arm to use: scores on four axes across the arms of one comparison, weighted by the user's priorities.
 
 Each axis is scored in [0, 1] *across the arms of this comparison* by min–max (1 = the best arm on that
-axis, 0 = the worst; 0.5 each when all arms measure the same or only one has the value). A score
+axis, 0 = the worst; 0.5 each when all arms measure the same or only one has the value). Alignment and the
+diversity components divide by max(range, mean 95% CI half-width): when the arms differ by less than the seed
+noise, their scores stay close instead of being stretched to 0 and 1. A score
 therefore says where an arm stands among these arms, not how good it is in absolute terms. Scores from
 two different runs cannot be compared.
 
@@ -175,18 +177,29 @@ def format_seconds(seconds) -> str:
 
 # --- axes ----------------------------------------------------------------------------------------------------
 
-def _minmax(values: dict[str, float | None]) -> dict[str, float]:
+def _minmax(values: dict[str, float | None], noise: float = 0.0) -> dict[str, float]:
+    """(v − min) / max(max − min, noise): with ``noise`` (a typical 95% CI half-width), arms that differ by less
+    than the noise are not spread over the whole [0, 1] range — a difference within noise stays a small one."""
     present = {arm: v for arm, v in values.items() if v is not None}
     if not present:
         return {}
     low, high = min(present.values()), max(present.values())
     if high - low <= 1e-12 * max(1.0, abs(high)):
         return dict.fromkeys(present, 0.5)
-    return {arm: (v - low) / (high - low) for arm, v in present.items()}
+    scale = max(high - low, noise)
+    return {arm: (v - low) / scale for arm, v in present.items()}
+
+
+def _noise(cis: list) -> float:
+    """Mean 95% CI half-width over the arms that have one (0 when none has)."""
+    halves = [(_finite(ci.get("ci_high")) - _finite(ci.get("ci_low"))) / 2 for ci in cis
+              if isinstance(ci, dict) and _finite(ci.get("ci_high")) is not None and _finite(ci.get("ci_low")) is not None]
+    return sum(halves) / len(halves) if halves else 0.0
 
 
 def _alignment(arms: dict) -> dict[str, float]:
-    return _minmax({arm: _mean(m.get("gold_reward")) for arm, m in arms.items()})
+    return _minmax({arm: _mean(m.get("gold_reward")) for arm, m in arms.items()},
+                   _noise([m.get("gold_reward") for m in arms.values()]))
 
 
 def _diversity(arms: dict) -> dict[str, float]:
@@ -194,7 +207,8 @@ def _diversity(arms: dict) -> dict[str, float]:
     for scope, metric in DIVERSITY_COMPONENTS:
         sign = -1.0 if metric == "self_bleu" else 1.0  # min–max of −self-BLEU equals that of 1 − self-BLEU
         raw = {arm: _mean(_get(m, "diversity", scope, metric)) for arm, m in arms.items()}
-        components.append(_minmax({arm: None if v is None else sign * v for arm, v in raw.items()}))
+        noise = _noise([_get(m, "diversity", scope, metric) for m in arms.values()])
+        components.append(_minmax({arm: None if v is None else sign * v for arm, v in raw.items()}, noise))
     scores = {}
     for arm in arms:
         mine = [component[arm] for component in components if arm in component]
