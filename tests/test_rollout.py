@@ -63,3 +63,57 @@ def test_masks_and_logprobs_match_a_full_forward():
     P = ids.shape[1]
     logp = torch.log_softmax(logits[:, P - 1 : -1] / 0.9, -1).gather(-1, r.response_ids[..., None]).squeeze(-1)
     assert torch.allclose(logp * r.response_mask, r.logprobs, atol=1e-4)
+
+
+def test_sample_categorical_frequencies_and_zero_weights():
+    from tuneoff.rollout import sample_categorical
+
+    # weights 0.1, 0, 0.6, 0.3 (unnormalised ×2): 100k draws, frequencies within 4 standard errors (≤ 0.0062)
+    probs = torch.tensor([[0.2, 0.0, 1.2, 0.6]]).repeat(100_000, 1)
+    draws = sample_categorical(probs, torch.Generator().manual_seed(0))
+    share = torch.bincount(draws, minlength=4).double() / len(draws)
+    assert share[1] == 0 and torch.allclose(share, torch.tensor([0.1, 0.0, 0.6, 0.3], dtype=torch.float64), atol=0.0062)
+    one_hot = torch.zeros(3, 5)
+    one_hot[torch.arange(3), torch.tensor([4, 0, 2])] = 1.0
+    assert sample_categorical(one_hot).tolist() == [4, 0, 2]
+
+
+def test_lean_gpt2_decode_equals_transformers_forward():
+    """The same prompts, generator and model with the lean decode step and with transformers' forward: identical
+    greedy tokens, and sampled log-probs within float error."""
+    from unittest import mock
+
+    from tuneoff.models import gpt2_decode
+    from tuneoff.models.load import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer("review-gpt")
+    model.eval()
+    assert gpt2_decode.supports(model)
+    prompts = ["the film is", "a dull , lifeless mess of a", "it"]
+    ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
+
+    def run(temperature):
+        return generate(model, ids, mask, 24, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature,
+                        generator=torch.Generator().manual_seed(3))
+
+    lean_greedy, lean_sampled = run(0.0), run(1.0)
+    with mock.patch("tuneoff.rollout.supports", return_value=False):
+        hf_greedy, hf_sampled = run(0.0), run(1.0)
+    assert torch.equal(lean_greedy.response_ids, hf_greedy.response_ids)
+    same = (lean_sampled.response_ids == hf_sampled.response_ids).all(-1)
+    assert same.all(), "the same uniform draws on (nearly) the same distribution pick the same tokens"
+    assert torch.allclose(lean_sampled.logprobs, hf_sampled.logprobs, atol=1e-4)
+
+
+def test_lean_decode_is_not_used_where_it_would_differ():
+    from tuneoff.models import gpt2_decode
+    from tuneoff.models.load import apply_lora, load_model
+
+    model = load_model("review-gpt")
+    model.train()
+    assert not gpt2_decode.supports(model)  # dropout 0.2 would fire in train mode
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert gpt2_decode.supports(model)  # the RL loops switch dropout off
+    assert not gpt2_decode.supports(apply_lora(load_model("review-gpt")))  # adapters: transformers' forward

@@ -1,7 +1,7 @@
 """Batched sampling with a KV cache: token ids, per-token log-probs under the sampling policy, and masks.
 
 One prefill over the left-padded prompts, then one forward per new token that feeds only the new tokens and
-reuses the cache. The loop does nothing else per step: no logits processors, no stopping-criteria objects,
+reuses the cache (for plain GPT-2 models, tuneoff's lean decode step, :mod:`tuneoff.models.gpt2_decode`). The loop does nothing else per step: no logits processors, no stopping-criteria objects,
 and the LM head only on the last position. A sequence stops at its first EOS; the EOS is part of the
 response (it carries the reward in PPO) and everything after it is masked. Sequences that reach
 ``max_new_tokens`` without EOS have ``ended = False``: the trainers decide (penalty or mask).
@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from tuneoff.models.gpt2_decode import GPT2Decoder, supports
 
 
 @dataclass
@@ -59,8 +61,18 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set with mass >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+    token = sample_categorical(probs, generator)  # (B,)
     return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+
+
+def sample_categorical(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One draw per row of (B, V) non-negative weights, by inverting the CDF: the first index whose cumulative
+    weight exceeds u · total, u ~ U[0, 1). Exact, and B random numbers instead of torch.multinomial's B · V
+    exponentials (0.03 ms instead of 0.57 ms at B = 8, V = 4,096 on this CPU). A zero-weight index is never drawn:
+    its cumulative weight equals its predecessor's, so no u falls in its interval."""
+    cdf = probs.double().cumsum(-1)  # (B, V); float64 so that the last entries of a 50k vocabulary stay distinct
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)  # (B,)
 
 
 def cache_argument(model) -> str:
@@ -85,16 +97,22 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     tokens, logprobs = [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
+    logits = out.logits[:, -1]  # (B, V)
+    lean = GPT2Decoder(model, next(iter(cache.values())), prompt_mask, max_new_tokens) if supports(model) else None
     for _ in range(max_new_tokens):
-        token, logprob = sample_token(out.logits[:, -1], temperature, top_p, generator)  # (B,), (B,)
+        token, logprob = sample_token(logits, temperature, top_p, generator)  # (B,), (B,)
         token = torch.where(alive, token, torch.full_like(token, pad_token_id))
         tokens.append(token)
         logprobs.append(torch.where(alive, logprob, torch.zeros_like(logprob)))
         alive = alive & (token != eos_token_id)
         if not alive.any():
             break
-        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True, **cache)
+        if lean is not None:  # the same math as the forward below, without transformers' per-call overhead
+            logits = lean.step(token, next_position[:, 0])
+        else:
+            mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
+            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
+                           **cache).logits[:, -1]
         next_position = next_position + 1
     response_ids = torch.stack(tokens, 1)  # (B, R)
     is_eos = response_ids == eos_token_id
