@@ -48,6 +48,29 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
         RewardModel(load_model("tiny"), pooling="max")
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_packed_forward_equals_padded_forward(pooling):
+    """Sequences end to end in one row (positions restarting) give the rewards of the padded batch."""
+    from tuneoff.models.load import load_model
+    from tuneoff.train.reward import pack
+
+    torch.manual_seed(0)
+    model = RewardModel(load_model("tiny"), pooling=pooling).eval()
+    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
+    batch = pack(rows, width=7, pad_id=1)
+    # first-fit decreasing into rows of 7: [6 tokens + the 1-token sequence], [4 + 3]
+    assert batch["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 14], [15, 16, 17, 18, 11, 12, 13]]
+    assert batch["packed_positions"].tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 0, 1, 2]]
+    assert batch["token_index"].tolist() == [0, 1, 2, 3, 4, 5, 11, 12, 13, 6, 7, 8, 9, 10]
+    assert batch["segments"].tolist() == [0] * 6 + [1] * 3 + [2] + [3] * 4
+    packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], len(rows))
+    assert torch.allclose(packed, model(*pad_right(rows, pad_id=1)), atol=1e-5)
+    wide = pack(rows, width=32, pad_id=1)  # one row with filler at its end
+    assert wide["packed_ids"].shape == (1, 32)
+    assert torch.allclose(model.forward_packed(wide["packed_ids"], wide["packed_positions"], wide["token_index"], wide["segments"], 4),
+                          packed, atol=1e-5)
+
+
 def test_position_ids_from_mask():
     mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
     assert position_ids_from_mask(mask).tolist() == [[0, 1, 2, 2], [0, 0, 0, 1]]

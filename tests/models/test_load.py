@@ -65,3 +65,23 @@ def test_smollm2_from_gguf_converts_once_and_loads():
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_dict=True)["input_ids"]
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_fused_gelu_gives_the_same_logits_and_gradients_as_transformers():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneoff.models.load import load_model, resolve
+
+    ours = load_model("review-gpt")
+    plain = AutoModelForCausalLM.from_pretrained(resolve("review-gpt"), dtype=torch.float32)
+    assert any(isinstance(m, torch.nn.GELU) for m in ours.modules())
+    assert not any(type(m).__name__ == "NewGELUActivation" for m in ours.modules())
+    ours.eval(), plain.eval()
+    ids = torch.tensor([[5, 60, 700, 8, 90, 1000]])
+    a, b = ours(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    a.sum().backward(), b.sum().backward()
+    grad_ours = ours.transformer.h[0].mlp.c_fc.weight.grad
+    grad_plain = plain.transformer.h[0].mlp.c_fc.weight.grad
+    assert torch.allclose(grad_ours, grad_plain, atol=1e-4, rtol=1e-4)

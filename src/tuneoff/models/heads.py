@@ -101,6 +101,25 @@ class RewardModel(torch.nn.Module):
                          position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         return self.head(POOLINGS[self.pooling](hidden, attention_mask)).squeeze(-1).float()  # (B,)
 
+    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_index: torch.Tensor,
+                       segments: torch.Tensor, count: int) -> torch.Tensor:
+        """Rewards (count,) of sequences packed end to end into rows without padding between them.
+
+        input_ids, position_ids (R, W): positions restart at 0 for each sequence, which transformers turns into a
+        block-diagonal causal mask; a row's unused tail is filler. token_index (N,): the flat position (in R·W)
+        of every real token, in sequence order; segments (N,): its sequence. Equal to :meth:`forward` on the
+        padded batch (tested)."""
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (R, W, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])[token_index]  # (N, H) real tokens, sequence after sequence
+        if self.pooling == "last":
+            ends = torch.cat([(segments[1:] != segments[:-1]).nonzero().squeeze(-1), segments.new_tensor([len(segments) - 1])])  # (count,)
+            pooled = hidden[ends]
+        else:
+            sums = hidden.new_zeros((count, hidden.shape[-1])).index_add_(0, segments, hidden)  # (count, H)
+            pooled = sums / torch.bincount(segments, minlength=count).clamp(min=1)[:, None].to(hidden.dtype)
+        return self.head(pooled).squeeze(-1).float()  # (count,)
+
     def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
         """Checkpoint form (what ``train.common.save_checkpoint`` calls): backbone or LoRA adapter + head."""
         self.model.save_pretrained(folder, safe_serialization=safe_serialization)
@@ -233,7 +252,9 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     info = json.loads((folder / INFO_FILE).read_text())
     if info.get("format") != FORMAT_VERSION:
         raise TuneoffError(f"{folder}: reward model format {info.get('format')!r}, this tuneoff reads {FORMAT_VERSION}")
-    lm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    from tuneoff.models.load import fuse_activations
+
+    lm = fuse_activations(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -83,7 +83,8 @@ def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[Tokeniz
     return out, summary
 
 
-def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
+def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True,
+                 width: int = 128) -> list[dict]:
     """Micro-batches of one epoch in a seeded order; each holds the B chosen rows then the B rejected rows."""
     from tuneoff.models.heads import pad_right
 
@@ -92,16 +93,57 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
     batches = []
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
-        input_ids, attention_mask = pad_right([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_id)  # (2B, T)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask,
+        rows = [p.chosen for p in chunk] + [p.rejected for p in chunk]
+        input_ids, attention_mask = pad_right(rows, pad_id)  # (2B, T)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(rows, width, pad_id),
                         "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
                         "length": torch.tensor([p.chosen_length for p in chunk] + [p.rejected_length for p in chunk])})  # (2B,)
     return batches
 
 
+def pack(rows: list[list[int]], width: int, pad_id: int = 0) -> dict:
+    """The 2B sequences in as few rows of ``width`` tokens as first-fit allows, no padding between sequences.
+
+    Rows of bounded width rather than one long row: attention costs the square of a row's length, so one row of
+    all 2B sequences would spend more on masked-out attention than padding ever wasted. Returns packed_ids and
+    packed_positions (R, W), token_index (N,) (where each real token sits in the flattened rows, sequence by
+    sequence) and segments (N,) (its sequence)."""
+    width = max(width, max(len(r) for r in rows))
+    bins: list[list[int]] = []  # sequence indices per packed row
+    room: list[int] = []
+    for k in sorted(range(len(rows)), key=lambda k: -len(rows[k])):  # first-fit decreasing
+        slot = next((b for b, free in enumerate(room) if free >= len(rows[k])), None)
+        if slot is None:
+            bins.append([]), room.append(width)
+            slot = len(bins) - 1
+        bins[slot].append(k)
+        room[slot] -= len(rows[k])
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    where: dict[int, range] = {}
+    for b, members in enumerate(bins):
+        start = 0
+        for k in members:
+            ids[b, start : start + len(rows[k])] = torch.tensor(rows[k])
+            positions[b, start : start + len(rows[k])] = torch.arange(len(rows[k]))
+            where[k] = range(b * width + start, b * width + start + len(rows[k]))
+            start += len(rows[k])
+        # filler continues the row's last sequence (causal: no real token sees it), so restarts count sequences
+        positions[b, start:] = torch.arange(len(rows[members[-1]]), len(rows[members[-1]]) + width - start)
+    token_index = torch.tensor([i for k in range(len(rows)) for i in where[k]])
+    segments = torch.tensor([k for k in range(len(rows)) for _ in rows[k]])
+    return {"packed_ids": ids, "packed_positions": positions, "token_index": token_index, "segments": segments}
+
+
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected), each (B,), from one forward over the 2B sequences."""
-    rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
+    """(r_chosen, r_rejected), each (B,), from one padding-free forward over the 2B sequences packed in one row
+    (pad tokens cost as much as real ones on a CPU; the rewards equal the padded forward's, tested)."""
+    count = batch["input_ids"].shape[0]
+    module = getattr(model, "module", model)  # DDP wraps the reward model; its forward is the padded one
+    if module is model:
+        rewards = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], count)  # (2B,)
+    else:
+        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
     return rewards.chunk(2)
 
 
@@ -163,7 +205,7 @@ def train(config: RMConfig) -> Path:
     )
     model, optimizer = accelerator.prepare(reward_model, optimizer)
     pad_id = tokenizer.pad_token_id
-    eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False) if eval_pairs else []
+    eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False, width=config.max_length) if eval_pairs else []
 
     step, cursor = 0, 0  # cursor = micro-batches consumed, over all epochs and processes
     if resume_from is not None:
@@ -176,7 +218,8 @@ def train(config: RMConfig) -> Path:
         print(f"rm: {summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; "
               f"{total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size} pairs")
 
-    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch,
+                                                                 width=config.max_length),
                                       steps_per_epoch * config.grad_accum * world)
 
     metrics: dict = {}
