@@ -65,6 +65,9 @@ WORKLOADS = [
                    "records (user turn = prompt, assistant turn = completion) so that its completion-only loss "
                    "applies; both render them with SmolLM2's chat template. Records whose prompt alone fills "
                    "max_length are left out of the file for both (tuneoff would drop them, TRL would keep them)."),
+    Workload("sft-smollm2-full", "sft", "smollm2-135m", (3, 6), lr=1e-5, data="examples/self_instruct_messages.jsonl",
+             notes="Full fine-tuning of all 134.5 M parameters, float32, same data and conversion as sft-smollm2-lora; "
+                   "the workload of the issue's matmul-peak target."),
     Workload("rm-review-gpt", "rm", "review-gpt", (8, 40), data="pairs",
              notes="TRL tokenizes prompt+response as one string, tuneoff prompt and response separately (the same "
                    "ids wherever the response starts with a space). tuneoff's head has a bias, TRL's "

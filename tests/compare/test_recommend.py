@@ -207,9 +207,13 @@ def test_formatting():
 def test_the_fixture_under_strict_alignment():
     results = json.loads(FIXTURE.read_text())
     result = recommend(results, "strict-alignment")
-    assert result["choice"] == "sft+ppo" and result["within_noise"] is True
+    # the means' CIs overlap, but the paired win rate (same prompts and seeds) 0.588 [0.568, 0.608] excludes 0.5
+    assert result["choice"] == "sft+ppo" and result["within_noise"] is False
     assert [row["arm"] for row in result["ranking"]][:2] == ["sft+ppo", "dpo"]
-    assert any("dpo is then preferable: it is cheaper (289 s vs 743 s of wall time) and more stable" in s for s in result["explanation"])
+    assert any("sft+ppo beats dpo 0.588 [0.568, 0.608] of the time (ties half); the 95% CI excludes 0.5" in s for s in result["explanation"])
+    without_pairs = recommend({**results, "win_rates": {}}, "strict-alignment")  # then the CIs of the means decide
+    assert without_pairs["within_noise"] is True
+    assert any("dpo is then preferable: it is cheaper (289 s vs 743 s of wall time) and more stable" in s for s in without_pairs["explanation"])
     assert "sft+ppo has the highest gold reward, 0.767 [0.704, 0.829], vs grpo 0.745 [0.633, 0.857]." in result["explanation"]
 
 
@@ -220,3 +224,11 @@ def test_differences_within_noise_are_not_stretched_to_the_full_range():
     scores = axis_scores(results)
     assert scores["a"]["alignment"] == pytest.approx(0.0) and scores["b"]["alignment"] == pytest.approx(0.2)
     assert scores["a"]["diversity"] == pytest.approx(0.0) and scores["b"]["diversity"] == pytest.approx(1.0)
+
+
+def test_paired_win_rate_is_reported_as_the_sharper_test():
+    results = three_arms()
+    results["win_rates"] = {"x": {"z": {"mean": 0.62, "ci_low": 0.55, "ci_high": 0.69, "n": 3}},
+                            "z": {"x": {"mean": 0.38, "ci_low": 0.31, "ci_high": 0.45, "n": 3}}}
+    text = " ".join(recommend(results, "strict-alignment")["explanation"])
+    assert "Paired on the same prompts and seeds, x beats z 0.620 [0.550, 0.690]" in text and "excludes 0.5: x is better" in text

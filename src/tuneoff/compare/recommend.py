@@ -93,8 +93,9 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
     """The arm to use under ``priorities``, with the ranking and an explanation that quotes the measured numbers.
 
     Returns ``{"priorities", "ranking": [{"arm", "score", "axes"}] best first, "choice", "explanation",
-    "within_noise", "notes"}``. ``within_noise`` is True when the 95% CIs of gold reward of the top two arms
-    of the ranking overlap. It is False when they do not overlap and also when that is unknown (fewer than
+    "within_noise", "notes"}``. ``within_noise`` is True when the paired win rate of the top two arms (same
+    prompts, same seeds; ``results["win_rates"]``) has a 95% CI that includes 0.5, or, without it, when their
+    95% CIs of gold reward overlap. It is False when they do not overlap and also when that is unknown (fewer than
     2 seeds); the explanation says which.
     """
     weights = resolve_priorities(priorities)
@@ -115,9 +116,13 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
     choice = ranking[0]["arm"]
     runner = ranking[1]["arm"] if len(ranking) > 1 else None
     overlap = _overlap(arms[choice].get("gold_reward"), arms[runner].get("gold_reward")) if runner else None
+    paired = _paired_ci(results, choice, runner) if runner else None
+    if paired is not None:  # the paired test, when the results have it, decides what is within noise
+        overlap = paired[0] <= 0.5 <= paired[1]
     explanation = [_weights_sentence(weights), _ranking_sentence(ranking), _gold_sentence(arms, choice)]
     if runner:
-        explanation += [_versus_sentence(arms, ranking[0], ranking[1], weights), _noise_sentence(arms, choice, runner, overlap)]
+        noise = _paired_sentence(results, choice, runner) if paired is not None else _noise_sentence(arms, choice, runner, overlap)
+        explanation += [_versus_sentence(arms, ranking[0], ranking[1], weights), noise + _prefer_sentence(arms, choice, runner, overlap)]
     explanation += [_base_sentence(arms, ranking), _divergence_sentence(arms, choice)] + notes
     return {"priorities": weights, "ranking": ranking, "choice": choice,
             "explanation": [s for s in explanation if s], "within_noise": overlap is True, "notes": notes}
@@ -347,6 +352,22 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def _paired_ci(results: dict, choice: str, runner: str) -> tuple[float, float] | None:
+    win = _get(results, "win_rates", choice, runner)
+    low, high = _finite(_get(win, "ci_low")), _finite(_get(win, "ci_high"))
+    return None if low is None or high is None else (low, high)
+
+
+def _paired_sentence(results: dict, choice: str, runner: str) -> str:
+    """The sharper test: both arms' responses to the same prompts with the same seed, compared by gold score
+    (two means' CIs overlap more easily than a paired win rate's CI reaches 0.5)."""
+    win = _get(results, "win_rates", choice, runner)
+    low, high = _paired_ci(results, choice, runner)
+    verdict = "includes 0.5: the difference is within noise" if low <= 0.5 <= high else \
+        f"excludes 0.5: {choice if low > 0.5 else runner} is better on paired prompts beyond seed noise"
+    return f"Paired on the same prompts and seeds, {choice} beats {runner} {format_ci(win)} of the time (ties half); the 95% CI {verdict}."
+
+
 def _noise_sentence(arms: dict, choice: str, runner: str, overlap: bool | None) -> str:
     a, b = arms[choice], arms[runner]
     if overlap is None:
@@ -354,8 +375,15 @@ def _noise_sentence(arms: dict, choice: str, runner: str, overlap: bool | None) 
                 f"95% confidence interval (fewer than 2 seeds).")
     if not overlap:
         return f"The gold-reward difference between {choice} and {runner} is beyond seed noise: their 95% CIs do not overlap."
-    sentence = (f"The alignment difference between {choice} and {runner} is within noise: their 95% CIs of gold reward "
-                f"overlap ({_alignment_numbers(a, b)}).")
+    return (f"The alignment difference between {choice} and {runner} is within noise: their 95% CIs of gold reward "
+            f"overlap ({_alignment_numbers(a, b)}).")
+
+
+def _prefer_sentence(arms: dict, choice: str, runner: str, within_noise: bool | None) -> str:
+    """When alignment cannot separate the two, which is cheaper or more stable (with a leading space)."""
+    if not within_noise:
+        return ""
+    sentence = ""
     walls = {arm: _mean(_get(arms[arm], "cost", "wall_s")) for arm in (choice, runner)}
     sds = {arm: _finite(_get(arms[arm], "stability", "seed_sd")) for arm in (choice, runner)}
     cheaper = min(walls, key=walls.get) if None not in walls.values() and walls[choice] != walls[runner] else None
