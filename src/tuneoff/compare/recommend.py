@@ -424,8 +424,8 @@ def _base_sentence(arms: dict, ranking: list[dict]) -> str:
         sentence += f"; length-controlled {format_ci(controlled)}"
     overlap = _overlap(arms[choice].get("gold_reward"), arms[base].get("gold_reward"))
     if overlap is True:
-        sentence += (f". Its gold reward is not above {base}'s beyond noise ({_alignment_numbers(arms[choice], arms[base])}):"
-                     f" on this budget tuning did not measurably help")
+        sentence += (f". Its gold reward is not above {base}'s beyond seed noise ({_alignment_numbers(arms[choice], arms[base])}):"
+                     f" with these seeds and prompts the gain over the untuned model is not established")
     elif overlap is False and (_mean(arms[choice].get("gold_reward")) or 0) > (_mean(arms[base].get("gold_reward")) or 0):
         sentence += f", and its gold reward is above {base}'s beyond seed noise ({_alignment_numbers(arms[choice], arms[base])})"
     return sentence + "."
