@@ -14,7 +14,7 @@ import math
 import re
 from pathlib import Path
 
-from tuneoff.compare.recommend import AXES, format_ci, format_number, format_seconds, recommend
+from tuneoff.compare.recommend import AXES, _finite, _get, _mean, format_ci, format_number, format_seconds, recommend
 from tuneoff.errors import TuneoffError
 
 STYLE = {"svg.fonttype": "none", "svg.hashsalt": "tuneoff", "font.size": 9, "axes.titlesize": 10,
@@ -50,22 +50,6 @@ def write_report(results: dict, path) -> Path:
 
 
 # --- numbers and tables --------------------------------------------------------------------------------------
-
-def _finite(x) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-        return None
-    return float(x)
-
-
-def _get(tree, *keys):
-    for key in keys:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree
-
-
-def _mean(ci) -> float | None:
-    return _finite(ci.get("mean")) if isinstance(ci, dict) else None
-
 
 def _cell(ci) -> dict:
     """A table cell: the mean, and the CI below it in small type."""
