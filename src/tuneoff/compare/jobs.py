@@ -16,7 +16,6 @@ from pathlib import Path
 
 from tuneoff.errors import TuneoffError
 
-RL_METHODS = ("ppo", "grpo", "rloo")
 SFT_DATA = ("curated", "high-gold", "raw")
 HIGH_GOLD = 0.9
 """`high-gold` SFT data: reviews the gold judge scores at least this P(positive)."""
