@@ -109,3 +109,14 @@ def test_demo_verb_runs_a_given_config(tmp_path):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert list(results["arms"]) == ["base", "sft"] and set(results["jobs"]) == {"judge", "eval:base/seed-0", "train:sft/seed-0", "eval:sft/seed-0"}
     assert results["arms"]["base"]["win_rate_vs_base"] is None and results["arms"]["sft"]["win_rate_vs_base"]["mean"] is not None
+
+
+def test_feedback_from_preference_files(tmp_path):
+    from tuneoff.compare.jobs import run_pair_files
+
+    train = write(tmp_path, '{"prompt": "the film", "chosen": " is great", "rejected": " is dull"}\n' * 3, "train.jsonl")
+    config = load_experiment(write(tmp_path, f"extends: demo\nfeedback: {{train: {train}, eval: {train}}}\n"))
+    jobs = {j.name: j for j in plan(config, tmp_path / "out")}
+    assert jobs["pairs"].kind == "pair_files" and jobs["pairs"].deps == [] and jobs["rm"].deps == ["pairs"]
+    result = run_pair_files(jobs["pairs"].spec, tmp_path, {})
+    assert result["pairs"] == 3 and result["train"] == str(train) and result["agreement_with_gold"] is None
