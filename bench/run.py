@@ -1,6 +1,6 @@
 """tuneoff vs TRL 1.16 on identical workloads (CPU, float32): throughput, peak RSS, FLOP/s against the matmul peak.
 
-    python -m bench.run --quick                      # every workload, few steps, 1 repeat (≈ 5 minutes on 2 cores)
+    python -m bench.run --quick                      # every workload, few steps, 1 repeat (186 s measured on 2 cores; limit 5 minutes)
     python -m bench.run --full                       # more steps, 3 repeats
     python -m bench.run --quick --workloads sampling,sft-review-gpt --repeats 2 --out bench/results.md
 
@@ -32,7 +32,7 @@ LABELS = {"trl": "TRL 1.16", "trl-1.12": "TRL 1.12 (PPO)", "transformers": "tran
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group(required=True)
-    size.add_argument("--quick", action="store_true", help="few steps, 1 repeat: ≈ 5 minutes on 2 cores")
+    size.add_argument("--quick", action="store_true", help="few steps, 1 repeat: about 3 minutes on 2 cores")
     size.add_argument("--full", action="store_true", help="more steps, 3 repeats")
     parser.add_argument("--workloads", default="", help="comma-separated names or prefixes (default: all)")
     parser.add_argument("--repeats", type=int, default=0, help="A/B pairs per workload (default: 1 quick, 3 full)")
