@@ -365,3 +365,11 @@ def test_validate_verb_prints_count_and_exits_2_on_bad_data(tmp_path, capsys, mo
     bad = jsonl(tmp_path, [{"prompt": "q", "completion": ""}], "bad.jsonl")
     assert cli.main(["validate", str(bad), "--kind", "sft"]) == 2
     assert capsys.readouterr().err == f"error: {bad}:1: field 'completion': empty completion: expected non-empty text, got ''\n"
+
+
+def test_write_jsonl_round_trips_through_the_reader(tmp_path):
+    from tuneoff.data.formats import load_prompts, write_jsonl
+
+    path = write_jsonl(tmp_path / "sub" / "p.jsonl", [{"prompt": "a é"}, {"prompt": "b"}])
+    assert path.read_text(encoding="utf-8").count("\n") == 2
+    assert [p.prompt for p in load_prompts(path)] == ["a é", "b"]

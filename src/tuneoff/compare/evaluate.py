@@ -28,12 +28,11 @@ class _Clock:
 def eval_prompt_file(spec: dict, folder: Path) -> str:
     if spec["eval_prompts"] != "default":
         return spec["eval_prompts"]
+    from tuneoff.data.formats import write_jsonl
     from tuneoff.eval.alignment import held_out_prompts
 
     prompts = held_out_prompts(spec["eval"]["prompts"], spec["prompt_words"], spec["eval"]["prompt_seed"])
-    path = folder / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
-    return str(path)
+    return str(write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in prompts]))
 
 
 @torch.inference_mode()

@@ -14,17 +14,12 @@ import random
 import time
 from pathlib import Path
 
+from tuneoff.data.formats import write_jsonl
 from tuneoff.errors import TuneoffError
 
 SFT_DATA = ("curated", "high-gold", "raw")
 HIGH_GOLD = 0.9
 """`high-gold` SFT data: reviews the gold judge scores at least this P(positive)."""
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -140,7 +135,7 @@ def sft_file(spec: dict, folder: Path) -> str:
         gold = load_gold_judge().score([r["prompt"] + r["completion"] for r in records])  # (N,) P(positive)
         records = [r for r, p in zip(records, gold) if p >= HIGH_GOLD]
     random.Random(0).shuffle(records)
-    return str(_write_jsonl(folder / "data" / f"sft-{choice}.jsonl", records[: spec["sft_records"]]))
+    return str(write_jsonl(folder / "data" / f"sft-{choice}.jsonl", records[: spec["sft_records"]]))
 
 
 def run_real_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
@@ -159,7 +154,7 @@ def prompt_file(choice: str, words: int, folder: Path, inputs: dict | None = Non
         return choice
     from tuneoff.data.default_task import train_prompts
 
-    return str(_write_jsonl(folder / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts(words, 0)]))
+    return str(write_jsonl(folder / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts(words, 0)]))
 
 
 def run_train(spec: dict, folder: Path, inputs: dict) -> dict:

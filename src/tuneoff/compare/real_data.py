@@ -79,21 +79,17 @@ def _unique_prompts(records: list[dict], limit: int) -> list[dict]:
 
 def build(spec: dict, folder: Path) -> dict:
     """Write judge.jsonl, train.jsonl, eval.jsonl, prompts.jsonl, eval_prompts.jsonl; cap each by the spec."""
+    from tuneoff.data.formats import write_jsonl
+
     records, skipped = preference_records(spec.get("sources", ["hh-rlhf-harmless", "pandalm"]))
     splits = split_by_prompt(records, spec.get("seed", 0))
     caps = {"judge": spec.get("judge_pairs", 0), "train": spec.get("pairs", 0), "eval": spec.get("eval_pairs", 0)}
     files = {}
     for name in ("judge", "train", "eval"):
         rows = splits[name][: caps[name]] if caps[name] > 0 else splits[name]
-        files[name] = _write(folder / f"{name}.jsonl", rows)
-    files["prompts"] = _write(folder / "prompts.jsonl", _unique_prompts(splits["train"], spec.get("prompts", 0)))
-    files["eval_prompts"] = _write(folder / "eval_prompts.jsonl", _unique_prompts(splits["eval_prompts"], spec.get("eval_prompts", 0)))
+        files[name] = write_jsonl(folder / f"{name}.jsonl", rows)
+    files["prompts"] = write_jsonl(folder / "prompts.jsonl", _unique_prompts(splits["train"], spec.get("prompts", 0)))
+    files["eval_prompts"] = write_jsonl(folder / "eval_prompts.jsonl", _unique_prompts(splits["eval_prompts"], spec.get("eval_prompts", 0)))
     counts = {name: sum(1 for _ in open(path)) for name, path in files.items()}
     return {**{k: str(v) for k, v in files.items()}, "pairs": counts["train"], "counts": counts, "skipped": len(skipped),
             "agreement_with_gold": None, "sources": spec.get("sources", ["hh-rlhf-harmless", "pandalm"])}
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path

@@ -130,12 +130,9 @@ def agreement_with_gold(records: list[dict], judge) -> float:
     return float((chosen > rejected).mean())
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-
-
 def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     """Write train.jsonl, eval_gold.jsonl, eval_annotated.jsonl and info.json into ``folder``; returns it."""
+    from tuneoff.data.formats import write_jsonl
     from tuneoff.feedback.gold import load_gold_judge
     from tuneoff.feedback.simulate import make_annotators, simulate_preferences
 
@@ -152,9 +149,9 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     train_records = flip_labels(simulate_preferences(training, panel, judge.logit, shuffle_order=True), config.flip_rate, config.seed)
     eval_records = gold_ordered(held_out, judge)
     eval_annotated = simulate_preferences(held_out, panel, judge.logit, shuffle_order=True)
-    _write_jsonl(folder / TRAIN_FILE, train_records)
-    _write_jsonl(folder / EVAL_FILE, eval_records)
-    _write_jsonl(folder / EVAL_ANNOTATED_FILE, eval_annotated)
+    write_jsonl(folder / TRAIN_FILE, train_records)
+    write_jsonl(folder / EVAL_FILE, eval_records)
+    write_jsonl(folder / EVAL_ANNOTATED_FILE, eval_annotated)
     info = {"config": dataclasses.asdict(config), "format": FORMAT_VERSION, "train_pairs": len(train_records),
             "eval_pairs": len(eval_records), "train_label_agreement_with_gold": agreement_with_gold(train_records, judge),
             "eval_annotated_agreement_with_gold": agreement_with_gold(eval_annotated, judge),

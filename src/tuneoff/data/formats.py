@@ -633,6 +633,14 @@ def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     return _load(path, PREFERENCE_SHAPES)
 
 
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """One JSON object per line (UTF-8), parent folders made; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
 def load_prompts(path: str | os.PathLike) -> list[Prompt]:
     """All RL prompts of a file, validated; raises DataError at the first bad record."""
     return _load(path, PROMPT_SHAPES)
