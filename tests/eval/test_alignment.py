@@ -135,3 +135,20 @@ def test_paired_win_rates_every_ordered_pair():
     # sft vs rlhf: 1, 0.5, 0 -> 0.5; sft vs base: 1, 1, 0 -> 2/3; rlhf vs base: 1, 1, 1 -> 1
     rates = paired_win_rates({"sft": [2, 1, 0], "rlhf": [1, 1, 3], "base": [0, 0, 1]})
     assert rates == {"sft": {"rlhf": 0.5, "base": 2 / 3}, "rlhf": {"sft": 0.5, "base": 1.0}, "base": {"sft": 1 / 3, "rlhf": 0.0}}
+
+
+def test_exact_kl_is_zero_against_itself_and_positive_against_another_model():
+    import torch
+
+    from tuneoff.eval.alignment import exact_kl_per_token, sample_responses
+    from tuneoff.models.load import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("review-gpt")
+    model = load_model("review-gpt").eval()
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ["the film is", "a dull , lifeless"]]
+    tokens, texts, batches = sample_responses(model, tokenizer, ids, 8, 1.0, torch.Generator().manual_seed(0))
+    assert len(tokens) == len(texts) == 2 and all(tokenizer.eos_token_id not in t for t in tokens)
+    assert abs(exact_kl_per_token(model, model, batches)) < 1e-6
+    torch.manual_seed(0)
+    other = load_model("tiny").eval()  # same tokenizer, random weights
+    assert exact_kl_per_token(model, other, batches) > 0.1

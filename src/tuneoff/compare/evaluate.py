@@ -35,42 +35,6 @@ def eval_prompt_file(spec: dict, folder: Path) -> str:
     return str(write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in prompts]))
 
 
-@torch.inference_mode()
-def sample(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperature: float, generator, batch: int = 64):
-    """Sampled responses to ``ids``: (token id lists, decoded texts, full ids/masks per batch for the KL)."""
-    from tuneoff.rollout import generate, left_pad
-
-    tokens, texts, batches = [], [], []
-    device = next(model.parameters()).device
-    for i in range(0, len(ids), batch):
-        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids[i : i + batch], tokenizer.pad_token_id))
-        r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                     temperature, generator=generator)
-        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu())]
-        ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
-        tokens += ends
-        texts += tokenizer.batch_decode(ends, skip_special_tokens=True)
-        batches.append((*r.full(), prompt_ids.shape[1], r.response_mask))
-    return tokens, texts, batches
-
-
-@torch.inference_mode()
-def kl_to_base(model, base, batches, temperature: float) -> float:
-    """KL(π‖π_base) per response token: the exact KL of the two next-token distributions, summed over the
-    vocabulary at every sampled response position, averaged over positions."""
-    from tuneoff.models.heads import position_ids_from_mask
-
-    total, count = 0.0, 0
-    for full_ids, full_mask, P, mask in batches:
-        positions = position_ids_from_mask(full_mask)
-        logp = torch.log_softmax(model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
-        ref = torch.log_softmax(base(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
-        kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
-        total += float((kl * mask.to(kl.dtype)).sum())
-        count += int(mask.sum())
-    return total / max(1, count)
-
-
 def judge_scores(judge: str, prompts: list, texts: list[str]) -> list[float]:
     """The judge's verdict per response: gold = P(positive) of prompt + response; else a held-out RM's reward."""
     if judge == "gold":
@@ -88,6 +52,7 @@ def _as_text(prompt) -> str:
 
 def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str, spec: dict, folder: Path) -> dict:
     """Sample, score and measure one policy; writes ``folder/eval.json`` and returns the same dict."""
+    from tuneoff.eval.alignment import exact_kl_per_token, sample_responses
     from tuneoff.eval.diversity import diversity_report
     from tuneoff.models.load import load_model, load_tokenizer
     from tuneoff.train.policy import encode_prompts
@@ -104,9 +69,9 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
     T, new = settings["temperature"], settings["max_new_tokens"]
 
     clock = _Clock()
-    tokens, texts, batches = sample(model, tokenizer, prompts.ids, new, T, generator)
+    tokens, texts, batches = sample_responses(model, tokenizer, prompts.ids, new, T, generator)
     k, d = settings["samples_per_prompt"], min(settings["diversity_prompts"], len(prompts.ids))
-    group_tokens, group_texts, _ = sample(model, tokenizer, [ids for ids in prompts.ids[:d] for _ in range(k)], new, T, generator)
+    group_tokens, group_texts, _ = sample_responses(model, tokenizer, [ids for ids in prompts.ids[:d] for _ in range(k)], new, T, generator)
     generation = clock.read()
 
     clock = _Clock()
@@ -116,7 +81,7 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
         from tuneoff.models.heads import load_reward_model
 
         proxy_scores = load_reward_model(proxy).score(prompts.texts, texts).tolist()
-    kl = 0.0 if spec["method"] == "base" else kl_to_base(model, load_model(base_name).eval().to(device), batches, T)
+    kl = 0.0 if spec["method"] == "base" else exact_kl_per_token(model, load_model(base_name).eval().to(device), batches, T)
     groups = [group_texts[i * k : (i + 1) * k] for i in range(d)]
     grouped_tokens = [group_tokens[i * k : (i + 1) * k] for i in range(d)]
     diversity = diversity_report(groups, grouped_tokens, texts, tokens, len(tokenizer))

@@ -1,6 +1,7 @@
 """Alignment and drift on held-out prompts: gold reward with a 95% CI, proxy reward, win rates, KL to a reference.
 
-Every function here is pure over numbers except the two that run models (``continuations``, ``kl_per_token``).
+Every function here is pure over numbers except those that run models (``sample_responses``, ``exact_kl_per_token``,
+``continuations``, ``kl_per_token``, ``evaluate_policy``).
 """
 
 from __future__ import annotations
@@ -61,44 +62,68 @@ def held_out_prompts(n: int, words: int = 4, seed: int = 0) -> list[str]:
 
 
 @torch.inference_mode()
-def continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, temperature: float = 1.0,
-                  batch: int = 64) -> list[str]:
-    """One sampled continuation per prompt (tuneoff's KV-cached sampler), decoded without special tokens."""
+def sample_responses(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperature: float, generator,
+                     batch: int = 64):
+    """Sampled responses to prompt token ids (tuneoff's KV-cached sampler), ``batch`` prompts per call.
+
+    Returns (response token ids without EOS, decoded texts, per batch the (full ids, full mask, prompt width,
+    response mask) that :func:`exact_kl_per_token` reads).
+    """
     from tuneoff.rollout import generate, left_pad
 
+    tokens, texts, batches = [], [], []
+    device = next(model.parameters()).device
+    for i in range(0, len(ids), batch):
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids[i : i + batch], tokenizer.pad_token_id))
+        r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                     temperature, generator=generator)
+        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu())]
+        ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
+        tokens += ends
+        texts += tokenizer.batch_decode(ends, skip_special_tokens=True)
+        batches.append((*r.full(), prompt_ids.shape[1], r.response_mask))
+    return tokens, texts, batches
+
+
+@torch.inference_mode()
+def exact_kl_per_token(model, reference, batches, temperature: float = 1.0) -> float:
+    """KL(π‖π_ref) per response token: the exact KL of the two next-token distributions (softmax(logits / T)),
+    summed over the vocabulary at every sampled response position, averaged over positions.
+    ``batches`` as returned by :func:`sample_responses`."""
+    from tuneoff.models.heads import position_ids_from_mask
+
+    total, count = 0.0, 0
+    for full_ids, full_mask, P, mask in batches:
+        positions = position_ids_from_mask(full_mask)
+        logp = torch.log_softmax(model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
+        ref = torch.log_softmax(reference(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
+        kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
+        total += float((kl * mask.to(kl.dtype)).sum())
+        count += int(mask.sum())
+    return total / max(1, count)
+
+
+def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+@torch.inference_mode()
+def continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, temperature: float = 1.0,
+                  batch: int = 64) -> list[str]:
+    """One sampled continuation per prompt, decoded without special tokens."""
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(prompts), batch):
-        ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch]], tokenizer.pad_token_id)
-        r = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, generator=generator)
-        out += tokenizer.batch_decode(r.response_ids.masked_fill(r.response_mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return out
+    return sample_responses(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, temperature, generator, batch)[1]
 
 
 @torch.inference_mode()
 def kl_per_token(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch: int = 64) -> float:
-    """KL(π‖π_ref) per response token on held-out prompts: responses sampled from π, exact KL of the two
-    next-token distributions summed over the vocabulary at each response position, averaged over tokens."""
-    from tuneoff.rollout import generate, left_pad
-    from tuneoff.train.policy import position_ids_from_mask
-
+    """KL(π‖π_ref) per response token on held-out prompts, on responses sampled from π (temperature 1)."""
     model.eval()
     reference.eval()
     generator = torch.Generator().manual_seed(seed)
-    total, count = 0.0, 0
-    for i in range(0, len(prompts), batch):
-        ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i : i + batch]], tokenizer.pad_token_id)
-        r = generate(model, ids, mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, 1.0, generator=generator)
-        full_ids, full_mask = r.full()
-        P = ids.shape[1]
-        position_ids = position_ids_from_mask(full_mask)
-        logp = torch.log_softmax(model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids).logits[:, P - 1 : -1].float(), -1)
-        ref = torch.log_softmax(reference(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids).logits[:, P - 1 : -1].float(), -1)
-        kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
-        total += float((kl * r.response_mask).sum())
-        count += int(r.response_mask.sum())
-    return total / max(1, count)
+    _, _, batches = sample_responses(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, 1.0, generator, batch)
+    return exact_kl_per_token(model, reference, batches)
 
 
 @dataclass
