@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tuneoff.data.formats import write_jsonl
 from tuneoff.errors import TuneoffError
+from tuneoff.train.common import checkpoints
 
 SFT_DATA = ("curated", "high-gold", "raw")
 HIGH_GOLD = 0.9
@@ -94,19 +95,13 @@ def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
     run = folder / "run"
     config = build_config(RMConfig, None, **{"eval_every": 100000, "save_every": 100, **spec["rm"]}, model=spec["model"],
                           data=data, eval_data=eval_data, out=str(run), threads=spec["threads"],
-                          resume=bool(_checkpoints(run)))
+                          resume=bool(checkpoints(run)))
     started = time.perf_counter()
     model = train(config)
     rows = _metrics(run)
     tokens = _training_tokens(rows, time.perf_counter() - started)
     return {"model": str(model), "accuracy": _last(rows, "eval/accuracy"), "ece": _last(rows, "eval/ece"),
             "labels": pairs.get("pairs") if spec.get("role") != "judge" else None, "tokens": tokens, "flops": 6.0 * n_params(str(model)) * tokens if tokens else None}
-
-
-def _checkpoints(run: Path) -> list:
-    from tuneoff.train.common import checkpoints
-
-    return checkpoints(run)
 
 
 def _training_tokens(rows: list[dict], elapsed: float) -> float | None:
@@ -167,7 +162,7 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
     arm.pop("description", None)
     start = inputs[f"train:{init}/seed-{spec['seed']}"]["model"] if init else spec["base"]
     common = {"model": start, "out": str(folder), "seed": spec["seed"], "threads": spec["threads"],
-              "resume": bool(_checkpoints(folder))}
+              "resume": bool(checkpoints(folder))}
     labels = 0
     spec = {**spec, "sft_data": arm.pop("sft_data", spec["sft_data"])}
     if method == "sft":
@@ -185,7 +180,7 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
     model = _train_loop(method)(config)
     elapsed = time.perf_counter() - started
     rows = _metrics(folder)
-    return {"model": str(model), "method": method, "init": init, "labels": labels, "curve": curve(rows, method),
+    return {"model": str(model), "method": method, "init": init, "labels": labels, "curve": curve(rows),
             "training_s": elapsed, **_train_cost(rows, method, config, str(model), elapsed)}
 
 
@@ -201,7 +196,7 @@ def _train_loop(method: str):
     return train
 
 
-def curve(rows: list[dict], method: str) -> list[dict]:
+def curve(rows: list[dict]) -> list[dict]:
     """Training trajectory rows {step, kl (per token), kl_seq, proxy, gold (P(positive)), loss} from metrics.jsonl."""
     out = []
     for r in rows:

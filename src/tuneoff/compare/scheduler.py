@@ -108,6 +108,7 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
             records[job.name] = {**record, "reused": True}
     pending = [j for j in jobs if j.name not in records]
     priority = _priorities(jobs)
+    folders = {j.name: j.folder for j in jobs}
     context = multiprocessing.get_context("fork")
     running: dict[str, tuple[Job, multiprocessing.Process]] = {}
     bar = tqdm(total=len(jobs), initial=len(records), desc="experiment", unit="job", disable=not show_progress,
@@ -124,7 +125,7 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
                 bar.update(1)
             elif all(s == "ok" for s in states):
                 _prepare(job)
-                inputs = {d: {**records[d]["result"], "folder": next(j.folder for j in jobs if j.name == d)} for d in job.deps}
+                inputs = {d: {**records[d]["result"], "folder": folders[d]} for d in job.deps}
                 process = context.Process(target=_child, args=(job, inputs, threads), name=job.name)
                 process.start()
                 running[job.name] = (job, process)
