@@ -156,6 +156,12 @@ def pack(examples: list[Tokenized], max_length: int) -> list[list[Tokenized]]:
     return bins
 
 
+def filler_id(pad_id: int) -> int:
+    """The token that fills the end of a packed row: any id but the pad token, so transformers does not take a
+    packed batch (no attention mask) for a padded one."""
+    return 0 if pad_id != 0 else 1
+
+
 def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
     """Padding-free batch of packed rows: input_ids, labels, position_ids, all (B, T_max); no attention_mask;
     num_tokens = real tokens (0-dim).
@@ -167,7 +173,7 @@ def packed_batch(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Te
     (its value is never seen by another segment) so transformers does not mistake the batch for a padded one.
     """
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
-    filler = 0 if pad_id != 0 else 1
+    filler = filler_id(pad_id)
     input_ids = torch.full((len(rows), width), filler, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

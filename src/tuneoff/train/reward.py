@@ -102,42 +102,41 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
 
 
 def pack(rows: list[list[int]], width: int, pad_id: int = 0) -> dict:
-    """The 2B sequences in as few rows of ``width`` tokens as first-fit allows, no padding between sequences.
+    """The 2B sequences laid into rows of ``width`` tokens by SFT packing's first-fit bins, no padding between them.
 
     Rows of bounded width rather than one long row: attention costs the square of a row's length, so one row of
     all 2B sequences would spend more on masked-out attention than padding ever wasted. Returns packed_ids and
     packed_positions (R, W), token_index (N,) (where each real token sits in the flattened rows, sequence by
     sequence) and segments (N,) (its sequence)."""
+    from tuneoff.data.tokenize import Tokenized, filler_id
+    from tuneoff.data.tokenize import pack as first_fit
+
     width = max(width, max(len(r) for r in rows))
-    bins: list[list[int]] = []  # sequence indices per packed row
-    room: list[int] = []
-    for k in sorted(range(len(rows)), key=lambda k: -len(rows[k])):  # first-fit decreasing
-        slot = next((b for b, free in enumerate(room) if free >= len(rows[k])), None)
-        if slot is None:
-            bins.append([]), room.append(width)
-            slot = len(bins) - 1
-        bins[slot].append(k)
-        room[slot] -= len(rows[k])
-    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    sequences = [Tokenized(row, []) for row in rows]
+    bins = first_fit(sequences, width)
+    ids = torch.full((len(bins), width), filler_id(pad_id), dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
-    where: dict[int, range] = {}
+    where: dict[int, range] = {}  # id(sequence) -> its flat positions
     for b, members in enumerate(bins):
         start = 0
-        for k in members:
-            ids[b, start : start + len(rows[k])] = torch.tensor(rows[k])
-            positions[b, start : start + len(rows[k])] = torch.arange(len(rows[k]))
-            where[k] = range(b * width + start, b * width + start + len(rows[k]))
-            start += len(rows[k])
+        for sequence in members:
+            n = len(sequence.input_ids)
+            ids[b, start : start + n] = torch.tensor(sequence.input_ids)
+            positions[b, start : start + n] = torch.arange(n)
+            where[id(sequence)] = range(b * width + start, b * width + start + n)
+            start += n
         # filler continues the row's last sequence (causal: no real token sees it), so restarts count sequences
-        positions[b, start:] = torch.arange(len(rows[members[-1]]), len(rows[members[-1]]) + width - start)
-    token_index = torch.tensor([i for k in range(len(rows)) for i in where[k]])
-    segments = torch.tensor([k for k in range(len(rows)) for _ in rows[k]])
+        last = len(members[-1].input_ids)
+        positions[b, start:] = torch.arange(last, last + width - start)
+    token_index = torch.tensor([i for sequence in sequences for i in where[id(sequence)]])
+    segments = torch.tensor([k for k, row in enumerate(rows) for _ in row])
     return {"packed_ids": ids, "packed_positions": positions, "token_index": token_index, "segments": segments}
 
 
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected), each (B,), from one padding-free forward over the 2B sequences packed in one row
-    (pad tokens cost as much as real ones on a CPU; the rewards equal the padded forward's, tested)."""
+    """(r_chosen, r_rejected), each (B,), from one padding-free forward over the 2B sequences packed into rows
+    (pad tokens cost as much as real ones on a CPU; the rewards equal the padded forward's, tested). Under DDP,
+    the padded forward: DDP's gradient hooks run through ``forward``."""
     count = batch["input_ids"].shape[0]
     module = getattr(model, "module", model)  # DDP wraps the reward model; its forward is the padded one
     if module is model:
