@@ -37,6 +37,8 @@ from tuneoff.errors import TuneoffError
 FORMAT_VERSION = 1
 """Bump when what a job computes changes: it is part of every job key."""
 METHODS = ("base", "sft", "ppo", "grpo", "rloo", "dpo")
+RL_METHODS = ("ppo", "grpo", "rloo")
+"""The online RL methods: they need a proxy reward model."""
 """What an arm can be; `init` chains them (sft+ppo = ppo with init: sft)."""
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "experiments"
 
@@ -237,9 +239,10 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
     out = Path(out)
     jobs: dict[str, Job] = {}
 
-    def add(name: str, kind: str, spec: dict, deps: list[Job], folder: Path, weight: float = 1.0) -> Job:
+    def add(name: str, kind: str, spec: dict, deps: list[Job], folder: Path | None, weight: float = 1.0) -> Job:
+        """A job; shared stages (folder None) live in stages/<key>, so other settings never overwrite them."""
         job = Job(name, kind, spec, [d.name for d in deps], "", _key(kind, spec, deps), weight)
-        job.folder = str(folder / job.key) if folder.name == "stages" else str(folder)
+        job.folder = str(folder if folder is not None else stages / job.key)
         jobs[name] = job
         return job
 
@@ -247,20 +250,20 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
     real = config.feedback.get("source") == "real"
     pairs = rm = None
     if real:  # human preferences split by prompt: also the judge's data, the RL and the evaluation prompts
-        pairs = add("pairs", "real_pairs", {k: v for k, v in config.feedback.items() if k != "source"}, [], stages, 0.1)
+        pairs = add("pairs", "real_pairs", {k: v for k, v in config.feedback.items() if k != "source"}, [], None, 0.1)
     judge = add("judge", "gold" if config.judge == "gold" else "rm",
                 {"role": "judge", "data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
-                if config.judge == "rm" else {}, [pairs] if config.judge == "rm" and real and not config.judge_data else [], stages, 0.3)
+                if config.judge == "rm" else {}, [pairs] if config.judge == "rm" and real and not config.judge_data else [], None, 0.3)
     needs_pairs = any(a["method"] in ("ppo", "grpo", "rloo", "dpo") for a in config.arms.values())
     if needs_pairs and not real:
         if "train" in config.feedback:
             pairs = add("pairs", "pair_files", {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},
-                        [], stages, 0.1)
+                        [], None, 0.1)
         else:
             pairs = add("pairs", "pairs", {"task": {"model": config.base, "prompt_words": config.prompt_words, **config.feedback},
-                                           "threads": config.threads}, [judge] if config.judge == "gold" else [], stages, 1.0)
-    if any(a["method"] in ("ppo", "grpo", "rloo") for a in config.arms.values()):
-        rm = add("rm", "rm", {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], stages, 2.0)
+                                           "threads": config.threads}, [judge] if config.judge == "gold" else [], None, 1.0)
+    if any(a["method"] in RL_METHODS for a in config.arms.values()):
+        rm = add("rm", "rm", {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], None, 2.0)
 
     shared = {"base": config.base, "threads": config.threads, "prompts": config.prompts, "prompt_words": config.prompt_words,
               "sft_data": config.sft_data, "sft_records": config.sft_records}
@@ -272,8 +275,8 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             trained = None
             if method != "base":
                 deps = ([jobs[f"train:{init}/seed-{seed}"]] if init else []) \
-                    + ([pairs] if method == "dpo" or (real and method in ("ppo", "grpo", "rloo")) else []) \
-                    + ([rm] if method in ("ppo", "grpo", "rloo") else [])
+                    + ([pairs] if method == "dpo" or (real and method in RL_METHODS) else []) \
+                    + ([rm] if method in RL_METHODS else [])
                 trained = add(f"train:{arm}/seed-{seed}", "train", {**shared, "arm": arm, "arm_spec": arm_spec, "seed": seed},
                               deps, run, {"sft": 1.0, "dpo": 1.2}.get(method, 1.5))
             spec = {"arm": arm, "method": method, "base": config.base, "seed": seed, "threads": config.threads,
