@@ -18,15 +18,7 @@ import time
 
 import torch
 
-COUNTERS = ("train_tokens", "infer_tokens", "train_rows", "episodes", "new_tokens")
-
-
-def sequences(ids, mask, position_ids) -> int:
-    """Sequences in one forward: rows, or, for a padding-free packed row (no mask, positions restarting at 0), the
-    number of restarts — so a packed reward-model batch counts its 2B sequences, as a padded one does."""
-    if mask is None and position_ids is not None and position_ids.shape == ids.shape:
-        return int((position_ids == 0).sum())
-    return int(ids.shape[0])
+COUNTERS = ("train_tokens", "infer_tokens", "episodes", "new_tokens")
 
 
 class Meter:
@@ -70,7 +62,6 @@ class Meter:
                 real = int(mask.sum()) if mask is not None and mask.shape == ids.shape else ids.numel()
                 if torch.is_grad_enabled():
                     meter.counts["train_tokens"] += real
-                    meter.counts["train_rows"] += sequences(ids, mask, kwargs.get("position_ids"))
                 else:
                     meter.counts["infer_tokens"] += real
             return forward(module, *args, **kwargs)

@@ -18,7 +18,7 @@ SHORT = {"tokens/s": "tok/s", "pairs/s": "pairs/s", "episodes/s": "ep/s", "new t
 def rates(workload: Workload, result: dict) -> dict[str, float]:
     """The workload's throughput metrics of one run, over its timed window."""
     t = result["time_s"]
-    values = {"tokens/s": result["train_tokens"] / t, "pairs/s": result["train_rows"] / 2 / t,  # a pair = 2 rows
+    values = {"tokens/s": result["train_tokens"] / t, "pairs/s": result["timed_units"] * workload.batch_size / t,  # a unit = one step of batch_size pairs
               "episodes/s": result["episodes"] / t, "new tokens/s": result["new_tokens"] / t}
     return {m: values[m] for m in workload.metrics}
 
@@ -148,8 +148,10 @@ METHOD = """\
   passes are excluded. `s / unit` is the window over its units; `wall s` is the whole child, start to exit.
 - Tokens: the decoder classes (GPT-2, Llama) are wrapped to count the real (attention-mask) tokens of every
   call, in both frameworks alike: with autograd on (training forward + backward) or off (generation, reference,
-  critic/value, reward passes). SFT tokens/s = training tokens (prompt + completion, no padding); pairs/s =
-  training rows / 2; episodes/s and new tokens/s (up to and including EOS) for RL; new tokens/s for sampling.
+  critic/value, reward passes); a packed row (SFT packing, reward-model pairs sharing their prompt) counts every
+  slot, filler included, and a shared prompt once. SFT tokens/s = training tokens (prompt + completion, no
+  padding); pairs/s = optimizer steps × batch size (8 pairs per step in both, no accumulation); episodes/s and new
+  tokens/s (up to and including EOS) for RL; new tokens/s for sampling.
 - Model FLOPs = 6·N·(training tokens) + 2·N·(no-grad tokens); with LoRA 4·N per training token (forward 2N +
   backward through the activations 2N; no weight gradients for the frozen base). N = every parameter of the
   base model once (the tied embedding once; for the reward model it stands in for the unused LM head). The

@@ -71,7 +71,9 @@ WORKLOADS = [
     Workload("rm-review-gpt", "rm", "review-gpt", (8, 40), data="pairs",
              notes="TRL tokenizes prompt+response as one string, tuneoff prompt and response separately (the same "
                    "ids wherever the response starts with a space). tuneoff's head has a bias, TRL's "
-                   "(GPT2ForSequenceClassification.score) has none; both read the last real token."),
+                   "(GPT2ForSequenceClassification.score) has none; both read the last real token. tuneoff packs each pair's "
+                   "prompt once (the rejected response attends to it, not to the chosen one) and runs the last block's "
+                   "query, MLP and final norm only where the reward is read: the same rewards, tested."),
     Workload("dpo-review-gpt", "dpo", "review-gpt", (8, 40), max_length=64, data="pairs",
              notes="Reference log-probs are computed once before training in both (tuneoff always does; TRL with "
                    "precompute_ref_log_probs=True, batch 32): outside the timed steps. TRL's default (a reference "

@@ -50,25 +50,42 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_packed_forward_equals_padded_forward(pooling):
-    """Sequences end to end in one row (positions restarting) give the rewards of the padded batch."""
+    """Pairs packed with their shared prefix once (rejected's tail blind to chosen's) give the padded batch's rewards."""
     from tuneoff.models.load import load_model
     from tuneoff.train.reward import pack
 
     torch.manual_seed(0)
     model = RewardModel(load_model("tiny"), pooling=pooling).eval()
-    rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14], [15, 16, 17, 18]]
-    batch = pack(rows, width=7, pad_id=1)
-    # first-fit decreasing into rows of 7: [6 tokens + the 1-token sequence], [4 + 3]
-    assert batch["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 14], [15, 16, 17, 18, 11, 12, 13]]
-    assert batch["packed_positions"].tolist() == [[0, 1, 2, 3, 4, 5, 0], [0, 1, 2, 3, 0, 1, 2]]
-    assert batch["token_index"].tolist() == [0, 1, 2, 3, 4, 5, 11, 12, 13, 6, 7, 8, 9, 10]
-    assert batch["segments"].tolist() == [0] * 6 + [1] * 3 + [2] + [3] * 4
-    packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], len(rows))
+    chosen = [[5, 6, 7, 8, 9], [11, 12]]
+    rejected = [[5, 6, 7, 20], [11, 12, 21, 22]]  # prefixes [5, 6, 7] and [11] (12 is chosen's last: its own)
+    batch = pack(chosen, rejected, pad_id=1, width=8)
+    # groups [5 6 7 8 9 20] (6 tokens) and [11 12 12 21 22] (5): first-fit decreasing into rows of 8, one per row
+    assert batch["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 20, 0, 0], [11, 12, 12, 21, 22, 0, 0, 0]]
+    assert batch["packed_positions"][:, :6].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 3, 0]]
+    mask = batch["packed_mask"][0, 0].int().tolist()
+    assert mask[5] == [1, 1, 1, 0, 0, 1, 0, 0]  # rejected's 20 sees the prompt 5 6 7 and itself, not 8 9
+    assert mask[4] == [1, 1, 1, 1, 1, 0, 0, 0]  # chosen's 9: plain causal
+    assert mask[7] == [0, 0, 0, 0, 0, 0, 0, 1]  # filler sees itself only
+    assert batch["token_index"].tolist() == [0, 1, 2, 3, 4, 8, 9, 0, 1, 2, 5, 8, 10, 11, 12]
+    assert batch["segments"].tolist() == [0] * 5 + [1] * 2 + [2] * 4 + [3] * 4
+    rows = chosen + rejected
+    packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
+                                  len(rows), batch["packed_mask"])
     assert torch.allclose(packed, model(*pad_right(rows, pad_id=1)), atol=1e-5)
-    wide = pack(rows, width=32, pad_id=1)  # one row with filler at its end
+    wide = pack(chosen, rejected, pad_id=1, width=32)  # both groups in one row, filler at its end
     assert wide["packed_ids"].shape == (1, 32)
-    assert torch.allclose(model.forward_packed(wide["packed_ids"], wide["packed_positions"], wide["token_index"], wide["segments"], 4),
-                          packed, atol=1e-5)
+    assert torch.allclose(model.forward_packed(wide["packed_ids"], wide["packed_positions"], wide["token_index"],
+                                               wide["segments"], 4, wide["packed_mask"]), packed, atol=1e-5)
+
+
+def test_shared_prefix_leaves_each_sequence_a_token():
+    from tuneoff.train.reward import shared_prefix
+
+    assert shared_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert shared_prefix([1, 2], [1, 2, 3]) == 1  # [1, 2] is all prefix: its last token stays its own
+    assert shared_prefix([1, 2, 3], [1, 2, 3]) == 2
+    assert shared_prefix([7], [7, 8]) == 0
+    assert shared_prefix([1, 2], [3, 4]) == 0
 
 
 def test_position_ids_from_mask():

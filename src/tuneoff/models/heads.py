@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from tuneoff.errors import TuneoffError
+from tuneoff.models import gpt2_last_block
 
 HEAD_FILE = "reward_head.safetensors"
 INFO_FILE = "reward_model.json"
@@ -102,20 +103,27 @@ class RewardModel(torch.nn.Module):
         return self.head(POOLINGS[self.pooling](hidden, attention_mask)).squeeze(-1).float()  # (B,)
 
     def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_index: torch.Tensor,
-                       segments: torch.Tensor, count: int) -> torch.Tensor:
-        """Rewards (count,) of sequences packed end to end into rows without padding between them.
+                       segments: torch.Tensor, count: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards (count,) of sequences packed into rows without padding between them.
 
-        input_ids, position_ids (R, W): positions restart at 0 for each sequence, which transformers turns into a
-        block-diagonal causal mask; a row's unused tail is filler. token_index (N,): the flat position (in R·W)
-        of every real token, in sequence order; segments (N,): its sequence. Equal to :meth:`forward` on the
-        padded batch (tested)."""
-        decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state  # (R, W, H)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[token_index]  # (N, H) real tokens, sequence after sequence
+        input_ids, position_ids (R, W). Without ``attention_mask``, positions restart at 0 for each sequence, which
+        transformers turns into a block-diagonal causal mask; with it, (R, 1, W, W) bool says which key each query
+        sees (so sequences may share a packed prefix). A row's unused tail is filler. token_index (N,): the flat
+        position (in R·W) of every token of every sequence, in sequence order (shared positions repeat);
+        segments (N,): its sequence. Equal to :meth:`forward` on the padded batch (tested)."""
         if self.pooling == "last":
-            ends = torch.cat([(segments[1:] != segments[:-1]).nonzero().squeeze(-1), segments.new_tensor([len(segments) - 1])])  # (count,)
-            pooled = hidden[ends]
+            ends = token_index[torch.cat([(segments[1:] != segments[:-1]).nonzero().squeeze(-1),
+                                          segments.new_tensor([len(segments) - 1])])]  # (count,) flat position of each last token
+            if attention_mask is not None and gpt2_last_block.supports(self.model):
+                return self.head(gpt2_last_block.at_positions(self.model, input_ids, position_ids, attention_mask, ends)).squeeze(-1).float()
+        decoder = self.model.get_decoder()
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,  # (R, W, H)
+                         use_cache=False).last_hidden_state
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·W, H)
+        if self.pooling == "last":
+            pooled = hidden.index_select(0, ends)  # index_select: its backward (index_add) is fast on a CPU
         else:
+            hidden = hidden.index_select(0, token_index)  # (N, H) every sequence's tokens, sequence after sequence
             sums = hidden.new_zeros((count, hidden.shape[-1])).index_add_(0, segments, hidden)  # (count, H)
             pooled = sums / torch.bincount(segments, minlength=count).clamp(min=1)[:, None].to(hidden.dtype)
         return self.head(pooled).squeeze(-1).float()  # (count,)
