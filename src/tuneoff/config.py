@@ -200,7 +200,8 @@ class RMConfig(TrainConfig):
     data: str = ""
     """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
     task's pairs of review-gpt continuations labelled by simulated annotators, with a held-out split labelled by
-    the gold judge (built once and cached; see tuneoff.data.default_task)."""
+    the gold judge (built once and cached; see tuneoff.data.default_task); `default:PAIRS` the same with PAIRS
+    training pairs (4000 by default)."""
     batch_size: int = 8
     """Preference pairs per micro-batch per process (each pair is two sequences, run in one forward)."""
     lr: float = 1e-5
@@ -241,7 +242,8 @@ class DPOConfig(TrainConfig):
     log-probs, final model (model/)."""
     data: str = ""
     """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
-    task's pairs (see tuneoff.data.default_task; held out: its gold-labelled pairs)."""
+    task's pairs (see tuneoff.data.default_task; held out: its gold-labelled pairs); `default:PAIRS` with PAIRS
+    training pairs (4000 by default)."""
     batch_size: int = 8
     """Preference pairs per micro-batch per process (chosen and rejected run in one forward: 2× rows)."""
     lr: float = 1e-5

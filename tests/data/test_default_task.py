@@ -22,3 +22,20 @@ def test_flip_labels_swaps_exactly_the_stated_share():
 
 def test_the_knob_is_part_of_the_cache_key():
     assert cache_key(DefaultTaskConfig(flip_rate=0.3)) != cache_key(DefaultTaskConfig())
+
+
+def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_path):
+    import pytest
+
+    from tuneoff.data import default_task
+    from tuneoff.errors import TuneoffError
+
+    asked = []
+    monkeypatch.setattr(default_task, "default_task_files", lambda config=DefaultTaskConfig(): asked.append(config.pairs) or tmp_path)
+    assert default_task.pair_files("default", "") == (str(tmp_path / "train.jsonl"), str(tmp_path / "eval_gold.jsonl"))
+    assert default_task.pair_files("default:22000", "mine.jsonl") == (str(tmp_path / "train.jsonl"), "mine.jsonl")
+    assert asked == [4000, 22000]
+    assert default_task.pair_files("pairs.jsonl", "") == ("pairs.jsonl", "")
+    for bad in ("default:", "default:0", "default:2k"):
+        with pytest.raises(TuneoffError, match="default:PAIRS"):
+            default_task.pair_files(bad, "")

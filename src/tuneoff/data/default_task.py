@@ -188,12 +188,24 @@ def default_task_files(config: DefaultTaskConfig = DefaultTaskConfig()) -> Path:
     return target
 
 
+def is_default(data: str) -> bool:
+    """Whether ``data`` names the default task: ``default`` or ``default:PAIRS``."""
+    return data == "default" or data.startswith("default:")
+
+
 def pair_files(data: str, eval_data: str) -> tuple[str, str]:
     """(training file, held-out file) of a preference run; ``default`` names the default task's cached files
-    (built first when missing), whose held-out file is gold-labelled unless ``eval_data`` is given."""
-    if data != "default":
+    (built first when missing), ``default:PAIRS`` the same recipe with PAIRS training pairs (at most one per
+    distinct prompt: SST-2 train has about 22,900 four-word beginnings); the held-out file is the same 500
+    gold-labelled pairs whatever PAIRS, unless ``eval_data`` is given."""
+    from tuneoff.errors import TuneoffError
+
+    if not is_default(data):
         return data, eval_data
-    folder = default_task_files()
+    _, _, count = data.partition(":")
+    if data != "default" and not (count.isdigit() and int(count) > 0):
+        raise TuneoffError(f"--data {data}: expected default or default:PAIRS with PAIRS a positive whole number")
+    folder = default_task_files(DefaultTaskConfig(pairs=int(count)) if count else DefaultTaskConfig())
     return str(folder / TRAIN_FILE), eval_data or str(folder / EVAL_FILE)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import RMConfig
-from tuneoff.data.default_task import pair_files
+from tuneoff.data.default_task import is_default, pair_files
 from tuneoff.data.pairs import split_by_prompt
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import bradley_terry_loss
@@ -221,7 +221,7 @@ def train(config: RMConfig) -> Path:
     # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
     data, eval_data = pair_files(config.data, config.eval_data)
-    if config.data == "default":
+    if is_default(config.data):
         print(f"rm: default task data in {Path(data).parent}")
     train_pairs, summary = tokenize_pairs(data, tokenizer, config)
     if eval_data:
