@@ -54,7 +54,8 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     if temperature == 0:
         token = logits.argmax(-1)  # (B,)
         return token, torch.zeros_like(token, dtype=logits.dtype)
-    logprobs = torch.log_softmax(logits.float() / temperature, -1)  # (B, V)
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits if temperature == 1 else logits / temperature, -1)  # (B, V)
     probs = logprobs.exp()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
@@ -90,15 +91,17 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
 
     B, device = prompt_ids.shape[0], prompt_ids.device
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
-    cache = {cache_argument(model): DynamicCache()}
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-                logits_to_keep=1, **cache)
+    lean = GPT2Decoder(model, prompt_mask, max_new_tokens) if supports(model) else None
+    if lean is not None:  # the same math as transformers' forward, without its per-call overhead
+        logits = lean.prefill(prompt_ids, position_ids)  # (B, V)
+    else:
+        cache = {cache_argument(model): DynamicCache()}
+        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+                       logits_to_keep=1, **cache).logits[:, -1]  # (B, V)
     mask = prompt_mask
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     tokens, logprobs = [], []
     alive = torch.ones(B, dtype=torch.bool, device=device)
-    logits = out.logits[:, -1]  # (B, V)
-    lean = GPT2Decoder(model, next(iter(cache.values())), prompt_mask, max_new_tokens) if supports(model) else None
     for _ in range(max_new_tokens):
         token, logprob = sample_token(logits, temperature, top_p, generator)  # (B,), (B,)
         token = torch.where(alive, token, torch.full_like(token, pad_token_id))
@@ -107,7 +110,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         alive = alive & (token != eos_token_id)
         if not alive.any():
             break
-        if lean is not None:  # the same math as the forward below, without transformers' per-call overhead
+        if lean is not None:
             logits = lean.step(token, next_position[:, 0])
         else:
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)

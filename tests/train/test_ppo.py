@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, kill_after_checkpoint, run_cli
@@ -60,6 +61,40 @@ def test_padding_and_post_eos_tokens_contribute_nothing():
     # and row 0 equals the same sequence without padding
     alone, _ = response_logprobs(model, ids[:1, 2:], mask[:1, 2:], 2, response_mask[:1], 1.0)
     assert torch.allclose(logp[:1], alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2-135m"])
+def test_packed_logprobs_equal_transformers_padded_forward(name):
+    """The padding-free packed forward gives the log-probs and entropies of transformers' own padded forward."""
+    from tuneoff.models.heads import position_ids_from_mask
+    from tuneoff.models.load import load_model
+    from tuneoff.train.policy import pack_rows
+
+    torch.manual_seed(0)
+    model = load_model(name).eval()
+    B, P, R = 6, 5, 7
+    ids = torch.randint(3, 400, (B, P + R))
+    prompt_mask = torch.ones((B, P), dtype=torch.long)
+    prompt_mask[0, :2] = prompt_mask[3, :4] = 0  # left padding
+    lengths = torch.tensor([7, 3, 1, 7, 5, 2])
+    response_mask = (torch.arange(R) < lengths[:, None]).long()
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    packed_ids, positions, where = pack_rows(ids, mask, model.config.pad_token_id)
+    assert packed_ids.numel() < ids.numel() and int((where >= 0).sum()) == int(mask.sum())
+    logp, entropy = response_logprobs(model, ids, mask, P, response_mask, 0.7, with_entropy=True)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, P - 1 : -1].float() / 0.7
+    reference = torch.log_softmax(logits, -1)
+    expected = reference.gather(-1, ids[:, P:, None]).squeeze(-1) * response_mask
+    expected_entropy = -(reference.exp() * reference).sum(-1) * response_mask
+    assert torch.allclose(logp, expected, atol=1e-4) and torch.allclose(entropy, expected_entropy, atol=1e-4)
+
+
+def test_pack_rows_rejects_holes():
+    from tuneoff.train.policy import pack_rows
+
+    with pytest.raises(ValueError, match="contiguous"):
+        pack_rows(torch.ones((1, 4), dtype=torch.long), torch.tensor([[1, 0, 1, 1]]), 0)
 
 
 def test_ppo_smoke_and_metrics(tmp_path):

@@ -156,6 +156,21 @@ def pack(examples: list[Tokenized], max_length: int) -> list[list[Tokenized]]:
     return bins
 
 
+ATTENTION_TOKENS = 768
+"""Row width at which a token's attention costs as much as the rest of its forward and backward, as measured for
+review-gpt's reward model on this CPU (rows of 96 vs 128: 7% faster for 3.5% fewer slots); it weighs filler
+against width in :func:`row_width`."""
+
+
+def row_width(lengths: list[int]) -> int:
+    """The packing width, from the longest sequence to twice that in steps of 8, that minimises the estimated
+    cost slots · (1 + W / ATTENTION_TOKENS) of first-fit-decreasing rows (filler costs as much as a token)."""
+    longest = max(lengths)
+    groups = [Tokenized([0] * n, []) for n in lengths]
+    cost = {w: len(pack(groups, w)) * w * (1 + w / ATTENTION_TOKENS) for w in range(longest, 2 * longest + 1, 8)}
+    return min(cost, key=cost.get)
+
+
 def filler_id(pad_id: int) -> int:
     """The token that fills the end of a packed row: any id but the pad token, so transformers does not take a
     packed batch (no attention mask) for a padded one."""

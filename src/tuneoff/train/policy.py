@@ -77,19 +77,61 @@ def load_scorer(spec: str):
 # ---------------------------------------------------------------- log-probs of responses
 
 
+def pack_rows(full_ids: torch.Tensor, full_mask: torch.Tensor, pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real tokens of each (B, T) row (one contiguous run: left padding, then prompt and response, then
+    masked-out tail) laid end to end into packed rows, padding-free, by first-fit-decreasing bins.
+
+    Returns packed ids and positions (R, W), positions restarting at 0 for each sequence (transformers reads the
+    restarts as boundaries: no token attends across sequences; filler continues the row's last sequence, so no real
+    token sees it), and where (B, T): each real token's flat position in the packed rows, −1 elsewhere."""
+    from tuneoff.data.tokenize import Tokenized, filler_id, pack, row_width
+
+    B, T = full_mask.shape
+    real = full_mask.bool()
+    lengths = real.sum(-1)  # (B,)
+    first = real.int().argmax(-1)  # (B,) first real column
+    column = torch.arange(T, device=full_mask.device)
+    if not bool((real == ((column >= first[:, None]) & (column < (first + lengths)[:, None]))).all()):
+        raise ValueError("each row's real tokens must be one contiguous run (left padding, prompt, response, masked tail)")
+    if not bool((lengths > 0).all()):
+        raise ValueError("a row has no real token")
+    sequences = [Tokenized([0] * int(n), []) for n in lengths]
+    width = row_width([len(q.input_ids) for q in sequences])
+    bins = pack(sequences, width)
+    number = {id(q): b for b, q in enumerate(sequences)}
+    start = torch.zeros(B, dtype=torch.long)  # flat packed position of each sequence's first token
+    ids = torch.full((len(bins), width), filler_id(pad_id if pad_id is not None else -1), dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    for row, members in enumerate(bins):
+        offset = 0
+        for q in members:
+            b, n = number[id(q)], len(q.input_ids)
+            start[b] = row * width + offset
+            ids[row, offset : offset + n] = full_ids[b, first[b] : first[b] + n].cpu()
+            positions[row, offset : offset + n] = torch.arange(n)
+            offset += n
+        last = len(members[-1].input_ids)
+        positions[row, offset:] = torch.arange(last, last + width - offset)
+    where = torch.where(real, start.to(full_mask.device)[:, None] + column - first[:, None], -1)  # (B, T)
+    return ids.to(full_ids.device), positions.to(full_ids.device), where
+
+
 def response_logprobs(model, full_ids: torch.Tensor, full_mask: torch.Tensor, prompt_len: int, response_mask: torch.Tensor,
                       temperature: float, with_entropy: bool = False):
     """log π(y_t | x, y_<t) of the response tokens, and optionally the entropy of π at those positions.
 
     full_ids, full_mask: (B, P + R) left-padded prompt then response; response_mask: (B, R).
-    The LM head runs only on response positions that count (the largest matmul of a small model).
-    Returns logp (B, R) and entropy (B, R) or None; 0 where response_mask is 0.
+    The decoder runs on the real tokens only, packed padding-free (:func:`pack_rows`: on a CPU a pad costs as
+    much as a token, and responses that end early leave many); the LM head runs only on response positions that
+    count (the largest matmul of a small model). Returns logp (B, R) and entropy (B, R) or None; 0 where
+    response_mask is 0.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
-                     use_cache=False).last_hidden_state  # (B, P + R, H)
+    packed_ids, positions, where = pack_rows(full_ids, full_mask, model.config.get_text_config().pad_token_id)
+    hidden = decoder(input_ids=packed_ids, position_ids=positions, use_cache=False).last_hidden_state  # (R, W, H)
     keep = response_mask.bool()  # (B, R)
-    predicting = hidden[:, prompt_len - 1 : -1][keep]  # (N, H): the state before each response token
+    before = where[:, prompt_len - 1 : -1][keep]  # (N,) packed position of the state before each counted token
+    predicting = hidden.reshape(-1, hidden.shape[-1]).index_select(0, before)  # (N, H); index_select: fast backward
     logits = head(predicting).float() / max(temperature, 1e-6)  # (N, V)
     log_softmax = torch.log_softmax(logits, -1)
     targets = full_ids[:, prompt_len:][keep]  # (N,)

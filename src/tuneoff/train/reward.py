@@ -109,37 +109,20 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-ATTENTION_TOKENS = 768
-"""Row width at which a token's attention costs as much as the rest of its forward and backward, as measured for
-review-gpt on this CPU (row width 96 vs 128: 7% faster for 3.5% fewer slots); it weighs filler against width."""
-
-
-def row_width(lengths: list[int]) -> int:
-    """The packing width, from the longest group to twice that in steps of 8, that minimises the estimated cost
-    slots · (1 + W / ATTENTION_TOKENS) of first-fit-decreasing rows (filler costs as much as a token)."""
-    from tuneoff.data.tokenize import Tokenized
-    from tuneoff.data.tokenize import pack as first_fit
-
-    longest = max(lengths)
-    groups = [Tokenized([0] * n, []) for n in lengths]
-    cost = {w: len(first_fit(groups, w)) * w * (1 + w / ATTENTION_TOKENS) for w in range(longest, 2 * longest + 1, 8)}
-    return min(cost, key=cost.get)
-
-
 def pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int = 0, width: int | None = None) -> dict:
     """The B pairs laid into rows of ``width`` tokens, each pair's shared prefix (its prompt) once, no padding.
 
     A pair becomes one group: prefix x, then chosen's tail, then rejected's tail, its positions restarting at len(x)
     for the rejected tail, which attends to x and to itself but never to chosen's tail. So every sequence sees
     exactly what it sees alone (the rewards equal the padded forward's, tested), and the prompt is encoded once
-    instead of twice. Groups go into rows of ``width`` tokens (default :func:`row_width`) by SFT packing's
+    instead of twice. Groups go into rows of ``width`` tokens (default :func:`tuneoff.data.tokenize.row_width`) by SFT packing's
     first-fit bins: rows of bounded width rather than one long row, since attention costs the square of a row's
     length.
 
     Returns packed_ids and packed_positions (R, W), packed_mask (R, 1, W, W) (True: query may attend to key),
     token_index (N,) (where each token of the 2B sequences sits in the flattened rows, chosen sequences first;
     a prefix position appears once for each of its two sequences) and segments (N,) (its sequence, 0..2B-1)."""
-    from tuneoff.data.tokenize import Tokenized, filler_id
+    from tuneoff.data.tokenize import Tokenized, filler_id, row_width
     from tuneoff.data.tokenize import pack as first_fit
 
     B = len(chosen)
