@@ -20,6 +20,27 @@ def test_sft_loss_hand_computed():
     assert abs(sft_loss(logits, targets).item() - expected_sum / 2) < 1e-6
 
 
+def test_sft_loss_gradient_hand_computed_and_equal_to_cross_entropy():
+    """The fused backward: d/dz of Σ NLL is softmax(z) − onehot(y) on counted rows, 0 on ignored ones."""
+    import torch.nn.functional as F
+
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [5.0, -5.0]], requires_grad=True)
+    targets = torch.tensor([1, 0, IGNORE])
+    (2.0 * sft_loss_sum(logits * 1.0, targets)).backward()  # * 1.0: an intermediate, as an LM head's output
+    expected = 2.0 * torch.tensor([[0.5, -0.5], [0.75 - 1.0, 0.25], [0.0, 0.0]])
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+    torch.manual_seed(0)
+    z = torch.randn(7, 50, requires_grad=True)
+    y = torch.randint(0, 50, (7,))
+    y[3] = IGNORE
+    ours = sft_loss_sum(z * 1.0, y)  # z * 1.0: the fused backward overwrites its input, here a temporary
+    ours.backward()
+    reference_z = z.detach().clone().requires_grad_(True)
+    reference = F.cross_entropy(reference_z, y, ignore_index=IGNORE, reduction="sum")
+    reference.backward()
+    assert torch.allclose(ours, reference, atol=1e-5) and torch.allclose(z.grad, reference_z.grad, atol=1e-6)
+
+
 def test_sft_loss_matches_transformers_loss(tiny_tokenizer):
     """Parity: our shifted, masked loss equals transformers' own LM loss with -100 labels."""
     from tuneoff.models.load import load_model

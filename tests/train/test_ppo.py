@@ -72,6 +72,8 @@ def test_packed_logprobs_equal_transformers_padded_forward(name):
 
     torch.manual_seed(0)
     model = load_model(name).eval()
+    if name == "smollm2-135m":
+        model.requires_grad_(False).model.layers[-1].requires_grad_(True)  # gradients of one layer suffice here
     B, P, R = 6, 5, 7
     ids = torch.randint(3, 400, (B, P + R))
     prompt_mask = torch.ones((B, P), dtype=torch.long)
@@ -88,6 +90,14 @@ def test_packed_logprobs_equal_transformers_padded_forward(name):
     expected = reference.gather(-1, ids[:, P:, None]).squeeze(-1) * response_mask
     expected_entropy = -(reference.exp() * reference).sum(-1) * response_mask
     assert torch.allclose(logp, expected, atol=1e-4) and torch.allclose(entropy, expected_entropy, atol=1e-4)
+    # and the gradients through it (the policy's update) equal those through transformers' forward
+    weights = torch.randn(B, R) * response_mask
+    (logp * weights).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, P - 1 : -1].float() / 0.7
+    (torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None]).squeeze(-1) * weights).sum().backward()
+    assert ours and all(torch.allclose(ours[n], p.grad, atol=1e-4, rtol=1e-3) for n, p in model.named_parameters() if n in ours)
 
 
 def test_pack_rows_rejects_holes():

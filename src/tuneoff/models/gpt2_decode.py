@@ -28,6 +28,38 @@ def supports(model) -> bool:
     return bool(plain) and not dropout_live
 
 
+def block_forward(block, x: torch.Tensor, mask: torch.Tensor, heads: int, eps: float, kv: torch.Tensor | None = None) -> torch.Tensor:
+    """One GPT-2 block over whole sequences: x (B, T, C), mask (B, 1, T, T) bool (True: the query sees the key)
+    -> (B, T, C). Writes the keys and values into ``kv`` (2, B, H, T, D) when given."""
+    B, T, C = x.shape
+    attn, mlp = block.attn, block.mlp
+    h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, eps)
+    qkv = torch.addmm(attn.c_attn.bias, h.view(B * T, C), attn.c_attn.weight).view(B, T, 3, heads, C // heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, D) each
+    if kv is not None:
+        kv[0], kv[1] = k, v
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B * T, C)  # (B·T, C)
+    x = torch.addmm(attn.c_proj.bias, a, attn.c_proj.weight).view(B, T, C) + x
+    h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, eps).view(B * T, C)
+    h = F.gelu(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), approximate="tanh")  # gelu_new
+    return torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight).view(B, T, C) + x
+
+
+def packed_hidden_states(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after ln_f) of padding-free packed rows (R, W), positions restarting at 0 for each
+    sequence (filler continuing the last one): what ``model.transformer(input_ids=, position_ids=)`` returns,
+    without its per-call work. Autograd flows through it as through the module."""
+    transformer, config = model.transformer, model.config
+    R, W = input_ids.shape
+    segment = (position_ids == 0).cumsum(-1)  # (R, W) which sequence of its row each position belongs to
+    causal = torch.ones((W, W), dtype=torch.bool, device=input_ids.device).tril()
+    mask = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]  # (R, 1, W, W)
+    x = transformer.wte(input_ids) + transformer.wpe(position_ids)  # (R, W, C)
+    for block in transformer.h:
+        x = block_forward(block, x, mask, config.n_head, config.layer_norm_epsilon)
+    return transformer.ln_f(x)
+
+
 class GPT2Decoder:
     """Decode state for one batch: key/value buffers (L, 2, B, H, T, D) and the attention mask over them."""
 
@@ -53,17 +85,7 @@ class GPT2Decoder:
         mask = (self.allowed[..., :P] & causal) | torch.eye(P, dtype=torch.bool, device=prompt_ids.device)  # (B, 1, P, P)
         x = self.wte[prompt_ids] + self.wpe[positions]  # (B, P, C)
         for i, block in enumerate(self.blocks):
-            attn, mlp = block.attn, block.mlp
-            h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            qkv = torch.addmm(attn.c_attn.bias, h.view(B * P, C), attn.c_attn.weight).view(B, P, 3, H, C // H)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, P, D) each
-            self.kv[i, 0, :, :, :P] = k
-            self.kv[i, 1, :, :, :P] = v
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(B * P, C)  # (B·P, C)
-            x = torch.addmm(attn.c_proj.bias, a, attn.c_proj.weight).view(B, P, C) + x
-            h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, self.eps).view(B * P, C)
-            h = F.gelu(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), approximate="tanh")  # gelu_new
-            x = torch.addmm(mlp.c_proj.bias, h, mlp.c_proj.weight).view(B, P, C) + x
+            x = block_forward(block, x, mask, H, self.eps, self.kv[i, :, :, :, :P])
         self.length = P
         return F.layer_norm(x[:, -1], (C,), self.ln_f.weight, self.ln_f.bias, self.eps) @ self.lm_head.t()  # (B, V)
 

@@ -122,17 +122,25 @@ def response_logprobs(model, full_ids: torch.Tensor, full_mask: torch.Tensor, pr
 
     full_ids, full_mask: (B, P + R) left-padded prompt then response; response_mask: (B, R).
     The decoder runs on the real tokens only, packed padding-free (:func:`pack_rows`: on a CPU a pad costs as
-    much as a token, and responses that end early leave many); the LM head runs only on response positions that
+    much as a token, and responses that end early leave many; a plain GPT-2 takes the lean path of
+    :mod:`tuneoff.models.gpt2_decode`); the LM head runs only on response positions that
     count (the largest matmul of a small model). Returns logp (B, R) and entropy (B, R) or None; 0 where
     response_mask is 0.
     """
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    from tuneoff.models import gpt2_decode
+
+    head = model.get_output_embeddings()
     packed_ids, positions, where = pack_rows(full_ids, full_mask, model.config.get_text_config().pad_token_id)
-    hidden = decoder(input_ids=packed_ids, position_ids=positions, use_cache=False).last_hidden_state  # (R, W, H)
+    if gpt2_decode.supports(model):  # the same math as transformers' GPT-2, without its per-call work
+        hidden = gpt2_decode.packed_hidden_states(model, packed_ids, positions)  # (R, W, H)
+    else:
+        hidden = model.get_decoder()(input_ids=packed_ids, position_ids=positions, use_cache=False).last_hidden_state
     keep = response_mask.bool()  # (B, R)
     before = where[:, prompt_len - 1 : -1][keep]  # (N,) packed position of the state before each counted token
     predicting = hidden.reshape(-1, hidden.shape[-1]).index_select(0, before)  # (N, H); index_select: fast backward
-    logits = head(predicting).float() / max(temperature, 1e-6)  # (N, V)
+    logits = head(predicting).float()  # (N, V)
+    if temperature != 1:  # a division by 1 is a full pass over (N, V) for nothing
+        logits = logits / max(temperature, 1e-6)
     log_softmax = torch.log_softmax(logits, -1)
     targets = full_ids[:, prompt_len:][keep]  # (N,)
     logp = torch.zeros(response_mask.shape, dtype=torch.float32, device=full_ids.device)

@@ -35,9 +35,10 @@ class TokenLoss(torch.nn.Module):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).last_hidden_state  # (B, T, H)
         targets = shift_targets(labels)  # (B, T)
-        keep = targets != IGNORE
-        logits = head(hidden[keep])  # (N, V)
-        return sft_loss_sum(logits, targets[keep]), keep.sum()
+        keep = (targets != IGNORE).view(-1).nonzero().squeeze(-1)  # (N,) flat positions with a target
+        # index_select, not a boolean mask: its backward (index_add) is many times faster on a CPU than index_put
+        logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep))  # (N, V)
+        return sft_loss_sum(logits, targets.view(-1)[keep]), keep.new_tensor(len(keep))
 
 
 def _examples(path: str, tokenizer, config: SFTConfig):
