@@ -147,7 +147,8 @@ METHOD = """\
   window runs from its end to the end of the last unit, so model loading, tokenization and one-off reference
   passes are excluded. `s / unit` is the window over its units; `wall s` is the whole child, start to exit.
 - Tokens: the decoder classes (GPT-2, Llama) are wrapped to count the real (attention-mask) tokens of every
-  call, in both frameworks alike: with autograd on (training forward + backward) or off (generation, reference,
+  call, in both frameworks alike (and tuneoff's lean GPT-2 paths, which do that work without calling them: the
+  packed RL passes, the prefill and each decode step): with autograd on (training forward + backward) or off (generation, reference,
   critic/value, reward passes); a packed row (SFT packing, reward-model pairs sharing their prompt) counts every
   slot, filler included, and a shared prompt once. SFT tokens/s = training tokens (prompt + completion, no
   padding); pairs/s = optimizer steps × batch size (8 pairs per step in both, no accumulation); episodes/s and new

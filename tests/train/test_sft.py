@@ -117,3 +117,26 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, small_data):
     assert len(losses_one) == len(losses_two) == 8
     # Same micro-batches, token-weighted: only floating-point reduction order differs.
     assert max(abs(a - b) for a, b in zip(losses_one, losses_two)) < 1e-4
+
+
+def test_training_runs_in_train_mode_without_evaluation(tmp_path, monkeypatch):
+    """from_pretrained returns a model in eval mode: training must switch it (dropout as configured, as TRL)
+    even when no evaluation ever runs (which used to be the only place that called .train())."""
+    import tuneoff.models.load as load
+    from tuneoff.config import SFTConfig
+    from tuneoff.train import sft
+
+    modes = []
+    original = load.load_model
+
+    def recording(*args, **kwargs):
+        model = original(*args, **kwargs)
+        model.get_decoder().register_forward_pre_hook(lambda module, _: modes.append(module.training))
+        return model
+
+    monkeypatch.setattr(load, "load_model", recording)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(f'{{"prompt": "p{i}", "completion": " c{i} ok"}}\n' for i in range(8)))
+    sft.train(SFTConfig(model="tiny", data=str(data), out=str(tmp_path / "run"), max_steps=2, batch_size=4,
+                        eval_fraction=0.0, save_every=100))
+    assert modes and all(modes)

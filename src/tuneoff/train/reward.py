@@ -250,6 +250,7 @@ def train(config: RMConfig) -> Path:
 
     metrics: dict = {}
     start, pairs_seen = time.perf_counter(), 0
+    model.train()  # from_pretrained leaves it in eval mode (dropout, if not disabled, as its config says)
     bar = common.progress(total_steps, step, "rm", enabled=is_main)
     while step < total_steps:
         mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]

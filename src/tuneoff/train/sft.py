@@ -132,6 +132,7 @@ def train(config: SFTConfig) -> Path:
 
     model_for_saving = accelerator.unwrap_model(loss_model).model
     speed = common.Throughput()
+    loss_model.train()  # from_pretrained leaves it in eval mode: dropout as its config says, as in TRL
     bar = common.progress(total_steps, step, "sft", enabled=is_main)
     while step < total_steps:
         mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]
