@@ -78,6 +78,22 @@ def test_packed_forward_equals_padded_forward(pooling):
                                                wide["segments"], 4, wide["packed_mask"]), packed, atol=1e-5)
 
 
+def test_packed_pairs_on_a_llama_backbone():
+    """SmolLM2 (Llama: rotary positions, its own mask path) reads the shared-prefix layout the same way."""
+    from tuneoff.models.load import load_model
+    from tuneoff.train.reward import pack
+
+    torch.manual_seed(0)
+    model = RewardModel(load_model("smollm2-135m"), pooling="last").eval()
+    chosen, rejected = [[5, 6, 7, 8, 9], [11, 12]], [[5, 6, 7, 20], [11, 12, 21, 22]]
+    batch = pack(chosen, rejected, pad_id=2)
+    with torch.no_grad():
+        packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
+                                      4, batch["packed_mask"])
+        padded = model(*pad_right(chosen + rejected, pad_id=2))
+    assert torch.allclose(packed, padded, atol=1e-4)
+
+
 def test_shared_prefix_leaves_each_sequence_a_token():
     from tuneoff.train.reward import shared_prefix
 
