@@ -37,9 +37,9 @@ from tuneoff.errors import TuneoffError
 FORMAT_VERSION = 1
 """Bump when what a job computes changes: it is part of every job key."""
 METHODS = ("base", "sft", "ppo", "grpo", "rloo", "dpo")
+"""What an arm can be; `init` chains them (sft+ppo = ppo with init: sft)."""
 RL_METHODS = ("ppo", "grpo", "rloo")
 """The online RL methods: they need a proxy reward model."""
-"""What an arm can be; `init` chains them (sft+ppo = ppo with init: sft)."""
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "experiments"
 
 
@@ -254,7 +254,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
     judge = add("judge", "gold" if config.judge == "gold" else "rm",
                 {"role": "judge", "data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
                 if config.judge == "rm" else {}, [pairs] if config.judge == "rm" and real and not config.judge_data else [], None, 0.3)
-    needs_pairs = any(a["method"] in ("ppo", "grpo", "rloo", "dpo") for a in config.arms.values())
+    needs_pairs = any(a["method"] in (*RL_METHODS, "dpo") for a in config.arms.values())
     if needs_pairs and not real:
         if "train" in config.feedback:
             pairs = add("pairs", "pair_files", {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},

@@ -96,7 +96,7 @@ def pack_rows(full_ids: torch.Tensor, full_mask: torch.Tensor, pad_id: int | Non
     if not bool((lengths > 0).all()):
         raise ValueError("a row has no real token")
     sequences = [Tokenized([0] * int(n), []) for n in lengths]
-    width = row_width([len(q.input_ids) for q in sequences])
+    width = row_width(lengths.tolist())
     bins = pack(sequences, width)
     number = {id(q): b for b, q in enumerate(sequences)}
     start = torch.zeros(B, dtype=torch.long)  # flat packed position of each sequence's first token
