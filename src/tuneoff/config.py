@@ -201,9 +201,11 @@ class RMConfig(TrainConfig):
     """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
     task's pairs of review-gpt continuations labelled by simulated annotators, with a held-out split labelled by
     the gold judge (built once and cached; see tuneoff.data.default_task); `default:PAIRS` the same with PAIRS
-    training pairs (4000 by default)."""
+    training pairs (4000 by default), `default:KEY=VALUE,...` other settings of it (e.g.
+    `default:pairs=60000,responses=4`: four responses per prompt, all six pairs labelled)."""
     batch_size: int = 8
-    """Preference pairs per micro-batch per process (each pair is two sequences, run in one forward)."""
+    """Preference pairs per micro-batch per process (run in one forward; a prompt's pairs stay in one
+    micro-batch, and a response several of them compare is one sequence)."""
     lr: float = 1e-5
     """Peak learning rate of AdamW."""
     overlong: str = "truncate"
@@ -243,7 +245,7 @@ class DPOConfig(TrainConfig):
     data: str = ""
     """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
     task's pairs (see tuneoff.data.default_task; held out: its gold-labelled pairs); `default:PAIRS` with PAIRS
-    training pairs (4000 by default)."""
+    training pairs (4000 by default), `default:KEY=VALUE,...` other settings of it."""
     batch_size: int = 8
     """Preference pairs per micro-batch per process (chosen and rejected run in one forward: 2× rows)."""
     lr: float = 1e-5

@@ -1,5 +1,7 @@
 """The default task's label-noise knob (flip_rate)."""
 
+import json
+
 import pytest
 
 from tuneoff.data.default_task import DefaultTaskConfig, cache_key, flip_labels
@@ -39,3 +41,78 @@ def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_pat
     for bad in ("default:", "default:0", "default:2k"):
         with pytest.raises(TuneoffError, match="default:PAIRS"):
             default_task.pair_files(bad, "")
+
+
+def test_task_config_reads_key_value_settings():
+    from tuneoff.data.default_task import task_config
+    from tuneoff.errors import TuneoffError
+
+    assert task_config("default") == DefaultTaskConfig()
+    assert task_config("default:123") == DefaultTaskConfig(pairs=123)
+    assert task_config("default:pairs=60000,responses=4") == DefaultTaskConfig(pairs=60000, responses=4)
+    assert task_config("default:temperature=0.5, flip_rate=0.1") == DefaultTaskConfig(temperature=0.5, flip_rate=0.1)
+    for bad, message in [("default:colour=red", "unknown setting 'colour'"), ("default:pairs=many", "not a whole number"),
+                         ("default:responses=1", "responses at least 2"), ("default:temperature=hot", "not a number")]:
+        with pytest.raises(TuneoffError, match=message):
+            task_config(bad)
+
+
+def test_responses_two_keeps_the_cache_key_the_recipe_had_before_the_knob():
+    import dataclasses
+    import hashlib
+    import json
+
+    from tuneoff.data.default_task import FORMAT_VERSION
+    from tuneoff.models.load import resolve
+
+    config = DefaultTaskConfig(pairs=32000)
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "responses"}
+    digest = hashlib.sha256(json.dumps({"config": settings, "format": FORMAT_VERSION}, sort_keys=True).encode())
+    for weights in sorted(resolve(config.model).glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    assert cache_key(config) == digest.hexdigest()[:16]
+    assert cache_key(DefaultTaskConfig(pairs=32000, responses=4)) != cache_key(config)
+
+
+def test_all_pairs_takes_every_pair_of_a_prompts_responses():
+    from tuneoff.data.default_task import all_pairs
+
+    groups = [("p", ["a", "b", "c", "d"]), ("q", ["x", "x", " ", "y"])]
+    assert all_pairs(groups) == [("p", "a", "b"), ("p", "a", "c"), ("p", "a", "d"), ("p", "b", "c"), ("p", "b", "d"),
+                                 ("p", "c", "d"), ("q", "x", "y"), ("q", "x", "y")]  # equal and empty pairs skipped
+
+
+def test_build_with_k_responses_holds_out_the_k2_samples(monkeypatch, tmp_path):
+    """K = 4: held-out pairs are what the K = 2 build samples for the same prompts; training pairs are all six
+    pairs of each later prompt, labelled by the panel in turn, up to ``pairs``."""
+    from tuneoff.data import default_task
+
+    prompts = [f"prompt {i}" for i in range(40)]
+    calls = []
+
+    def fake_sample(model, chunk, count, max_new_tokens, seed, batch_size=256):
+        calls.append((list(chunk), count))
+        return [(p, [f"{p} reply {count}-{k} " + "good " * k for k in range(count)]) for p in chunk]
+
+    class Judge:
+        info = {"key": "fake"}
+
+        def logit(self, texts):
+            import numpy as np
+
+            return np.array([float(t.count("good")) for t in texts])
+
+    monkeypatch.setattr(default_task, "train_prompts", lambda words, seed: prompts)
+    monkeypatch.setattr(default_task, "sample_responses", fake_sample)
+    monkeypatch.setattr("tuneoff.feedback.gold.load_gold_judge", lambda: Judge())
+    config = DefaultTaskConfig(pairs=50, responses=4, eval_pairs=10)
+    folder = default_task.build(config, tmp_path)
+    # held-out: one K = 2 call over the first generate batch (all 10 + 50 prompts fit in it), cut to 10 prompts
+    assert calls[0] == (prompts[:60], 2)
+    assert calls[1] == (prompts[10:19], 4)  # ceil(50 / 6) = 9 prompts after the held-out ones
+    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (folder / "eval_gold.jsonl").read_text().splitlines()]
+    assert len(train) == 50 and {r["prompt"] for r in train} == set(prompts[10:19])
+    assert [r["prompt"] for r in held] == prompts[:10] and all(r["chosen"].endswith("good ") for r in held)
+    assert len({r["annotator"] for r in train}) == 4
+    assert json.loads((folder / "info.json").read_text())["train_pairs"] == 50

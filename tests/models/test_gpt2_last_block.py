@@ -36,14 +36,14 @@ def test_last_block_at_positions_equals_the_full_forward(name):
 def test_reward_model_takes_the_short_path_only_when_it_is_exact(monkeypatch):
     """Last-token pooling of a plain GPT-2 uses it; mean pooling, live dropout and LoRA take the full forward."""
     from tuneoff.models.load import apply_lora, load_model
-    from tuneoff.train.reward import pack
+    from tuneoff.train.reward import pair_pack
 
     calls = []
     original = gpt2_last_block.at_positions
     monkeypatch.setattr(gpt2_last_block, "at_positions", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
     chosen, rejected = [[5, 6, 7, 8], [9, 10]], [[5, 6, 11], [9, 12, 13]]
-    batch = pack(chosen, rejected, pad_id=1)
+    batch = pair_pack(chosen, rejected, pad_id=1)
     args = (batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], 4, batch["packed_mask"])
     plain = RewardModel(load_model("tiny"), pooling="last").eval()
     assert torch.allclose(plain.forward_packed(*args), plain(*pad_right(chosen + rejected, pad_id=1)), atol=1e-5)

@@ -52,13 +52,13 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
 def test_packed_forward_equals_padded_forward(pooling):
     """Pairs packed with their shared prefix once (rejected's tail blind to chosen's) give the padded batch's rewards."""
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import pack
+    from tuneoff.train.reward import pair_pack
 
     torch.manual_seed(0)
     model = RewardModel(load_model("tiny"), pooling=pooling).eval()
     chosen = [[5, 6, 7, 8, 9], [11, 12]]
     rejected = [[5, 6, 7, 20], [11, 12, 21, 22]]  # prefixes [5, 6, 7] and [11] (12 is chosen's last: its own)
-    batch = pack(chosen, rejected, pad_id=1, width=8)
+    batch = pair_pack(chosen, rejected, pad_id=1, width=8)
     # groups [5 6 7 8 9 20] (6 tokens) and [11 12 12 21 22] (5): first-fit decreasing into rows of 8, one per row
     assert batch["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 20, 0, 0], [11, 12, 12, 21, 22, 0, 0, 0]]
     assert batch["packed_positions"][:, :6].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 1, 2, 3, 0]]
@@ -72,7 +72,7 @@ def test_packed_forward_equals_padded_forward(pooling):
     packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
                                   len(rows), batch["packed_mask"])
     assert torch.allclose(packed, model(*pad_right(rows, pad_id=1)), atol=1e-5)
-    wide = pack(chosen, rejected, pad_id=1, width=32)  # both groups in one row, filler at its end
+    wide = pair_pack(chosen, rejected, pad_id=1, width=32)  # both groups in one row, filler at its end
     assert wide["packed_ids"].shape == (1, 32)
     assert torch.allclose(model.forward_packed(wide["packed_ids"], wide["packed_positions"], wide["token_index"],
                                                wide["segments"], 4, wide["packed_mask"]), packed, atol=1e-5)
@@ -81,17 +81,41 @@ def test_packed_forward_equals_padded_forward(pooling):
 def test_packed_pairs_on_a_llama_backbone():
     """SmolLM2 (Llama: rotary positions, its own mask path) reads the shared-prefix layout the same way."""
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import pack
+    from tuneoff.train.reward import pair_pack
 
     torch.manual_seed(0)
     model = RewardModel(load_model("smollm2-135m"), pooling="last").eval()
     chosen, rejected = [[5, 6, 7, 8, 9], [11, 12]], [[5, 6, 7, 20], [11, 12, 21, 22]]
-    batch = pack(chosen, rejected, pad_id=2)
+    batch = pair_pack(chosen, rejected, pad_id=2)
     with torch.no_grad():
         packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
                                       4, batch["packed_mask"])
         padded = model(*pad_right(chosen + rejected, pad_id=2))
     assert torch.allclose(packed, padded, atol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_a_group_of_three_responses_packs_its_prompt_once(pooling):
+    """K responses of one prompt: the prefix once, then each tail, every tail blind to the others' tails."""
+    from tuneoff.models.load import load_model
+    from tuneoff.train.reward import pack
+
+    torch.manual_seed(0)
+    model = RewardModel(load_model("tiny"), pooling=pooling).eval()
+    sequences = [[5, 6, 7, 8], [5, 6, 9], [5, 6, 7, 10, 11], [30, 31]]  # 0-2 share the prompt [5, 6]; 3 alone
+    batch = pack(sequences, [[0, 1, 2], [3]], pad_id=1, width=12)
+    # run [5 6 | 7 8 | 9 | 7 10 11] (8 tokens) and [30 31] (2): both fit one row of 12
+    assert batch["packed_ids"].tolist() == [[5, 6, 7, 8, 9, 7, 10, 11, 30, 31, 0, 0]]
+    assert batch["packed_positions"][0, :10].tolist() == [0, 1, 2, 3, 2, 2, 3, 4, 0, 1]
+    mask = batch["packed_mask"][0, 0].int().tolist()
+    assert mask[4] == [1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]  # 9 sees the prompt and itself only
+    assert mask[7] == [1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0]  # 11: the prompt, then its own 7 10
+    assert mask[9] == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0]  # the lone sequence: plain causal within itself
+    assert batch["token_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 0, 1, 5, 6, 7, 8, 9]
+    assert batch["segments"].tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 2
+    packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
+                                  4, batch["packed_mask"])
+    assert torch.allclose(packed, model(*pad_right(sequences, pad_id=1)), atol=1e-5)
 
 
 def test_shared_prefix_leaves_each_sequence_a_token():

@@ -143,3 +143,48 @@ def test_smollm2_lora_on_real_hh_rlhf_pairs(tmp_path):
     # SmolLM2 pads with its EOS: the case the mask-based last-token gather exists for.
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def _batch_pairs(batch) -> list[tuple[list[int], list[int]]]:
+    """(chosen, rejected) token lists of a batch's pairs, read back from its distinct sequences."""
+    sequences = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return [(sequences[c], sequences[r]) for c, r in zip(batch["chosen_index"].tolist(), batch["rejected_index"].tolist())]
+
+
+def test_batches_score_each_response_once_and_keep_a_prompts_pairs_together():
+    """K responses of a prompt with all pairs labelled: one micro-batch, each response one sequence; the rewards
+    and the Bradley–Terry loss are those of every pair through the padded forward alone."""
+    from tuneoff.losses import bradley_terry_loss
+    from tuneoff.models.heads import RewardModel, pad_right
+    from tuneoff.models.load import load_model
+    from tuneoff.train.reward import TokenizedPair, make_batches, pair_rewards
+
+    a1, a2, a3 = [5, 6, 7], [5, 6, 8, 9], [5, 6, 10]  # prompt "a" = [5, 6]: three responses, all three pairs
+    b1, b2, c1, c2 = [11, 12], [11, 13], [20, 21, 22], [20, 23]
+    def pair(chosen, rejected, prompt):
+        return TokenizedPair(chosen, rejected, len(chosen) - 2, len(rejected) - 2, 0.0, prompt)
+    pairs = [pair(a1, a2, "a"), pair(b1, b2, "b"), pair(a3, a1, "a"), pair(c1, c2, "c"), pair(a2, a3, "a")]
+    whole, = make_batches(pairs, batch_size=5, pad_id=1, seed=0, epoch=0)
+    assert whole["input_ids"].shape[0] == 7  # a1 a2 a3 b1 b2 c1 c2: 7 sequences for 10 sides of 5 pairs
+    assert sorted(_batch_pairs(whole)) == sorted((p.chosen, p.rejected) for p in pairs)
+    for seed in range(6):  # the three pairs of "a" sit next to each other in every epoch's order
+        order = [pr for b in make_batches(pairs, batch_size=2, pad_id=1, seed=seed, epoch=1) for pr in _batch_pairs(b)]
+        where = [i for i, (chosen, _) in enumerate(order) if chosen[:2] == [5, 6]]
+        assert where == list(range(where[0], where[0] + 3))
+
+    torch.manual_seed(0)
+    model = RewardModel(load_model("tiny"), pooling="mean").eval()
+    r_chosen, r_rejected = pair_rewards(model, whole)  # (5,), (5,)
+    alone = [model(*pad_right([c, r], pad_id=1)) for c, r in _batch_pairs(whole)]  # each (2,)
+    assert torch.allclose(r_chosen, torch.stack([x[0] for x in alone]), atol=1e-5)
+    assert torch.allclose(r_rejected, torch.stack([x[1] for x in alone]), atol=1e-5)
+    assert torch.isclose(bradley_terry_loss(r_chosen, r_rejected), bradley_terry_loss(*torch.stack(alone).T), atol=1e-6)
+
+
+def test_one_pair_per_prompt_keeps_the_plain_seeded_order():
+    from tuneoff.train.reward import TokenizedPair, make_batches
+
+    pairs = [TokenizedPair([i, 2, 3], [i, 4], 2, 1, 0.0, f"p{i}") for i in range(5, 15)]
+    order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1000 + 2)).tolist()
+    got = [chosen for b in make_batches(pairs, batch_size=4, pad_id=1, seed=3, epoch=2) for chosen, _ in _batch_pairs(b)]
+    assert got == [pairs[i].chosen for i in order]

@@ -2,8 +2,10 @@
 
 1. Prompts: the first ``prompt_words`` words of distinct SST-2 *train* sentences (dev and test stay for the
    demo's held-out prompts), shuffled by ``seed``; the first ``eval_pairs`` prompts are held out.
-2. Responses: two sampled continuations per prompt from ``review-gpt`` (temperature 1, top-p 1, at most
-   ``max_new_tokens`` tokens, stopping at EOS).
+2. Responses: ``responses`` (K) sampled continuations per training prompt from ``review-gpt`` (temperature 1,
+   top-p 1, at most ``max_new_tokens`` tokens, stopping at EOS); every pair of them that differs (and is not
+   empty) is a training pair, K(K − 1)/2 per prompt, up to ``pairs`` in all. Held-out prompts get two
+   continuations each, sampled as the K = 2 build samples them (the held-out pairs do not depend on K).
 3. Training labels: a panel of ``annotators`` simulated annotators (:mod:`tuneoff.feedback.simulate`), pair i
    judged by annotator i mod n, each choosing by a Bradley–Terry draw on the gold judge's logits of the
    whole review (prompt + continuation) with temperature ``temperature`` and length bias ``length_bias``;
@@ -26,7 +28,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import itertools
 import json
+import math
 import random
 import shutil
 import tempfile
@@ -43,7 +47,12 @@ class DefaultTaskConfig:
     """Knobs of the default task's preference data."""
 
     pairs: int = 4000
-    """Training pairs (one per prompt) before dropping pairs with an empty or duplicate continuation."""
+    """Training pairs before dropping pairs with an empty or duplicate continuation: K(K − 1)/2 per prompt, so
+    ⌈pairs / (K(K − 1)/2)⌉ training prompts, at most every distinct beginning (about 22,400 after the held-out)."""
+    responses: int = 2
+    """K: continuations sampled per training prompt; all K(K − 1)/2 pairs of them are labelled. Each response
+    in more comparisons teaches a reward model more per sequence it reads (tuneoff rm scores a response once
+    per micro-batch, however many pairs compare it)."""
     eval_pairs: int = 500
     """Held-out pairs (their prompts are not among the training prompts), labelled by the gold judge."""
     prompt_words: int = 4
@@ -74,8 +83,9 @@ def train_prompts(words: int, seed: int) -> list[str]:
     return prompts
 
 
-def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 256) -> list[tuple[str, str, str]]:
-    """(prompt, first, second): two sampled continuations of each prompt (decoded, special tokens dropped)."""
+def sample_responses(model_name: str, prompts: list[str], count: int, max_new_tokens: int, seed: int,
+                     batch_size: int = 256) -> list[tuple[str, list[str]]]:
+    """(prompt, responses): ``count`` sampled continuations of each prompt (decoded, special tokens dropped)."""
     import torch
 
     from tuneoff.models.load import load_model_and_tokenizer
@@ -85,17 +95,28 @@ def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed:
     model.eval().to(device)
     tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
     torch.manual_seed(seed)
-    pairs = []
+    groups = []
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
             generated = model.generate(**encoded, do_sample=True, top_p=1.0, top_k=0, temperature=1.0,
-                                       max_new_tokens=max_new_tokens, num_return_sequences=2,
+                                       max_new_tokens=max_new_tokens, num_return_sequences=count,
                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            pairs += [(prompt, texts[2 * i], texts[2 * i + 1]) for i, prompt in enumerate(chunk)]
-    return pairs
+            groups += [(prompt, texts[count * i : count * (i + 1)]) for i, prompt in enumerate(chunk)]
+    return groups
+
+
+def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 256) -> list[tuple[str, str, str]]:
+    """(prompt, first, second): two sampled continuations of each prompt."""
+    return [(p, a, b) for p, (a, b) in sample_responses(model_name, prompts, 2, max_new_tokens, seed, batch_size)]
+
+
+def all_pairs(groups: list[tuple[str, list[str]]]) -> list[tuple[str, str, str]]:
+    """(prompt, a, b) for every pair of a prompt's responses (in sampling order), skipping empty and equal ones."""
+    return [(prompt, a, b) for prompt, responses in groups for a, b in itertools.combinations(responses, 2)
+            if a.strip() and b.strip() and a != b]
 
 
 def flip_labels(records: list[dict], rate: float, seed: int) -> list[dict]:
@@ -139,11 +160,21 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     judge = load_gold_judge()
-    prompts = train_prompts(config.prompt_words, config.seed)[: config.eval_pairs + config.pairs]
+    if config.responses < 2:
+        raise ValueError(f"responses must be at least 2, got {config.responses}")
+    per_prompt = math.comb(config.responses, 2)
+    prompts = train_prompts(config.prompt_words, config.seed)
     start = time.perf_counter()
-    pairs = sample_pairs(config.model, prompts, config.max_new_tokens, config.seed)
+    if config.responses == 2:
+        pairs = sample_pairs(config.model, prompts[: config.eval_pairs + config.pairs], config.max_new_tokens, config.seed)
+        held_out, training = pairs[: config.eval_pairs], pairs[config.eval_pairs :]
+    else:  # held-out: the K = 2 build's samples (its first generate batches, sampled the same way), then K per prompt
+        span = min(len(prompts), config.eval_pairs + config.pairs, -(-config.eval_pairs // 256) * 256)
+        held_out = sample_pairs(config.model, prompts[:span], config.max_new_tokens, config.seed)[: config.eval_pairs]
+        chosen = prompts[config.eval_pairs : config.eval_pairs + math.ceil(config.pairs / per_prompt)]
+        training = all_pairs(sample_responses(config.model, chosen, config.responses, config.max_new_tokens, config.seed))
+        training = training[: config.pairs]
     generation_s = time.perf_counter() - start
-    held_out, training = pairs[: config.eval_pairs], pairs[config.eval_pairs :]
     panel = make_annotators(config.annotators, temperature=config.temperature, length_bias=config.length_bias,
                             seed=config.seed)
     train_records = flip_labels(simulate_preferences(training, panel, judge.logit, shuffle_order=True), config.flip_rate, config.seed)
@@ -163,7 +194,10 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
 def cache_key(config: DefaultTaskConfig) -> str:
     from tuneoff.models.load import resolve
 
-    digest = hashlib.sha256(json.dumps({"config": dataclasses.asdict(config), "format": FORMAT_VERSION}, sort_keys=True).encode())
+    settings = dataclasses.asdict(config)
+    if settings["responses"] == 2:  # the recipe before K existed: its caches keep their keys
+        del settings["responses"]
+    digest = hashlib.sha256(json.dumps({"config": settings, "format": FORMAT_VERSION}, sort_keys=True).encode())
     for weights in sorted(resolve(config.model).glob("*.safetensors")):
         digest.update(weights.read_bytes())
     return digest.hexdigest()[:16]
@@ -189,23 +223,49 @@ def default_task_files(config: DefaultTaskConfig = DefaultTaskConfig()) -> Path:
 
 
 def is_default(data: str) -> bool:
-    """Whether ``data`` names the default task: ``default`` or ``default:PAIRS``."""
+    """Whether ``data`` names the default task: ``default``, ``default:PAIRS`` or ``default:KEY=VALUE,...``."""
     return data == "default" or data.startswith("default:")
+
+
+def task_config(data: str) -> DefaultTaskConfig:
+    """The settings ``data`` names: ``default``; ``default:PAIRS`` (that many training pairs); or
+    ``default:KEY=VALUE,...`` with fields of :class:`DefaultTaskConfig` (e.g. ``default:pairs=72000,responses=4``)."""
+    from tuneoff.errors import TuneoffError
+
+    _, _, spec = data.partition(":")
+    if data == "default":
+        return DefaultTaskConfig()
+    if spec.isdigit() and int(spec) > 0:
+        return DefaultTaskConfig(pairs=int(spec))
+    if "=" not in spec:
+        raise TuneoffError(f"--data {data}: expected default, default:PAIRS with PAIRS a positive whole number, "
+                           "or default:KEY=VALUE,... (e.g. default:pairs=72000,responses=4)")
+    types = {f.name: f.type for f in dataclasses.fields(DefaultTaskConfig)}
+    settings: dict = {}
+    for item in spec.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in types:
+            raise TuneoffError(f"--data {data}: unknown setting {key!r}; known: {', '.join(types)}")
+        kind = {"int": int, "float": float}.get(types[key], str)
+        try:
+            settings[key] = kind(value.strip())
+        except ValueError:
+            raise TuneoffError(f"--data {data}: {key}={value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if settings.get("pairs", 1) < 1 or settings.get("responses", 2) < 2:
+        raise TuneoffError(f"--data {data}: pairs must be positive and responses at least 2")
+    return DefaultTaskConfig(**settings)
 
 
 def pair_files(data: str, eval_data: str) -> tuple[str, str]:
     """(training file, held-out file) of a preference run; ``default`` names the default task's cached files
-    (built first when missing), ``default:PAIRS`` the same recipe with PAIRS training pairs (at most one per
-    distinct prompt: SST-2 train has about 22,900 four-word beginnings); the held-out file is the same 500
-    gold-labelled pairs whatever PAIRS, unless ``eval_data`` is given."""
-    from tuneoff.errors import TuneoffError
-
+    (built first when missing), ``default:PAIRS`` or ``default:KEY=VALUE,...`` other settings of it
+    (:func:`task_config`; one pair per prompt allows about 22,400 pairs, ``responses=K`` K(K − 1)/2 per
+    prompt); the held-out file is the same 497 gold-labelled pairs whatever the training pairs (unless a
+    setting changes the prompts, sampling or gold), unless ``eval_data`` is given."""
     if not is_default(data):
         return data, eval_data
-    _, _, count = data.partition(":")
-    if data != "default" and not (count.isdigit() and int(count) > 0):
-        raise TuneoffError(f"--data {data}: expected default or default:PAIRS with PAIRS a positive whole number")
-    folder = default_task_files(DefaultTaskConfig(pairs=int(count)) if count else DefaultTaskConfig())
+    folder = default_task_files(task_config(data))
     return str(folder / TRAIN_FILE), eval_data or str(folder / EVAL_FILE)
 
 

@@ -1,8 +1,10 @@
 """Reward-model training: Bradley–Terry loss on preference pairs, one loop under accelerate.
 
 r(x, y) is a scalar head on the decoder's last real token (``tuneoff.models.heads``); the loss of a pair is
-``-log σ(r(x, y_w) − r(x, y_l) − m)`` (Bradley & Terry 1952; Ouyang et al. 2022). The chosen and rejected
-responses of a micro-batch go through the model in one forward (concatenated along the batch). The loss of
+``-log σ(r(x, y_w) − r(x, y_l) − m)`` (Bradley & Terry 1952; Ouyang et al. 2022). A micro-batch's distinct
+responses go through the model in one padding-free forward, each prompt once and each response once, however
+many of the batch's pairs compare it (K responses per prompt with all C(K, 2) pairs labelled cost K sequences,
+not K(K − 1)); pairs of one prompt stay in one micro-batch. The loss of
 an optimizer step is the mean over all its pairs, across micro-batches and processes (pair-weighted, so
 gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
 checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
@@ -84,17 +86,34 @@ def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[Tokeniz
 
 
 def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
-    """Micro-batches of one epoch in a seeded order; each holds the B chosen rows then the B rejected rows."""
+    """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt kept together.
+
+    The order is a seeded permutation of the pairs, then stably grouped by prompt (each prompt where its first
+    pair fell), so data with one pair per prompt keeps the plain permutation. A response that several pairs of
+    a batch compare (K responses of a prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U
+    distinct sequences and, per pair, the index of its chosen and its rejected one."""
     from tuneoff.models.heads import pad_right
 
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else range(len(pairs))
-    ordered = [pairs[i] for i in order]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else list(range(len(pairs)))
+    first: dict[str, int] = {}
+    for i in order:
+        first.setdefault(pairs[i].prompt, len(first))
+    ordered = [pairs[i] for i in sorted(order, key=lambda i: first[pairs[i].prompt])]  # sorted is stable
     batches = []
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
-        chosen, rejected = [p.chosen for p in chunk], [p.rejected for p in chunk]
-        input_ids, attention_mask = pad_right(chosen + rejected, pad_id)  # (2B, T)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(chosen, rejected, pad_id),
+        index: dict[tuple[int, ...], int] = {}  # distinct sequence -> its number in the batch
+        members: dict[str, list[int]] = {}  # prompt -> its distinct sequences
+        for p in chunk:
+            for tokens in (p.chosen, p.rejected):
+                if tuple(tokens) not in index:
+                    index[tuple(tokens)] = len(index)
+                    members.setdefault(p.prompt, []).append(index[tuple(tokens)])
+        sequences = [list(t) for t in index]
+        input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(sequences, list(members.values()), pad_id),
+                        "chosen_index": torch.tensor([index[tuple(p.chosen)] for p in chunk]),  # (B,)
+                        "rejected_index": torch.tensor([index[tuple(p.rejected)] for p in chunk]),  # (B,)
                         "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
                         "length": torch.tensor([p.chosen_length for p in chunk] + [p.rejected_length for p in chunk])})  # (2B,)
     return batches
@@ -109,69 +128,79 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int = 0, width: int | None = None) -> dict:
-    """The B pairs laid into rows of ``width`` tokens, each pair's shared prefix (its prompt) once, no padding.
+def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_id: int = 0, width: int | None = None) -> dict:
+    """The sequences laid into rows of ``width`` tokens, each group's shared prefix (its prompt) once, no padding.
 
-    A pair becomes one group: prefix x, then chosen's tail, then rejected's tail, its positions restarting at len(x)
-    for the rejected tail, which attends to x and to itself but never to chosen's tail. So every sequence sees
-    exactly what it sees alone (the rewards equal the padded forward's, tested), and the prompt is encoded once
-    instead of twice. Groups go into rows of ``width`` tokens (default :func:`tuneoff.data.tokenize.row_width`) by SFT packing's
-    first-fit bins: rows of bounded width rather than one long row, since attention costs the square of a row's
-    length.
+    ``groups`` lists sequence numbers that share a prompt (each sequence in one group; default: each alone).
+    A group becomes one run of tokens: the prefix x its members share (each keeps at least its last token),
+    then every member's tail in turn, positions restarting at len(x) for each tail; a tail attends to x and to
+    itself, never to another member's tail. So every sequence sees exactly what it sees alone (the rewards equal
+    the padded forward's, tested), and a prompt is encoded once instead of once per response. Groups go into
+    rows of ``width`` tokens (default :func:`tuneoff.data.tokenize.row_width`) by SFT packing's first-fit bins:
+    rows of bounded width rather than one long row, since attention costs the square of a row's length.
 
     Returns packed_ids and packed_positions (R, W), packed_mask (R, 1, W, W) (True: query may attend to key),
-    token_index (N,) (where each token of the 2B sequences sits in the flattened rows, chosen sequences first;
-    a prefix position appears once for each of its two sequences) and segments (N,) (its sequence, 0..2B-1)."""
+    token_index (N,) (where each token of the sequences sits in the flattened rows, sequence after sequence; a
+    prefix position appears once for each member) and segments (N,) (its sequence, 0..len(sequences)-1)."""
     from tuneoff.data.tokenize import Tokenized, filler_id, row_width
     from tuneoff.data.tokenize import pack as first_fit
 
-    B = len(chosen)
-    shared = [shared_prefix(c, r) for c, r in zip(chosen, rejected)]
-    groups = [Tokenized(c + r[s:], []) for c, r, s in zip(chosen, rejected, shared)]
-    width = max(width or row_width([len(g.input_ids) for g in groups]), max(len(g.input_ids) for g in groups))
-    bins = first_fit(groups, width)
+    groups = [[i] for i in range(len(sequences))] if groups is None else groups
+    assert sorted(i for g in groups for i in g) == list(range(len(sequences))), "every sequence in exactly one group"
+    shared = [min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0) for g in groups]
+    runs = [Tokenized(sequences[g[0]][:s] + [t for m in g for t in sequences[m][s:]], []) for g, s in zip(groups, shared)]
+    width = max(width or row_width([len(r.input_ids) for r in runs]), max(len(r.input_ids) for r in runs))
+    bins = first_fit(runs, width)
     ids = torch.full((len(bins), width), filler_id(pad_id), dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
     group = torch.full((len(bins), width), -1, dtype=torch.long)  # group number; -1 for filler
-    branch = torch.zeros((len(bins), width), dtype=torch.long)  # 0 prefix, 1 chosen tail, 2 rejected tail
-    flat: dict[int, tuple[list[int], list[int]]] = {}  # group -> flat positions of its chosen and of its rejected tokens
-    number = {id(g): i for i, g in enumerate(groups)}
+    branch = torch.zeros((len(bins), width), dtype=torch.long)  # 0 prefix, k for the k-th member's tail
+    flat: dict[int, list[int]] = {}  # sequence -> flat positions of its tokens
+    number = {id(r): i for i, r in enumerate(runs)}
     for row, members in enumerate(bins):
         start = 0
-        for g in members:
-            i = number[id(g)]
-            s, c, r = shared[i], len(chosen[i]), len(rejected[i])
-            ids[row, start : start + len(g.input_ids)] = torch.tensor(g.input_ids)
-            positions[row, start : start + c] = torch.arange(c)
-            positions[row, start + c : start + c + r - s] = torch.arange(s, r)
-            group[row, start : start + c + r - s] = i
-            branch[row, start + s : start + c] = 1
-            branch[row, start + c : start + c + r - s] = 2
-            base = row * width + start
-            flat[i] = (list(range(base, base + c)), list(range(base, base + s)) + list(range(base + c, base + c + r - s)))
-            start += c + r - s
+        for run in members:
+            g = number[id(run)]
+            s, base = shared[g], row * width + start
+            ids[row, start : start + len(run.input_ids)] = torch.tensor(run.input_ids)
+            positions[row, start : start + s] = torch.arange(s)
+            group[row, start : start + len(run.input_ids)] = g
+            at = start + s
+            for k, m in enumerate(groups[g], start=1):
+                n = len(sequences[m]) - s
+                positions[row, at : at + n] = torch.arange(s, s + n)
+                branch[row, at : at + n] = k
+                flat[m] = list(range(base, base + s)) + list(range(row * width + at, row * width + at + n))
+                at += n
+            start += len(run.input_ids)
     same = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)  # (R, W, W) query, key
     causal = torch.ones((width, width), dtype=torch.bool).tril()
-    crossing = (branch[:, :, None] == 2) & (branch[:, None, :] == 1)  # a rejected token must not see chosen's tail
-    mask = (same & causal & ~crossing) | torch.eye(width, dtype=torch.bool)  # filler attends to itself only
-    token_index = torch.tensor([j for i in range(B) for j in flat[i][0]] + [j for i in range(B) for j in flat[i][1]])
-    segments = torch.tensor([k for k, seq in enumerate(chosen + rejected) for _ in seq])
+    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])  # the prefix, or its own tail
+    mask = (same & causal & visible) | torch.eye(width, dtype=torch.bool)  # filler attends to itself only
+    token_index = torch.tensor([j for i in range(len(sequences)) for j in flat[i]])
+    segments = torch.tensor([k for k, seq in enumerate(sequences) for _ in seq])
     return {"packed_ids": ids, "packed_positions": positions, "packed_mask": mask[:, None], "token_index": token_index,
             "segments": segments}
 
 
+def pair_pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int = 0, width: int | None = None) -> dict:
+    """:func:`pack` of B pairs, each pair a group: chosen sequences 0..B-1, rejected B..2B-1."""
+    B = len(chosen)
+    return pack(chosen + rejected, [[i, B + i] for i in range(B)], pad_id, width)
+
+
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen, r_rejected), each (B,), from one padding-free forward over the 2B sequences packed into rows
-    (pad tokens cost as much as real ones on a CPU; the rewards equal the padded forward's, tested). Under DDP,
-    the padded forward: DDP's gradient hooks run through ``forward``."""
+    """(r_chosen, r_rejected), each (B,), from one padding-free forward over the batch's U distinct sequences
+    packed into rows (pad tokens cost as much as real ones on a CPU; the rewards equal the padded forward's,
+    tested). Under DDP, the padded forward: DDP's gradient hooks run through ``forward``."""
     count = batch["input_ids"].shape[0]
     module = getattr(model, "module", model)  # DDP wraps the reward model; its forward is the padded one
     if module is model:
         rewards = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], count,
-                                       batch["packed_mask"])  # (2B,)
+                                       batch["packed_mask"])  # (U,)
     else:
-        rewards = model(batch["input_ids"], batch["attention_mask"])  # (2B,)
-    return rewards.chunk(2)
+        rewards = model(batch["input_ids"], batch["attention_mask"])  # (U,)
+    return rewards.index_select(0, batch["chosen_index"]), rewards.index_select(0, batch["rejected_index"])
 
 
 @torch.inference_mode()
