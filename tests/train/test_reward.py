@@ -182,9 +182,14 @@ def test_batches_score_each_response_once_and_keep_a_prompts_pairs_together():
 
 
 def test_one_pair_per_prompt_keeps_the_plain_seeded_order():
-    from tuneoff.train.reward import TokenizedPair, make_batches
+    from tuneoff.train.reward import TokenizedPair, make_batches, pair_pack
 
     pairs = [TokenizedPair([i, 2, 3], [i, 4], 2, 1, 0.0, f"p{i}") for i in range(5, 15)]
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1000 + 2)).tolist()
-    got = [chosen for b in make_batches(pairs, batch_size=4, pad_id=1, seed=3, epoch=2) for chosen, _ in _batch_pairs(b)]
-    assert got == [pairs[i].chosen for i in order]
+    batches = make_batches(pairs, batch_size=4, pad_id=1, seed=3, epoch=2)
+    assert [chosen for b in batches for chosen, _ in _batch_pairs(b)] == [pairs[i].chosen for i in order]
+    # and each batch is laid out as plain pairs are (B chosen, then B rejected): same tensors, same float sums
+    first = [pairs[i] for i in order[:4]]
+    plain = pair_pack([p.chosen for p in first], [p.rejected for p in first], pad_id=1)
+    assert all(torch.equal(batches[0][k], plain[k]) for k in plain)
+    assert batches[0]["chosen_index"].tolist() == [0, 1, 2, 3] and batches[0]["rejected_index"].tolist() == [4, 5, 6, 7]

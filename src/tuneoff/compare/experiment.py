@@ -65,7 +65,7 @@ class ExperimentConfig:
     judge_rm: dict = dataclasses.field(default_factory=dict)
     """Training fields (RMConfig) of the held-out judge."""
     feedback: dict = dataclasses.field(default_factory=dict)
-    """Preference labels. Simulated (default): fields of tuneoff.data.default_task.DefaultTaskConfig (pairs,
+    """Preference labels. Simulated (default): fields of tuneoff.data.default_task.DefaultTaskConfig (pairs, responses,
     eval_pairs, temperature, length_bias, flip_rate, annotators, max_new_tokens). From files: {train: FILE,
     eval: FILE}, preference records people (or anyone) made. Real shipped data: {source: real, sources:
     [hh-rlhf-harmless, pandalm], pairs, eval_pairs, judge_pairs, prompts, eval_prompts} (caps; 0 = all), split

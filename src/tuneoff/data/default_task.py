@@ -171,8 +171,8 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     else:  # held-out: the K = 2 build's samples (its first generate batches, sampled the same way), then K per prompt
         span = min(len(prompts), config.eval_pairs + config.pairs, -(-config.eval_pairs // 256) * 256)
         held_out = sample_pairs(config.model, prompts[:span], config.max_new_tokens, config.seed)[: config.eval_pairs]
-        chosen = prompts[config.eval_pairs : config.eval_pairs + math.ceil(config.pairs / per_prompt)]
-        training = all_pairs(sample_responses(config.model, chosen, config.responses, config.max_new_tokens, config.seed))
+        training_prompts = prompts[config.eval_pairs : config.eval_pairs + math.ceil(config.pairs / per_prompt)]
+        training = all_pairs(sample_responses(config.model, training_prompts, config.responses, config.max_new_tokens, config.seed))
         training = training[: config.pairs]
     generation_s = time.perf_counter() - start
     panel = make_annotators(config.annotators, temperature=config.temperature, length_bias=config.length_bias,

@@ -102,13 +102,16 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
     batches = []
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
+        # Distinct sequences numbered chosen sides first, then rejected sides: with one pair per prompt, the B
+        # chosen then the B rejected, the layout (and float summation order) of plain pairs.
         index: dict[tuple[int, ...], int] = {}  # distinct sequence -> its number in the batch
-        members: dict[str, list[int]] = {}  # prompt -> its distinct sequences
-        for p in chunk:
-            for tokens in (p.chosen, p.rejected):
-                if tuple(tokens) not in index:
-                    index[tuple(tokens)] = len(index)
-                    members.setdefault(p.prompt, []).append(index[tuple(tokens)])
+        members: dict[str, list[int]] = {p.prompt: [] for p in chunk}  # prompt -> its distinct sequences
+        for side in ("chosen", "rejected"):
+            for p in chunk:
+                tokens = tuple(getattr(p, side))
+                if tokens not in index:
+                    index[tokens] = len(index)
+                    members[p.prompt].append(index[tokens])
         sequences = [list(t) for t in index]
         input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(sequences, list(members.values()), pad_id),
