@@ -179,6 +179,9 @@ def test_batches_score_each_response_once_and_keep_a_prompts_pairs_together():
     assert torch.allclose(r_chosen, torch.stack([x[0] for x in alone]), atol=1e-5)
     assert torch.allclose(r_rejected, torch.stack([x[1] for x in alone]), atol=1e-5)
     assert torch.isclose(bradley_terry_loss(r_chosen, r_rejected), bradley_terry_loss(*torch.stack(alone).T), atol=1e-6)
+    # a prompt whose sequences all belong to another prompt already (equal after truncation) adds no group
+    twin = make_batches([pair(a1, a2, "a"), pair(a1, a2, "a-truncated")], batch_size=2, pad_id=1, seed=0, epoch=0)[0]
+    assert twin["input_ids"].shape[0] == 2 and twin["chosen_index"].tolist() == [0, 0]
 
 
 def test_one_pair_per_prompt_keeps_the_plain_seeded_order():

@@ -105,7 +105,8 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
         # Distinct sequences numbered chosen sides first, then rejected sides: with one pair per prompt, the B
         # chosen then the B rejected, the layout (and float summation order) of plain pairs.
         index: dict[tuple[int, ...], int] = {}  # distinct sequence -> its number in the batch
-        members: dict[str, list[int]] = {p.prompt: [] for p in chunk}  # prompt -> its distinct sequences
+        # prompt -> its distinct sequences (a sequence two prompts share after truncation goes to the first)
+        members: dict[str, list[int]] = {p.prompt: [] for p in chunk}
         for side in ("chosen", "rejected"):
             for p in chunk:
                 tokens = tuple(getattr(p, side))
@@ -114,7 +115,7 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
                     members[p.prompt].append(index[tokens])
         sequences = [list(t) for t in index]
         input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(sequences, list(members.values()), pad_id),
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(sequences, [m for m in members.values() if m], pad_id),
                         "chosen_index": torch.tensor([index[tuple(p.chosen)] for p in chunk]),  # (B,)
                         "rejected_index": torch.tensor([index[tuple(p.rejected)] for p in chunk]),  # (B,)
                         "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
