@@ -204,8 +204,8 @@ class RMConfig(TrainConfig):
     training pairs (4000 by default), `default:KEY=VALUE,...` other settings of it (e.g.
     `default:pairs=60000,responses=4`: four responses per prompt, all six pairs labelled)."""
     batch_size: int = 8
-    """Preference pairs per micro-batch per process (run in one forward; a prompt's pairs stay in one
-    micro-batch, and a response several of them compare is one sequence)."""
+    """Preference pairs per micro-batch per process (run in one forward; a prompt's pairs sit next to each
+    other in the order, and a response several pairs of a micro-batch compare is one sequence)."""
     lr: float = 1e-5
     """Peak learning rate of AdamW."""
     overlong: str = "truncate"

@@ -52,7 +52,9 @@ def test_task_config_reads_key_value_settings():
     assert task_config("default:pairs=60000,responses=4") == DefaultTaskConfig(pairs=60000, responses=4)
     assert task_config("default:temperature=0.5, flip_rate=0.1") == DefaultTaskConfig(temperature=0.5, flip_rate=0.1)
     for bad, message in [("default:colour=red", "unknown setting 'colour'"), ("default:pairs=many", "not a whole number"),
-                         ("default:responses=1", "responses at least 2"), ("default:temperature=hot", "not a number")]:
+                         ("default:responses=1", "responses must be at least 2"), ("default:eval_pairs=-3", "eval_pairs must be"),
+                         ("default:flip_rate=1.5", r"flip_rate must be in \[0, 1\]"), ("default:temperature=nan", "temperature must be"),
+                         ("default:pairs=5,pairs=6", "set twice"), ("default:temperature=hot", "not a number")]:
         with pytest.raises(TuneoffError, match=message):
             task_config(bad)
 
@@ -82,37 +84,49 @@ def test_all_pairs_takes_every_pair_of_a_prompts_responses():
                                  ("p", "c", "d"), ("q", "x", "y"), ("q", "x", "y")]  # equal and empty pairs skipped
 
 
-def test_build_with_k_responses_holds_out_the_k2_samples(monkeypatch, tmp_path):
-    """K = 4: held-out pairs are what the K = 2 build samples for the same prompts; training pairs are all six
-    pairs of each later prompt, labelled by the panel in turn, up to ``pairs``."""
+def _fake_build(monkeypatch, tmp_path, config, prompts):
+    """build() with review-gpt's sampling replaced by one whose draws, like generate's, depend on the seed, the
+    batch a prompt is drawn in and its place there; the gold judge counts "good"."""
+    import hashlib
+
+    import numpy as np
+
     from tuneoff.data import default_task
 
-    prompts = [f"prompt {i}" for i in range(40)]
     calls = []
 
-    def fake_sample(model, chunk, count, max_new_tokens, seed, batch_size=256):
-        calls.append((list(chunk), count))
-        return [(p, [f"{p} reply {count}-{k} " + "good " * k for k in range(count)]) for p in chunk]
+    def fake_sample(model, chosen_prompts, count, max_new_tokens, seed, batch_size=default_task.GENERATE_BATCH):
+        calls.append((len(chosen_prompts), count))
+        out = []
+        for start in range(0, len(chosen_prompts), batch_size):
+            chunk = chosen_prompts[start : start + batch_size]
+            for i, p in enumerate(chunk):
+                draw = [int(hashlib.sha256(f"{seed}|{chunk}|{i}|{k}".encode()).hexdigest(), 16) % 1000 for k in range(count)]
+                out.append((p, [f"{p} reply {d} " + "good " * (d % 5) for d in draw]))
+        return out
 
     class Judge:
         info = {"key": "fake"}
 
         def logit(self, texts):
-            import numpy as np
-
             return np.array([float(t.count("good")) for t in texts])
 
     monkeypatch.setattr(default_task, "train_prompts", lambda words, seed: prompts)
     monkeypatch.setattr(default_task, "sample_responses", fake_sample)
     monkeypatch.setattr("tuneoff.feedback.gold.load_gold_judge", lambda: Judge())
-    config = DefaultTaskConfig(pairs=50, responses=4, eval_pairs=10)
     folder = default_task.build(config, tmp_path)
-    # held-out: one K = 2 call over the first generate batch (all 10 + 50 prompts fit in it), cut to 10 prompts
-    assert calls[0] == (prompts[:60], 2)
-    assert calls[1] == (prompts[10:19], 4)  # ceil(50 / 6) = 9 prompts after the held-out ones
-    train = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
-    held = [json.loads(line) for line in (folder / "eval_gold.jsonl").read_text().splitlines()]
-    assert len(train) == 50 and {r["prompt"] for r in train} == set(prompts[10:19])
-    assert [r["prompt"] for r in held] == prompts[:10] and all(r["chosen"].endswith("good ") for r in held)
-    assert len({r["annotator"] for r in train}) == 4
-    assert json.loads((folder / "info.json").read_text())["train_pairs"] == 50
+    read = lambda name: [json.loads(line) for line in (folder / name).read_text().splitlines()]
+    return calls, read("train.jsonl"), read("eval_gold.jsonl"), json.loads((folder / "info.json").read_text())
+
+
+def test_build_with_k_responses_holds_out_the_k2_samples(monkeypatch, tmp_path):
+    """K = 4: the held-out pairs are those the K = 2 build draws (a K = 2 call over the first generate batches,
+    here 2 × 256 prompts); training pairs are all six pairs of each later prompt, up to ``pairs``."""
+    prompts = [f"prompt {i}" for i in range(1200)]
+    calls, train, held, info = _fake_build(monkeypatch, tmp_path / "k4", DefaultTaskConfig(pairs=600, responses=4, eval_pairs=300), prompts)
+    assert calls == [(512, 2), (100, 4)]  # held-out span capped at two generate batches; ⌈600 / 6⌉ = 100 prompts
+    assert len(train) <= 600 and {r["prompt"] for r in train} <= set(prompts[300:400])
+    assert all(r["chosen"] != r["rejected"] for r in train) and len(train) >= 590  # few equal draws skipped
+    assert len({r["annotator"] for r in train}) == 4 and info["train_pairs"] == len(train)
+    _, _, held_k2, _ = _fake_build(monkeypatch, tmp_path / "k2", DefaultTaskConfig(pairs=600, eval_pairs=300), prompts)
+    assert held == held_k2 and [r["prompt"] for r in held] == [p for p in prompts[:300] if p in {r["prompt"] for r in held}]

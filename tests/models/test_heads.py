@@ -118,6 +118,16 @@ def test_a_group_of_three_responses_packs_its_prompt_once(pooling):
     assert torch.allclose(packed, model(*pad_right(sequences, pad_id=1)), atol=1e-5)
 
 
+def test_a_group_sharing_nothing_packs_as_singletons():
+    """Three responses whose prompts were cut from the left share no token: three runs, not one long one."""
+    from tuneoff.train.reward import pack
+
+    batch = pack([[1, 2], [3, 4], [5, 6]], [[0, 1, 2]], pad_id=9, width=4)
+    assert batch["packed_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert batch["packed_positions"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 0]]
+    assert batch["packed_mask"][0, 0, 3].tolist() == [False, False, True, True]  # 4 sees 3, not the other run
+
+
 def test_shared_prefix_leaves_each_sequence_a_token():
     from tuneoff.train.reward import shared_prefix
 

@@ -151,7 +151,7 @@ def _batch_pairs(batch) -> list[tuple[list[int], list[int]]]:
     return [(sequences[c], sequences[r]) for c, r in zip(batch["chosen_index"].tolist(), batch["rejected_index"].tolist())]
 
 
-def test_batches_score_each_response_once_and_keep_a_prompts_pairs_together():
+def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_other():
     """K responses of a prompt with all pairs labelled: one micro-batch, each response one sequence; the rewards
     and the Bradley–Terry loss are those of every pair through the padded forward alone."""
     from tuneoff.losses import bradley_terry_loss

@@ -66,7 +66,11 @@ def run_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
     unknown = set(spec["task"]) - known
     if unknown:
         raise TuneoffError(f"feedback: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
-    files = default_task_files(DefaultTaskConfig(**spec["task"]))
+    try:
+        config = DefaultTaskConfig(**spec["task"])
+    except (TypeError, ValueError) as error:
+        raise TuneoffError(f"feedback: {error}") from None
+    files = default_task_files(config)
     info = json.loads((files / INFO_FILE).read_text())
     return {"train": str(files / TRAIN_FILE), "eval": str(files / EVAL_FILE), "pairs": info["train_pairs"],
             "eval_pairs": info["eval_pairs"], "agreement_with_gold": info["train_label_agreement_with_gold"],

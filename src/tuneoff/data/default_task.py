@@ -5,7 +5,10 @@
 2. Responses: ``responses`` (K) sampled continuations per training prompt from ``review-gpt`` (temperature 1,
    top-p 1, at most ``max_new_tokens`` tokens, stopping at EOS); every pair of them that differs (and is not
    empty) is a training pair, K(K − 1)/2 per prompt, up to ``pairs`` in all. Held-out prompts get two
-   continuations each, sampled as the K = 2 build samples them (the held-out pairs do not depend on K).
+   continuations each, drawn as the K = 2 build draws them (the same :data:`GENERATE_BATCH` batches from the
+   same seed), so the gold-labelled held-out pairs do not depend on K when both builds cover the first
+   generate batches (eval_pairs + pairs ≥ 512 with the defaults). ``eval_annotated.jsonl`` does depend on K:
+   the annotators draw for the training pairs first.
 3. Training labels: a panel of ``annotators`` simulated annotators (:mod:`tuneoff.feedback.simulate`), pair i
    judged by annotator i mod n, each choosing by a Bradley–Terry draw on the gold judge's logits of the
    whole review (prompt + continuation) with temperature ``temperature`` and length bias ``length_bias``;
@@ -40,6 +43,8 @@ from pathlib import Path
 FORMAT_VERSION = 1
 """Bump when the recipe above changes: it is part of the cache key."""
 TRAIN_FILE, EVAL_FILE, EVAL_ANNOTATED_FILE, INFO_FILE = "train.jsonl", "eval_gold.jsonl", "eval_annotated.jsonl", "info.json"
+GENERATE_BATCH = 256
+"""Prompts per ``generate`` call. Part of the recipe: a prompt's samples depend on the batch it is drawn in."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,17 @@ class DefaultTaskConfig:
     model: str = "review-gpt"
     """The model whose continuations are compared."""
 
+    def __post_init__(self):
+        problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in [
+            ("pairs", self.pairs >= 1, "at least 1"), ("responses", self.responses >= 2, "at least 2"),
+            ("eval_pairs", self.eval_pairs >= 1, "at least 1"), ("prompt_words", self.prompt_words >= 1, "at least 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"), ("annotators", self.annotators >= 1, "at least 1"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "finite and at least 0"),
+            ("length_bias", math.isfinite(self.length_bias), "finite"), ("flip_rate", 0 <= self.flip_rate <= 1, "in [0, 1]")]
+            if not ok]
+        if problems:
+            raise ValueError("default task: " + "; ".join(problems))
+
 
 def train_prompts(words: int, seed: int) -> list[str]:
     """Distinct first-``words``-word beginnings of SST-2 train sentences with more words to continue, shuffled."""
@@ -84,7 +100,7 @@ def train_prompts(words: int, seed: int) -> list[str]:
 
 
 def sample_responses(model_name: str, prompts: list[str], count: int, max_new_tokens: int, seed: int,
-                     batch_size: int = 256) -> list[tuple[str, list[str]]]:
+                     batch_size: int = GENERATE_BATCH) -> list[tuple[str, list[str]]]:
     """(prompt, responses): ``count`` sampled continuations of each prompt (decoded, special tokens dropped)."""
     import torch
 
@@ -108,7 +124,8 @@ def sample_responses(model_name: str, prompts: list[str], count: int, max_new_to
     return groups
 
 
-def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = 256) -> list[tuple[str, str, str]]:
+def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed: int,
+                 batch_size: int = GENERATE_BATCH) -> list[tuple[str, str, str]]:
     """(prompt, first, second): two sampled continuations of each prompt."""
     return [(p, a, b) for p, (a, b) in sample_responses(model_name, prompts, 2, max_new_tokens, seed, batch_size)]
 
@@ -160,8 +177,6 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     judge = load_gold_judge()
-    if config.responses < 2:
-        raise ValueError(f"responses must be at least 2, got {config.responses}")
     per_prompt = math.comb(config.responses, 2)
     prompts = train_prompts(config.prompt_words, config.seed)
     start = time.perf_counter()
@@ -169,7 +184,7 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
         pairs = sample_pairs(config.model, prompts[: config.eval_pairs + config.pairs], config.max_new_tokens, config.seed)
         held_out, training = pairs[: config.eval_pairs], pairs[config.eval_pairs :]
     else:  # held-out: the K = 2 build's samples (its first generate batches, sampled the same way), then K per prompt
-        span = min(len(prompts), config.eval_pairs + config.pairs, -(-config.eval_pairs // 256) * 256)
+        span = min(len(prompts), config.eval_pairs + config.pairs, -(-config.eval_pairs // GENERATE_BATCH) * GENERATE_BATCH)
         held_out = sample_pairs(config.model, prompts[:span], config.max_new_tokens, config.seed)[: config.eval_pairs]
         training_prompts = prompts[config.eval_pairs : config.eval_pairs + math.ceil(config.pairs / per_prompt)]
         training = all_pairs(sample_responses(config.model, training_prompts, config.responses, config.max_new_tokens, config.seed))
@@ -245,6 +260,8 @@ def task_config(data: str) -> DefaultTaskConfig:
     for item in spec.split(","):
         key, _, value = item.partition("=")
         key = key.strip()
+        if key in settings:
+            raise TuneoffError(f"--data {data}: {key} is set twice")
         if key not in types:
             raise TuneoffError(f"--data {data}: unknown setting {key!r}; known: {', '.join(types)}")
         kind = {"int": int, "float": float}.get(types[key], str)
@@ -252,9 +269,10 @@ def task_config(data: str) -> DefaultTaskConfig:
             settings[key] = kind(value.strip())
         except ValueError:
             raise TuneoffError(f"--data {data}: {key}={value!r} is not {'a whole number' if kind is int else 'a number'}") from None
-    if settings.get("pairs", 1) < 1 or settings.get("responses", 2) < 2:
-        raise TuneoffError(f"--data {data}: pairs must be positive and responses at least 2")
-    return DefaultTaskConfig(**settings)
+    try:
+        return DefaultTaskConfig(**settings)
+    except ValueError as error:
+        raise TuneoffError(f"--data {data}: {error}") from None
 
 
 def pair_files(data: str, eval_data: str) -> tuple[str, str]:

@@ -4,7 +4,8 @@ r(x, y) is a scalar head on the decoder's last real token (``tuneoff.models.head
 ``-log σ(r(x, y_w) − r(x, y_l) − m)`` (Bradley & Terry 1952; Ouyang et al. 2022). A micro-batch's distinct
 responses go through the model in one padding-free forward, each prompt once and each response once, however
 many of the batch's pairs compare it (K responses per prompt with all C(K, 2) pairs labelled cost K sequences,
-not K(K − 1)); pairs of one prompt stay in one micro-batch. The loss of
+not K(K − 1)); pairs of one prompt sit next to each other in the order, so they share a micro-batch unless a
+batch boundary cuts them. The loss of
 an optimizer step is the mean over all its pairs, across micro-batches and processes (pair-weighted, so
 gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
 checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
@@ -86,12 +87,13 @@ def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[Tokeniz
 
 
 def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
-    """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt kept together.
+    """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt next to each other.
 
     The order is a seeded permutation of the pairs, then stably grouped by prompt (each prompt where its first
-    pair fell), so data with one pair per prompt keeps the plain permutation. A response that several pairs of
-    a batch compare (K responses of a prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U
-    distinct sequences and, per pair, the index of its chosen and its rejected one."""
+    pair fell), so data with one pair per prompt keeps the plain permutation; a batch boundary may still cut a
+    prompt's pairs (K = 4, B = 32: about one prompt in eight). A response that several pairs of a batch
+    compare (K responses of a prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U distinct
+    sequences and, per pair, the index of its chosen and its rejected one."""
     from tuneoff.models.heads import pad_right
 
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else list(range(len(pairs)))
@@ -135,8 +137,9 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_id: int = 0, width: int | None = None) -> dict:
     """The sequences laid into rows of ``width`` tokens, each group's shared prefix (its prompt) once, no padding.
 
-    ``groups`` lists sequence numbers that share a prompt (each sequence in one group; default: each alone).
-    A group becomes one run of tokens: the prefix x its members share (each keeps at least its last token),
+    ``groups`` lists sequence numbers that share a prompt (each sequence in one group; default: each alone;
+    a group of more than two whose members share no first token is laid out as singletons, so a run never
+    grows past two sequences without a prefix to share). A group becomes one run of tokens: the prefix x its members share (each keeps at least its last token),
     then every member's tail in turn, positions restarting at len(x) for each tail; a tail attends to x and to
     itself, never to another member's tail. So every sequence sees exactly what it sees alone (the rewards equal
     the padded forward's, tested), and a prompt is encoded once instead of once per response. Groups go into
@@ -152,6 +155,9 @@ def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_
     groups = [[i] for i in range(len(sequences))] if groups is None else groups
     assert sorted(i for g in groups for i in g) == list(range(len(sequences))), "every sequence in exactly one group"
     shared = [min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0) for g in groups]
+    if any(len(g) > 2 and s == 0 for g, s in zip(groups, shared)):  # nothing shared (prompts cut from the left):
+        groups = [part for g, s in zip(groups, shared) for part in ([[m] for m in g] if len(g) > 2 and s == 0 else [g])]
+        shared = [min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0) for g in groups]
     runs = [Tokenized(sequences[g[0]][:s] + [t for m in g for t in sequences[m][s:]], []) for g, s in zip(groups, shared)]
     width = max(width or row_width([len(r.input_ids) for r in runs]), max(len(r.input_ids) for r in runs))
     bins = first_fit(runs, width)
