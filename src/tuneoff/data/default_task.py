@@ -245,6 +245,7 @@ def is_default(data: str) -> bool:
 def task_config(data: str) -> DefaultTaskConfig:
     """The settings ``data`` names: ``default``; ``default:PAIRS`` (that many training pairs); or
     ``default:KEY=VALUE,...`` with fields of :class:`DefaultTaskConfig` (e.g. ``default:pairs=72000,responses=4``)."""
+    from tuneoff.config import field_types
     from tuneoff.errors import TuneoffError
 
     _, _, spec = data.partition(":")
@@ -255,7 +256,7 @@ def task_config(data: str) -> DefaultTaskConfig:
     if "=" not in spec:
         raise TuneoffError(f"--data {data}: expected default, default:PAIRS with PAIRS a positive whole number, "
                            "or default:KEY=VALUE,... (e.g. default:pairs=72000,responses=4)")
-    types = {f.name: f.type for f in dataclasses.fields(DefaultTaskConfig)}
+    types = field_types(DefaultTaskConfig)
     settings: dict = {}
     for item in spec.split(","):
         key, _, value = item.partition("=")
@@ -264,7 +265,7 @@ def task_config(data: str) -> DefaultTaskConfig:
             raise TuneoffError(f"--data {data}: {key} is set twice")
         if key not in types:
             raise TuneoffError(f"--data {data}: unknown setting {key!r}; known: {', '.join(types)}")
-        kind = {"int": int, "float": float}.get(types[key], str)
+        kind = types[key]
         try:
             settings[key] = kind(value.strip())
         except ValueError:

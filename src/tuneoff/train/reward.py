@@ -5,9 +5,8 @@ r(x, y) is a scalar head on the decoder's last real token (``tuneoff.models.head
 responses go through the model in one padding-free forward, each prompt once and each response once, however
 many of the batch's pairs compare it (K responses per prompt with all C(K, 2) pairs labelled cost K sequences,
 not K(K − 1)); pairs of one prompt sit next to each other in the order, so they share a micro-batch unless a
-batch boundary cuts them. The loss of
-an optimizer step is the mean over all its pairs, across micro-batches and processes (pair-weighted, so
-gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
+batch boundary cuts them. The loss of an optimizer step is the mean over all its pairs, across micro-batches
+and processes (pair-weighted, so gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
 checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
 Held-out evaluation (``tuneoff.eval.rm``): pairwise accuracy, ECE of σ(r_w − r_l), length-bias probe.
 """
@@ -139,9 +138,9 @@ def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_
 
     ``groups`` lists sequence numbers that share a prompt (each sequence in one group; default: each alone;
     a group of more than two whose members share no first token is laid out as singletons, so a run never
-    grows past two sequences without a prefix to share). A group becomes one run of tokens: the prefix x its members share (each keeps at least its last token),
-    then every member's tail in turn, positions restarting at len(x) for each tail; a tail attends to x and to
-    itself, never to another member's tail. So every sequence sees exactly what it sees alone (the rewards equal
+    grows past two sequences without a prefix to share). A group becomes one run of tokens: the prefix x its
+    members share (each keeps at least its last token), then every member's tail in turn, positions restarting
+    at len(x) for each tail; a tail attends to x and to itself, never to another member's tail. So every sequence sees exactly what it sees alone (the rewards equal
     the padded forward's, tested), and a prompt is encoded once instead of once per response. Groups go into
     rows of ``width`` tokens (default :func:`tuneoff.data.tokenize.row_width`) by SFT packing's first-fit bins:
     rows of bounded width rather than one long row, since attention costs the square of a row's length.
@@ -152,12 +151,17 @@ def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_
     from tuneoff.data.tokenize import Tokenized, filler_id, row_width
     from tuneoff.data.tokenize import pack as first_fit
 
-    groups = [[i] for i in range(len(sequences))] if groups is None else groups
-    assert sorted(i for g in groups for i in g) == list(range(len(sequences))), "every sequence in exactly one group"
-    shared = [min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0) for g in groups]
-    if any(len(g) > 2 and s == 0 for g, s in zip(groups, shared)):  # nothing shared (prompts cut from the left):
-        groups = [part for g, s in zip(groups, shared) for part in ([[m] for m in g] if len(g) > 2 and s == 0 else [g])]
-        shared = [min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0) for g in groups]
+    given = [[i] for i in range(len(sequences))] if groups is None else groups
+    assert sorted(i for g in given for i in g) == list(range(len(sequences))), "every sequence in exactly one group"
+    groups, shared = [], []  # the groups laid out, and the prefix length each shares
+    for g in given:
+        s = min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0)
+        if len(g) > 2 and s == 0:  # nothing shared (prompts cut from the left): singletons, not one long run
+            groups += [[m] for m in g]
+            shared += [0] * len(g)
+        else:
+            groups.append(g)
+            shared.append(s)
     runs = [Tokenized(sequences[g[0]][:s] + [t for m in g for t in sequences[m][s:]], []) for g, s in zip(groups, shared)]
     width = max(width or row_width([len(r.input_ids) for r in runs]), max(len(r.input_ids) for r in runs))
     bins = first_fit(runs, width)
