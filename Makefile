@@ -26,11 +26,15 @@ chromium:
 demo: $(STAMP)
 	$(VENV)/bin/tuneoff demo --out runs/demo
 
+# Lint first (style, formatting, the import layers of pyproject.toml's [tool.importlinter]), then the tests.
 test: $(STAMP) chromium
+	$(VENV)/bin/ruff check
+	$(VENV)/bin/ruff format --check
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 review-gpt: $(STAMP)
-	$(PY) -m tuneoff.models.review_gpt --work runs/review-gpt
+	$(PY) -m tuneoff.tasks.review_gpt --work runs/review-gpt
 
 # tuneoff vs TRL 1.16 (bench/run.py; --full for 3 repeats). TRL 1.16 dropped PPOTrainer: TRL 1.12.0's
 # experimental PPO goes to bench/.trl112 without its dependencies and is imported by the PPO child only.

@@ -110,16 +110,16 @@ class Meter:
 
     def watch_gold_judge(self) -> None:
         """Record every reward the gold judge hands out (tuneoff's GoldScorer, used by both frameworks)."""
-        from tuneoff.train import policy
+        from tuneoff.feedback import judges
 
-        score = policy.GoldScorer.score
+        score = judges.GoldScorer.score
 
         def recorded(scorer, prompts, responses):
             rewards = score(scorer, prompts, responses)
             self.add_rewards(rewards.tolist())
             return rewards
 
-        policy.GoldScorer.score = recorded
+        judges.GoldScorer.score = recorded
 
     # ------------------------------------------------------------ the result
 

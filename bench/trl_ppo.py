@@ -23,7 +23,7 @@ class GoldReward(torch.nn.Module):
 
     def __init__(self, tokenizer, prompt_texts: dict, meter):
         super().__init__()
-        from tuneoff.train.policy import GoldScorer
+        from tuneoff.feedback.judges import GoldScorer
 
         self.judge, self.tokenizer, self.prompt_texts, self.meter = GoldScorer(), tokenizer, prompt_texts, meter
 

@@ -111,7 +111,7 @@ def run(spec: dict, meter) -> None:
 def grpo_trainer(spec: dict, meter, prompts):
     from trl import GRPOConfig, GRPOTrainer
 
-    from tuneoff.train.policy import GoldScorer
+    from tuneoff.feedback.judges import GoldScorer
 
     model, tokenizer = load(spec, meter)
     judge = GoldScorer()  # the very reward tuneoff's --reward-model gold uses

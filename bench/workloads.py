@@ -139,7 +139,7 @@ def convert_once(model: str) -> None:
 
 def default_pairs_file() -> Path | None:
     """The default task's training pairs when they are already built (building them takes minutes)."""
-    from tuneoff.data.default_task import INFO_FILE, TRAIN_FILE, DefaultTaskConfig, cache_key
+    from tuneoff.tasks.default_task import INFO_FILE, TRAIN_FILE, DefaultTaskConfig, cache_key
     from tuneoff.models.load import cache_dir
 
     folder = cache_dir() / "default-task" / cache_key(DefaultTaskConfig())

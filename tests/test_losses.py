@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from tuneoff.losses import IGNORE, sft_loss, sft_loss_sum, shift_targets
@@ -181,3 +182,152 @@ def test_dpo_loss_table():
 
     assert DPO_LOSSES == {"sigmoid": dpo_sigmoid_loss, "ipo": ipo_loss}
     assert MEAN_LOGPS == {"ipo"}
+
+
+# ---------------------------------------------------------------- KTO
+
+
+def test_kto_loss_hand_computed():
+    from tuneoff.losses import kto_loss
+
+    # r = log π − log π_ref = (-1 − -1.5, -2 − -2.2, -3 − -2.6) = (0.5, 0.2, -0.4); z_0 = 0.2, β = 0.5,
+    # λ_D = 2, λ_U = 0.5; examples 0 and 1 desirable, 2 undesirable.
+    # 0: σ(0.5·(0.5 − 0.2)) = σ(0.15) = 0.537430 -> 2 · (1 − 0.537430) = 0.925140.
+    # 1: σ(0.5·(0.2 − 0.2)) = σ(0) = 0.5 -> 2 · 0.5 = 1.
+    # 2: σ(0.5·(0.2 − -0.4)) = σ(0.3) = 0.574443 -> 0.5 · (1 − 0.574443) = 0.212779.
+    # Rewards β r = (0.25, 0.1, -0.2); batch loss (0.925140 + 1 + 0.212779) / 3 = 0.712640.
+    policy = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
+    reference = torch.tensor([-1.5, -2.2, -2.6])
+    labels = torch.tensor([True, True, False])
+    losses, rewards = kto_loss(policy, reference, labels, torch.tensor(0.2), beta=0.5, desirable_weight=2.0,
+                               undesirable_weight=0.5)
+    sigmoid = lambda x: 1.0 / (1.0 + math.exp(-x))
+    expected = [2.0 * (1.0 - sigmoid(0.15)), 1.0, 0.5 * (1.0 - sigmoid(0.3))]
+    assert torch.allclose(losses, torch.tensor(expected), atol=1e-6)
+    assert abs(losses.mean().item() - 0.7126397) < 1e-6
+    assert torch.allclose(rewards, torch.tensor([0.25, 0.1, -0.2]), atol=1e-6) and not rewards.requires_grad
+    # z_0 = 0 and unit weights (APO-zero unpaired): 1 − σ(0.25), 1 − σ(0.1), σ(-0.2).
+    apo, _ = kto_loss(policy, reference, labels, 0.0, beta=0.5)
+    assert torch.allclose(apo, torch.tensor([1 - sigmoid(0.25), 1 - sigmoid(0.1), sigmoid(-0.2)]), atol=1e-6)
+    # d/dπ of λ_D (1 − σ(β m)) is −λ_D β σ(β m)(1 − σ(β m)); for the undesirable one, +λ_U β σ(β m)(1 − σ(β m)).
+    losses.sum().backward()
+    s0, s2 = sigmoid(0.15), sigmoid(0.3)
+    grad = [-2.0 * 0.5 * s0 * (1 - s0), -2.0 * 0.5 * 0.25, 0.5 * 0.5 * s2 * (1 - s2)]
+    assert torch.allclose(policy.grad, torch.tensor(grad), atol=1e-6)
+
+
+def test_kto_kl_clamps_at_zero_and_is_detached():
+    from tuneoff.losses import kto_kl, kto_kl_from_sum, kto_kl_sum
+
+    policy = torch.tensor([-1.0, -2.0], requires_grad=True)
+    # d = (-1 − -0.5, -2 − -1) = (-0.5, -1): mean -0.75 -> clamped to 0.
+    z = kto_kl(policy, torch.tensor([-0.5, -1.0]))
+    assert z.item() == 0.0 and z.dim() == 0 and not z.requires_grad
+    # d = (-1 − -1.5, -2 − -1.9) = (0.5, -0.1): mean 0.2 (a negative pair is kept; only the mean is clamped).
+    z = kto_kl(policy, torch.tensor([-1.5, -1.9]))
+    assert abs(z.item() - 0.2) < 1e-6 and not z.requires_grad
+    # Two processes: sums and counts add up, so z_0 is the global mean. Equal counts: d = (0.5, -0.1) and
+    # (1.0, 0.2) -> (0.4 + 1.2) / 4 = 0.4, the mean (0.2 + 0.6) / 2 of the per-process means, as TRL gathers it.
+    a = kto_kl_sum(policy, torch.tensor([-1.5, -1.9]))
+    b = kto_kl_sum(torch.tensor([0.0, 0.0]), torch.tensor([-1.0, -0.2]))
+    assert torch.allclose(a, torch.tensor([0.4, 2.0]), atol=1e-6) and not a.requires_grad
+    assert abs(kto_kl_from_sum(a + b).item() - 0.4) < 1e-6
+    # Unequal counts: (0.4 + 1.0) / 3, not (0.2 + 1.0) / 2.
+    c = kto_kl_sum(torch.tensor([0.0]), torch.tensor([-1.0]))
+    assert abs(kto_kl_from_sum(a + c).item() - 1.4 / 3) < 1e-6
+    assert kto_kl_from_sum(torch.tensor([-3.0, 2.0])).item() == 0.0
+
+
+class _CatRecorder(torch.overrides.TorchFunctionMode):
+    """Records what ``torch.cat`` returns (TRL concatenates the weighted per-example losses, chosen first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.cat:
+            self.outputs.append(out)
+        return out
+
+
+def _trl_kto(loss_type, policy, reference, labels, policy_kl, reference_kl, beta, desirable_weight,
+             undesirable_weight):
+    """TRL 1.16's ``KTOTrainer._compute_loss`` on given sequence log-probs, with a stand-in trainer and model.
+
+    The stand-in model returns one completion position per row (inputs are 2 tokens wide), whose log-prob is the
+    given sequence log-prob; reference log-probs come in precomputed, as ``precompute_ref_log_probs`` passes them.
+    Returns (loss, per-example weighted losses chosen first, metrics).
+    """
+    import collections
+    import types
+
+    from trl import KTOTrainer
+
+    batch_size = len(labels)
+    batch = {
+        "input_ids": torch.zeros(batch_size, 2, dtype=torch.long),
+        "attention_mask": torch.ones(batch_size, 2, dtype=torch.long),
+        "completion_mask": torch.tensor([[0, 1]] * batch_size),
+        "label": labels,
+        "ref_logps": reference,
+    }
+    calculate_kl = loss_type == "kto"
+    if calculate_kl:
+        batch.update({"KL_input_ids": torch.ones(batch_size, 2, dtype=torch.long),
+                      "KL_attention_mask": torch.ones(batch_size, 2, dtype=torch.long),
+                      "KL_completion_mask": torch.tensor([[0, 1]] * batch_size), "ref_KL_logps": reference_kl})
+
+    def model(*, input_ids, labels, fused_lm_head, **kwargs):
+        assert fused_lm_head and input_ids.shape == (batch_size, 2)
+        logps = policy_kl if input_ids is batch.get("KL_input_ids") else policy
+        zeros = torch.zeros(batch_size, 1)
+        return types.SimpleNamespace(log_probs=logps[:, None], entropy=zeros, mean_logits=zeros)
+
+    trainer = types.SimpleNamespace(
+        beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type,
+        calculate_KL=calculate_kl, precompute_ref_logps=True, aux_loss_enabled=False,
+        model=types.SimpleNamespace(training=True),
+        accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t),  # 1 process
+        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
+    with _CatRecorder() as recorder:
+        loss = KTOTrainer._compute_loss(trainer, model, batch, return_outputs=False)
+    assert len(recorder.outputs) == 1
+    return loss, recorder.outputs[0], trainer._metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type, kl_shift", [("kto", 0.3), ("kto", -0.3), ("apo_zero_unpaired", 0.0)])
+def test_kto_loss_matches_trl(loss_type, kl_shift):
+    """Parity with TRL 1.16: losses, their batch mean and its gradient, rewards and the KL reference point."""
+    pytest.importorskip("trl")
+    from tuneoff.losses import kto_kl, kto_loss
+
+    torch.manual_seed(0)
+    beta, desirable_weight, undesirable_weight = 0.1, 1.33, 0.75
+    labels = torch.tensor([True, False, True, True, False])
+    reference = -20.0 + 5.0 * torch.randn(5)
+    policy = (reference + 2.0 * torch.randn(5)).requires_grad_(True)
+    reference_kl = -25.0 + 5.0 * torch.randn(5)
+    noise = torch.randn(5)
+    policy_kl = reference_kl + kl_shift + noise - noise.mean()  # pairs of either sign, with a mean of kl_shift
+    trl_policy = policy.detach().clone().requires_grad_(True)
+    trl_loss, trl_losses, metrics = _trl_kto(loss_type, trl_policy, reference, labels, policy_kl, reference_kl, beta,
+                                             desirable_weight, undesirable_weight)
+    trl_loss.backward()
+
+    kl = kto_kl(policy_kl, reference_kl) if loss_type == "kto" else torch.tensor(0.0)
+    assert abs(kl.item() - metrics["kl"][-1]) < 1e-6
+    if kl_shift < 0:
+        assert kl.item() == 0.0  # the clamp is exercised
+    elif kl_shift > 0:
+        assert kl.item() > 0.0
+    losses, rewards = kto_loss(policy, reference, labels, kl, beta, desirable_weight, undesirable_weight)
+    assert torch.allclose(torch.cat([losses[labels], losses[~labels]]), trl_losses.detach(), atol=1e-6)
+    loss = losses.sum() / len(labels)  # tuneoff's reduction: sum over examples / global example count
+    assert abs(loss.item() - trl_loss.item()) < 1e-6
+    loss.backward()
+    assert torch.allclose(policy.grad, trl_policy.grad, atol=1e-6)
+    assert abs(rewards[labels].mean().item() - metrics["rewards/chosen"][-1]) < 1e-6
+    assert abs(rewards[~labels].mean().item() - metrics["rewards/rejected"][-1]) < 1e-6

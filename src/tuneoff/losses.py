@@ -151,6 +151,59 @@ MEAN_LOGPS = frozenset({"ipo"})
 10-token and a 100-token response for the same total gap, so the target's meaning depends on length."""
 
 
+# ---------------------------------------------------------------- KTO (all inputs (B,) summed sequence log-probs)
+
+
+def kto_kl_sum(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """One process's share of KTO's reference point: (B',) x 2 -> (2,) detached float32 [Σ_j d_j, B'].
+
+    d_j = log π(y'_j|x_j) − log π_ref(y'_j|x_j) on *mismatched* pairs: each prompt x_j with another example's
+    completion y'_j (TRL rotates the completions of a batch by one: x_1 gets y_n, x_2 gets y_1, ...), the policy
+    side computed without a gradient. With several processes, all-reduce (SUM) this tensor across them, then
+    pass it to :func:`kto_kl_from_sum`: z_0 is then the global mean Σ_p Σ_j d_j / Σ_p B'_p.
+    """
+    d = (policy_kl_logps.float() - reference_kl_logps.float()).detach()  # (B',)
+    return torch.stack([d.sum(), d.new_tensor(float(d.numel()))])  # (2,)
+
+
+def kto_kl_from_sum(kl_sum: torch.Tensor) -> torch.Tensor:
+    """z_0 = max(0, Σ d / n) from a (2,) [Σ d, n] of :func:`kto_kl_sum` (all-reduced if need be): a scalar.
+
+    TRL averages the per-process means instead (``gather(mean).mean()``); the two agree whenever every process
+    holds the same number of KL pairs (equal per-device batches), and the global mean is right when they do not.
+    Clamped at 0 after the reduction, as the true KL it estimates is never negative.
+    """
+    return (kl_sum[0] / kl_sum[1].clamp(min=1)).clamp(min=0).detach()
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z_0 on one process: max(0, mean_j d_j), detached. (B',) x 2 -> scalar."""
+    return kto_kl_from_sum(kto_kl_sum(policy_kl_logps, reference_kl_logps))
+
+
+def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor | float,
+             beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example KTO loss λ_y − v(x, y) (Ethayarajh et al. 2024, arXiv:2402.01306): (B,) x 3 -> (B,), (B,).
+
+    With r_θ = log π(y|x) − log π_ref(y|x) and z_0 = ``kl`` (see :func:`kto_kl`, detached):
+    desirable (label True)   λ_D (1 − σ(β (r_θ − z_0))),
+    undesirable (label False) λ_U (1 − σ(β (z_0 − r_θ))),
+    with λ_D = desirable_weight, λ_U = undesirable_weight. Returns (losses (B,), rewards β r_θ (B,) detached), in
+    the batch's order. TRL's batch loss is the plain mean of these weighted losses over all B examples (not a
+    weight-normalised mean), so summing them and dividing by the global example count reproduces it.
+    With z_0 = 0 this is TRL's ``apo_zero_unpaired`` (D'Oosterlinck et al. 2024, arXiv:2408.06266):
+    1 − σ(β r_θ) and 1 − σ(−β r_θ) = σ(β r_θ), which needs no KL pairs.
+    """
+    log_ratio = policy_logps.float() - reference_logps.float()  # (B,) r_θ
+    z = torch.as_tensor(kl, dtype=log_ratio.dtype, device=log_ratio.device).detach()
+    desirable = labels.to(device=log_ratio.device, dtype=torch.bool)  # (B,)
+    margin = torch.where(desirable, log_ratio - z, z - log_ratio)  # (B,)
+    weight = torch.where(desirable, desirable_weight, undesirable_weight).to(log_ratio.dtype)  # (B,)
+    losses = weight * (1.0 - torch.sigmoid(beta * margin))  # (B,)
+    return losses, (beta * log_ratio).detach()
+
+
 # --- PPO (Schulman et al. 2017; Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022) ---------------
 
 
@@ -163,6 +216,10 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL estimate exp(ρ) − ρ − 1 with ρ = log π_ref − log π (k3; unbiased, never negative). (B, T)."""
     log_ratio = ref_logp - logp
     return log_ratio.exp() - log_ratio - 1
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+"""Per-token KL(π‖π_ref) estimators by name (RLConfig.kl_estimator)."""
 
 
 def ppo_policy_loss(logp, old_logp, advantages, mask, clip: float):

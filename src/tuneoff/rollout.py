@@ -8,6 +8,9 @@ response (it carries the reward in PPO) and everything after it is masked. Seque
 
 Log-probs are those of the distribution sampled from, ``log_softmax(logits / temperature)`` before top-p
 truncation (as TRL and OpenRLHF do), so PPO's recomputed log-probs use the same temperature.
+
+:func:`sample_responses` runs :func:`generate` over batches of prompts and decodes the responses: the sampler
+that evaluation and the layers above use to draw text from a policy.
 """
 
 from __future__ import annotations
@@ -124,3 +127,25 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # (B, R)
     response_mask = (~after_eos).long()
     return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logprobs, 1) * response_mask, ended)
+
+
+@torch.inference_mode()
+def sample_responses(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperature: float, generator,
+                     batch: int = 64, top_p: float = 1.0):
+    """Sampled responses to prompt token ids (:func:`generate`), ``batch`` prompts per call, on the model's device.
+
+    Returns (response token ids without EOS, decoded texts without special tokens, per batch the (full ids, full
+    mask, prompt width, response mask) that :func:`tuneoff.eval.alignment.exact_kl_per_token` reads).
+    """
+    tokens, texts, batches = [], [], []
+    device = next(model.parameters()).device
+    for i in range(0, len(ids), batch):
+        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids[i : i + batch], tokenizer.pad_token_id))
+        r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                     temperature, top_p, generator=generator)
+        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu())]
+        ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
+        tokens += ends
+        texts += tokenizer.batch_decode(ends, skip_special_tokens=True)
+        batches.append((*r.full(), prompt_ids.shape[1], r.response_mask))
+    return tokens, texts, batches

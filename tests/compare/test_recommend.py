@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from tuneoff.compare.recommend import AXES, PRESETS, axis_scores, format_ci, format_number, recommend, resolve_priorities
+from tuneoff.compare.recommend import (
+    AXES,
+    PRESETS,
+    axis_scores,
+    format_ci,
+    format_number,
+    get_path,
+    recommend,
+    resolve_priorities,
+)
 from tuneoff.errors import TuneoffError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
@@ -232,3 +243,267 @@ def test_paired_win_rate_is_reported_as_the_sharper_test():
                             "z": {"x": {"mean": 0.38, "ci_low": 0.31, "ci_high": 0.45, "n": 3}}}
     text = " ".join(recommend(results, "strict-alignment")["explanation"])
     assert "Paired on the same prompts and seeds, x beats z 0.620 [0.550, 0.690]" in text and "excludes 0.5: x is better" in text
+
+
+# --- every comparison sentence agrees with the numbers it quotes ----------------------------------------------
+
+NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?"
+VERDICTS = {"more aligned": ("alignment", 1), "less aligned": ("alignment", -1),
+            "more diverse": ("diversity", 1), "less diverse": ("diversity", -1),
+            "cheaper": ("cost", 1), "more expensive": ("cost", -1),
+            "more stable": ("stability", 1), "less stable": ("stability", -1),
+            "when cost matters": ("cost", 1), "when stability does": ("stability", 1)}
+VERDICT = re.compile(r"(?P<word>" + "|".join(map(re.escape, VERDICTS)) + r")"
+                     r"(?: on (?:all (?P<all>\d+)|(?P<some>\d+) of (?P<of>\d+)) measures)? \(")
+INTERVAL = r"(?: \[[^\]]*\])?"
+FACT = re.compile(rf"^(?P<label>.*?)\s*(?P<a>{NUMBER}){INTERVAL}(?: s)? vs (?P<b>{NUMBER}){INTERVAL}(?: s)?"
+                  rf"(?P<tail>.*)$")
+DIVERSITY_LABEL = re.compile(r"^(per|across)-input (EAD|self-BLEU \(lower = more diverse\)|embedding diversity)$")
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def enclosed(text: str, start: int) -> str:
+    """The text from ``start`` up to the parenthesis that closes the one just before it."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    raise AssertionError(f"unclosed parenthesis in {text!r}")
+
+
+def top_level_split(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for i, char in enumerate(text):
+        depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(char, 0)
+        if depth == 0 and text.startswith(", ", i):
+            parts.append(current)
+            current = ""
+            continue
+        current += char if not (current == "" and char == " " and parts) else ""
+    return parts + [current]
+
+
+def measured(arm: dict, label: str):
+    """(axis, value, lower is better) of the metric a fact's label names, read from the results by the test."""
+    if label == "gold reward":
+        return "alignment", arm["gold_reward"]["mean"], False
+    if label == "of wall time":
+        return "cost", arm["cost"]["wall_s"]["mean"], True
+    if label == "seed sd of gold reward":
+        return "stability", arm["stability"]["seed_sd"], True
+    if label == "divergence events":
+        return "stability", arm["stability"].get("divergence_events", 0), True
+    match = DIVERSITY_LABEL.match(label)
+    assert match, f"a quoted number with an unknown label: {label!r}"
+    metric = {"EAD": "ead", "embedding diversity": "embedding"}.get(match[2], "self_bleu")
+    scope = f"{match[1]}_input"
+    return "diversity", arm["diversity"][scope][metric]["mean"], metric == "self_bleu"
+
+
+def diversity_sides(mine: dict, other: dict) -> list[int]:
+    """Per diversity component both arms have: +1 where ``mine`` is more diverse, −1 less, 0 level."""
+    sides = []
+    for scope in ("per_input", "across_input"):
+        for metric in ("ead", "self_bleu", "embedding"):
+            a, b = (get_path(m, "diversity", scope, metric, "mean") for m in (mine, other))
+            if a is not None and b is not None:
+                sides.append(0 if a == b else (1 if (a > b) != (metric == "self_bleu") else -1))
+    return sides
+
+
+def check_verdicts(sentence: str, subjects, arms: dict) -> int:
+    """Check every verdict clause ("more diverse (…)", "cheaper (…)", …) of ``sentence``: each quoted number is
+    the subject's (then the other arm's) measurement of the metric its label names, and the word says what those
+    numbers say, lower-is-better metrics included. ``subjects(position)`` names the arms the clause at that
+    position compares. Returns the number of quoted "A vs B" pairs checked."""
+    checked = 0
+    for match in VERDICT.finditer(sentence):
+        axis, direction = VERDICTS[match["word"]]
+        subject, other = subjects(match.start())
+        facts = top_level_split(enclosed(sentence, match.end()))
+        for fact in facts:
+            parsed = FACT.match(fact)
+            assert parsed, f"unparsed quoted numbers {fact!r} in: {sentence}"
+            label = (parsed["label"] + parsed["tail"]).strip()
+            fact_axis, mine, lower_better = measured(arms[subject], label)
+            _, theirs, _ = measured(arms[other], label)
+            a, b = number(parsed["a"]), number(parsed["b"])
+            assert fact_axis == axis, f"{match['word']!r} quotes {label!r}: {sentence}"
+            assert a == pytest.approx(mine, rel=5e-3) and b == pytest.approx(theirs, rel=5e-3), \
+                f"{fact!r} is not {subject} vs {other}: {sentence}"
+            assert a != b, f"{match['word']!r} before numbers that print the same ({fact}): {sentence}"
+            favours_subject = (a < b) if lower_better else (a > b)
+            assert favours_subject == (direction > 0), f"{match['word']!r} contradicts {fact!r}: {sentence}"
+            checked += 1
+        if axis == "diversity" and (match["all"] or match["of"]):
+            sides = [s * direction for s in diversity_sides(arms[subject], arms[other])]
+            if match["all"]:
+                assert int(match["all"]) == len(sides) and all(s > 0 for s in sides), sentence
+            else:
+                assert (int(match["some"]), int(match["of"])) == (sum(s > 0 for s in sides), len(sides)), sentence
+                assert len(facts) == int(match["some"]), sentence  # a split verdict quotes every measure it counts
+    return checked
+
+
+def preferred(sentence: str, choice: str, runner: str, position: int) -> tuple[str, str]:
+    """(subject, other) of a preference clause: "Z is then preferable: …", "Then prefer Z when …, W when …"."""
+    named = re.findall(r"(?:^| )(\S+) is then preferable|Then prefer (\S+) $|\), (\S+) $", sentence[:position])
+    subject = next(name for name in named[-1] if name)
+    return subject, runner if subject == choice else choice
+
+
+def check_explanation(result: dict, arms: dict) -> None:
+    """Every sentence that compares numbers says what they say; no quoted "A vs B" goes unchecked."""
+    choice = result["choice"]
+    runner = result["ranking"][1]["arm"] if len(result["ranking"]) > 1 else None
+    for sentence in result["explanation"]:
+        checked = 0
+        plain = sentence.replace("(lower = more diverse)", "")
+        words = re.findall("|".join(map(re.escape, VERDICTS)), plain)
+        if sentence.startswith("Against the runner-up "):
+            head = re.match(r"Against the runner-up (?P<other>.+?), (?P<subject>.+?) is ", sentence)
+            checked += check_verdicts(sentence, lambda _, head=head: (head["subject"], head["other"]), arms)
+        elif words:  # the preference that follows a within-noise verdict: between the choice and the runner-up
+            checked += check_verdicts(sentence, functools.partial(preferred, sentence, choice, runner), arms)
+        assert len(VERDICT.findall(plain)) == len(words), f"a verdict without its numbers: {sentence}"
+        gold = re.search(rf"(\S+) has the highest gold reward, ({NUMBER}){INTERVAL}, vs (\S+) ({NUMBER})", sentence)
+        if gold:
+            assert number(gold[2]) > number(gold[4]), sentence
+            assert arms[gold[1]]["gold_reward"]["mean"] >= arms[gold[3]]["gold_reward"]["mean"], sentence
+            checked += 1
+        tie = re.search(rf"(\S+) and (\S+) share the highest gold reward to the digits shown, ({NUMBER})", sentence)
+        if tie:
+            means = [format_ci(arms[tie[i]]["gold_reward"]).split(" [")[0] for i in (1, 2)]
+            assert means[0] == means[1], sentence
+        for claim in re.finditer(rf"(do not overlap|overlap|is above|is below|is not above)[^(]*\(gold reward "
+                                 rf"(?P<a>{NUMBER}) \[(?P<la>{NUMBER}), (?P<ha>{NUMBER})\] vs "
+                                 rf"(?P<b>{NUMBER}) \[(?P<lb>{NUMBER}), (?P<hb>{NUMBER})\]\)", sentence):
+            a, la, ha, b, lb, hb = (number(claim[k]) for k in ("a", "la", "ha", "b", "lb", "hb"))
+            apart = ha < lb or hb < la
+            assert apart == (claim[1] in ("do not overlap", "is above", "is below")), sentence
+            if claim[1] in ("is above", "is below"):
+                assert (a > b) == (claim[1] == "is above"), sentence
+            checked += 1
+        paired = re.search(rf"beats \S+ {NUMBER} \[(?P<low>{NUMBER}), (?P<high>{NUMBER})\].*the 95% CI "
+                           rf"(?P<verdict>includes|excludes 0.5: (?P<better>\S+) is better)", sentence)
+        if paired:
+            low, high = number(paired["low"]), number(paired["high"])
+            assert (low <= 0.5 <= high) == (paired["verdict"] == "includes"), sentence
+            if paired["better"]:
+                assert (paired["better"] == choice) == (low > 0.5), sentence
+        assert checked == sentence.count(" vs "), f"quoted numbers that no check reads: {sentence}"
+
+
+def mixed_arm(gold, half, wall, sd, events=0, method="dpo", **diversity):
+    """An arm with its own value for each diversity component (``per_ead``, ``across_self_bleu``, …; 0.5 unless
+    given) and a symmetric gold CI of half-width ``half``."""
+    metrics = ("ead", "self_bleu", "embedding")
+    components = {scope: {metric: ci(diversity.get(f"{scope.split('_')[0]}_{metric}", 0.5)) for metric in metrics}
+                  for scope in ("per_input", "across_input")}
+    return {"method": method, "gold_reward": ci(gold, gold - half, gold + half), "diversity": components,
+            "cost": {"wall_s": ci(wall)}, "stability": {"seed_sd": sd, "divergence_events": events}}
+
+
+def hand_made() -> dict[str, dict]:
+    """Results where every arm wins on some axes and loses on others, diversity components and stability
+    measures that disagree within one arm, ties to the digits shown, and an arm below base."""
+    base = mixed_arm(0.55, 0.02, 60, 0.0, method="base")
+    reported = {  # the reported contradiction: sft's diversity axis wins while its across-input embedding loses
+        "base": base,
+        "sft": mixed_arm(0.64, 0.03, 180, 0.03, method="sft", per_ead=0.80, per_self_bleu=0.20, per_embedding=0.40,
+                         across_ead=0.90, across_self_bleu=0.10, across_embedding=0.733),
+        "dpo": mixed_arm(0.70, 0.03, 290, 0.02, per_ead=0.70, per_self_bleu=0.30, per_embedding=0.30,
+                         across_ead=0.80, across_self_bleu=0.15, across_embedding=0.802)}
+    unstable = {  # grpo: lowest seed sd but two divergence events; ppo: cheapest, worst diversity, below base
+        "base": base,
+        "grpo": mixed_arm(0.75, 0.10, 700, 0.005, events=2, method="grpo", per_ead=0.6, across_embedding=0.4),
+        "sft": mixed_arm(0.72, 0.10, 150, 0.04, method="sft", per_ead=0.7, across_embedding=0.6),
+        "ppo": mixed_arm(0.45, 0.02, 40, 0.02, method="ppo", per_ead=0.3, across_embedding=0.3, per_self_bleu=0.9)}
+    level = {  # gold and wall that print the same, diversity and stability that do not
+        "base": base,
+        "a": mixed_arm(0.70001, 0.05, 100.01, 0.02, method="sft", per_ead=0.6),
+        "b": mixed_arm(0.70002, 0.05, 100.02, 0.03, method="sft", per_ead=0.4)}
+    within = {  # overlapping CIs: one arm cheaper, the other more stable (by seed sd), then by divergence events
+        "base": base,
+        "x": mixed_arm(0.80, 0.10, 1000, 0.01, method="ppo", across_embedding=0.2),
+        "z": mixed_arm(0.75, 0.10, 10, 0.02, method="sft", across_embedding=0.7)}
+    events = {"base": base, "x": mixed_arm(0.80, 0.10, 1000, 0.03, method="ppo"),
+              "z": mixed_arm(0.75, 0.10, 10, 0.01, events=1, method="grpo")}
+    return {"reported": reported, "unstable": unstable, "level": level, "within": within, "events": events,
+            "three": three_arms()["arms"], "fixture": json.loads(FIXTURE.read_text())["arms"]}
+
+
+PRIORITIES = [*PRESETS, {"diversity": 1}, {"stability": 1}, {"cost": 1, "stability": 1},
+              {"alignment": 1, "diversity": 1, "stability": 1}]
+
+
+@pytest.mark.parametrize("name", list(hand_made()))
+def test_every_comparison_sentence_agrees_with_its_numbers(name):
+    arms = hand_made()[name]
+    variants = [{"arms": arms}] + ([json.loads(FIXTURE.read_text())] if name == "fixture" else [])  # + paired win rates
+    for priorities in PRIORITIES:
+        for results in variants:
+            check_explanation(recommend(results, priorities), arms)
+
+
+def test_the_reported_contradiction_is_split_by_what_the_numbers_say():
+    result = recommend({"arms": hand_made()["reported"]}, {"diversity": 1})
+    (versus,) = [s for s in result["explanation"] if s.startswith("Against the runner-up")]
+    assert result["choice"] == "sft" and "more diverse (across-input embedding diversity 0.733" not in versus
+    assert "more diverse on 5 of 6 measures (per-input EAD 0.800 vs 0.700," in versus
+    assert versus.endswith("but less diverse on 1 of 6 measures (across-input embedding diversity 0.733 vs 0.802).")
+
+
+def test_stability_words_follow_divergence_events_and_seed_sd():
+    arms = hand_made()["unstable"]
+    result = recommend({"arms": arms}, {"stability": 1, "alignment": 1})
+    text = " ".join(result["explanation"])
+    # grpo's seed sd is the lowest but it diverged twice: each measure gets its own word
+    versus = next(s for s in result["explanation"] if s.startswith("Against the runner-up"))
+    assert "more stable on 1 of 2 measures (seed sd of gold reward 0.00500 vs 0.0400)" in versus
+    assert "less stable on 1 of 2 measures (divergence events 2 vs 0)" in versus
+    check_explanation(result, arms)
+    assert "below base's beyond seed noise" not in text  # ppo is below base, but it is not the choice
+    below = recommend({"arms": {"base": arms["base"], "ppo": arms["ppo"]}}, "balanced")
+    assert "ppo's gold reward is below base's beyond seed noise (gold reward 0.450 [0.430, 0.470] vs 0.550 [0.530, " \
+        "0.570])." in below["explanation"]
+    check_explanation(below, arms)
+
+
+def test_ties_to_the_digits_shown_get_no_comparative():
+    arms = hand_made()["level"]
+    result = recommend({"arms": arms}, {"alignment": 1, "cost": 1, "diversity": 1})
+    text = " ".join(result["explanation"])
+    assert "b and a share the highest gold reward to the digits shown, 0.700 [0.650, 0.750] and 0.700" in text
+    assert not re.search(r"more aligned|less aligned|cheaper|more expensive", text)
+    assert "more diverse on 1 of 6 measures (per-input EAD 0.600 vs 0.400)" in text or \
+        "less diverse on 1 of 6 measures (per-input EAD 0.400 vs 0.600)" in text
+
+
+def test_within_noise_stability_is_decided_by_divergence_events_first():
+    arms = hand_made()["events"]
+    result = recommend({"arms": arms}, "strict-alignment")
+    assert result["within_noise"] is True
+    (sentence,) = [s for s in result["explanation"] if "within noise" in s]
+    assert "x when stability does (divergence events 0 vs 1)" in sentence  # z's lower seed sd is not quoted for x
+    check_explanation(result, arms)
+
+
+def test_the_report_shows_only_sentences_that_agree_with_their_numbers(tmp_path):
+    from html import unescape
+
+    from tuneoff.compare.report import write_report
+
+    for name, arms in hand_made().items():
+        path = write_report({"arms": arms, "priorities": {"preset": "creative"}}, tmp_path / f"{name}.html")
+        html = path.read_text(encoding="utf-8")
+        block = html[html.index('<div class="recommendation">'):]
+        block = block[:block.index("</div>")]
+        shown = [unescape(re.sub(r"<[^>]+>", "", item)) for item in re.findall(r"<li[^>]*>(.*?)</li>", block, re.S)]
+        result = recommend({"arms": arms}, "creative")
+        assert shown == result["explanation"]
+        check_explanation(result, arms)

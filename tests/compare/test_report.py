@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
-from tuneoff.compare.report import _frontier, write_report
+from tuneoff.compare.report import frontier, write_report
 
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -113,7 +113,7 @@ def test_awkward_arm_names_are_drawn_as_written(tmp_path):
 
 def test_frontier_is_the_upper_envelope():
     points = [(0.0, 0.5), (0.35, 0.64), (0.3, 0.7), (0.45, 0.745), (0.63, 0.767), (0.5, 0.7), (0.3, 0.6)]
-    assert _frontier(points) == [(0.0, 0.5), (0.3, 0.7), (0.45, 0.745), (0.63, 0.767)]
+    assert frontier(points) == [(0.0, 0.5), (0.3, 0.7), (0.45, 0.745), (0.63, 0.767)]
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)")

@@ -12,9 +12,12 @@ from tuneoff.data.formats import (
     PreferencePair,
     Prompt,
     SFTExample,
+    UnpairedExample,
     load_preferences,
     load_prompts,
     load_sft,
+    load_unpaired,
+    parse_unpaired,
     read_rows,
     split_shared_prompt,
     validate_file,
@@ -216,12 +219,16 @@ def test_mixed_shapes_fail_at_first_differing_record(tmp_path):
 
 @pytest.mark.parametrize("row, field, problem", [
     ({"prompt": "q", "completion": 4}, "completion", "expected a string, got a number (4)"),
-    ({"prompt": ["q"], "completion": "a"}, "prompt", "expected a string, got a list ([\"q\"]); for conversations use {messages}"),
+    ({"prompt": ["q"], "completion": "a"}, "prompt[0]",
+     'expected an object with keys {role, content}, got a string ("q")'),
+    ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "prompt",
+     'expected a list of messages before a conversational completion, got a string ("q")'),
     ({"messages": "hi"}, "messages", 'expected a list of {role, content} objects, got a string ("hi")'),
     ({"messages": []}, "messages", "expected at least one message, got an empty list"),
     ({"messages": ["hi"]}, "messages[0]", 'expected an object with keys {role, content}, got a string ("hi")'),
     ({"messages": [{"role": "user", "text": "hi"}]}, "messages[0]", "expected keys {role, content}, found keys {role, text}"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role", 'expected one of system, user, assistant, got a string ("bot")'),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role",
+     'expected one of system, developer, user, assistant, tool, got a string ("bot")'),
     ({"messages": [{"role": "assistant", "content": ["x"]}]}, "messages[0].content", 'expected a string, got a list (["x"])'),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "expected a string, got null"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "expected at least one assistant message to learn from, found roles [user]"),
@@ -244,6 +251,155 @@ def test_empty_targets(tmp_path, row, field):
 def test_error_message_reads_as_one_line(tmp_path):
     path = jsonl(tmp_path, [{"prompt": "q", "completion": "a"}] * 2 + [{"prompt": "q", "completion": ""}], "train.jsonl")
     assert str(error_of(load_sft, path)) == f"{path}:3: field 'completion': empty completion: expected non-empty text, got ''"
+
+
+# ---------------------------------------------------------------- conversational SFT, tools and roles
+
+USER = {"role": "user", "content": "Weather in Paris?"}
+CALL = {"role": "assistant", "content": "", "tool_calls": [
+    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+TOOL = {"role": "tool", "name": "get_weather", "tool_call_id": "c1", "content": "18 C, sunny"}
+ANSWER = {"role": "assistant", "content": "It is sunny, 18 C."}
+
+
+def test_sft_conversational_prompt_completion(tmp_path):
+    system = {"role": "system", "content": "be brief"}
+    rows = [{"prompt": [system, USER], "completion": [ANSWER]}, {"prompt": [USER], "completion": "Sunny."}]
+    first, second = load_sft(jsonl(tmp_path, rows))
+    assert first.prompt == (Message("system", "be brief"), Message("user", "Weather in Paris?"))
+    assert first.completion == (Message("assistant", "It is sunny, 18 C."),) and first.messages is None
+    assert second.completion == (Message("assistant", "Sunny."),)  # a string reply is the assistant's next turn
+
+
+def test_tool_calls_tool_and_developer_roles_are_kept_for_the_template(tmp_path):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    developer = {"role": "developer", "content": "Use the tools."}
+    example = load_sft(jsonl(tmp_path, [{"messages": [developer, USER, CALL, TOOL, ANSWER], "tools": tools}]))[0]
+    assert [m.role for m in example.messages] == ["developer", "user", "assistant", "tool", "assistant"]
+    call, tool = example.messages[2], example.messages[3]
+    assert call.content == "" and call.tool_calls[0]["function"]["name"] == "get_weather"
+    assert call.as_dict() == CALL and tool.as_dict() == TOOL and example.tools == tuple(tools)
+    assert example.messages[1].as_dict() == USER  # no optional keys when the file has none
+    # A tool-calling turn may omit content (or give null); a null tool_calls or name means absent.
+    row = {"prompt": [USER], "completion": [{"role": "assistant", "tool_calls": CALL["tool_calls"]}, TOOL,
+                                            {**ANSWER, "tool_calls": None, "name": None}]}
+    example = load_sft(jsonl(tmp_path, [row], "pc.jsonl"))[0]
+    assert example.completion[0].content == "" and example.completion[2] == Message("assistant", ANSWER["content"])
+
+
+@pytest.mark.parametrize("message, field, problem", [
+    ({"role": "user", "content": "x", "tool_calls": CALL["tool_calls"]}, "messages[0].tool_calls",
+     "only assistant messages call tools, got role 'user'"),
+    ({"role": "assistant", "content": "", "tool_calls": "get_weather()"}, "messages[0].tool_calls",
+     'expected a list of tool calls, got a string ("get_weather()")'),
+    ({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}, "messages[0].tool_calls[0]",
+     'expected {"type": "function", "function": {"name": ..., "arguments": {...}}}, got an object'),
+    ({"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}, "messages[0].tool_calls[0].function.name",
+     'expected the function\'s name, a non-empty string, got a string ("")'),
+    ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]},
+     "messages[0].tool_calls[0].function.arguments", "expected an object (or a JSON string), got a number (3)"),
+    ({"role": "assistant", "content": ""}, "messages[0].content", "empty assistant message"),
+    ({"role": "assistant"}, "messages[0]", "expected keys {role, content}, found keys {role}"),
+    ({"role": "tool", "content": "x", "tool_call_id": 7}, "messages[0].tool_call_id", "expected a non-empty string"),
+])
+def test_bad_tool_messages(tmp_path, message, field, problem):
+    error = error_of(load_sft, jsonl(tmp_path, [{"messages": [message, ANSWER]}]))
+    assert (error.where, error.field) == ("1", field) and error.problem.startswith(problem)
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({"prompt": [USER], "completion": [USER]}, "completion[0].role",
+     "expected 'assistant' or 'tool' in a completion (the model writes it), got 'user'"),
+    ({"prompt": [USER], "completion": [TOOL, ANSWER]}, "completion[0].role",
+     "a completion starts with the assistant's turn, got 'tool'"),
+    ({"prompt": [USER, ANSWER], "completion": [ANSWER]}, "prompt[1].role", "a prompt must not end with an assistant"),
+    ({"prompt": [USER], "completion": 3}, "completion", "expected a list of assistant messages or a string"),
+    ({"messages": [USER, ANSWER], "tools": {"name": "f"}}, "tools", "expected a list of tool schemas (objects)"),
+])
+def test_bad_conversational_sft(tmp_path, row, field, problem):
+    error = error_of(load_sft, jsonl(tmp_path, [row]))
+    assert error.field == field and error.problem.startswith(problem)
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "q", "completion": "a bad answer", "label": False},
+    {"prompt": "q", "completion": "a good answer", "label": True},
+    {"messages": [USER, ANSWER], "label": False},
+    {"text": "some text", "label": "false"},
+])
+def test_sft_refuses_records_with_a_label(tmp_path, row):
+    """A label false marks an undesirable completion: SFT would learn it, so KTO data is refused, not ignored."""
+    path = jsonl(tmp_path, [row], "kto.jsonl")
+    error = error_of(load_sft, path)
+    assert (error.where, error.field) == ("1", "label")
+    assert "unpaired preference data (KTO)" in error.problem and "tuneoff kto" in error.problem
+    assert str(error).startswith(f"{path}:1: field 'label': records with a `label` field")
+    with pytest.raises(DataError, match="field 'label'"):
+        validate_file(path, "sft")
+
+
+def test_preference_reply_that_calls_tools_is_refused(tmp_path):
+    row = {"prompt": [USER], "chosen": [CALL], "rejected": [ANSWER]}
+    error = error_of(load_preferences, jsonl(tmp_path, [row]))
+    assert error.field == "chosen[0].tool_calls" and "a compared reply must be text" in error.problem
+    row = {"chosen": [USER, ANSWER], "rejected": [USER, CALL]}
+    assert error_of(load_preferences, jsonl(tmp_path, [row])).field == "rejected[1].tool_calls"
+
+
+# ---------------------------------------------------------------- unpaired preferences (KTO)
+
+
+def test_unpaired_standard_and_conversational(tmp_path):
+    rows = [{"prompt": "The sky is", "completion": " blue.", "label": True},
+            {"prompt": "", "completion": "green", "label": False, "id": 3}]
+    path = jsonl(tmp_path, rows)
+    assert load_unpaired(path) == [UnpairedExample("The sky is", " blue.", True, f"{path}:1"),
+                                   UnpairedExample("", "green", False, f"{path}:2")]
+    conversational = [{"prompt": [USER], "completion": [ANSWER], "label": False},
+                      {"prompt": [USER], "completion": "Rainy.", "label": True}]
+    first, second = load_unpaired(jsonl(tmp_path, conversational, "c.jsonl"))
+    assert first.prompt == (Message("user", USER["content"]),)
+    assert first.completion == (Message("assistant", ANSWER["content"]),)
+    assert first.label is False and (second.completion, second.label) == ("Rainy.", True)
+    assert parse_unpaired({"prompt": "p", "completion": "c", "label": True}).where == "<record>"
+
+
+@pytest.mark.parametrize("row, field, problem", [
+    ({"prompt": "q", "completion": "a", "label": 1}, "label",
+     "expected a boolean (true: a desirable completion, false: an undesirable one), got a number (1)"),
+    ({"prompt": "q", "completion": "a", "label": "true"}, "label", 'got a string ("true")'),
+    ({"prompt": "q", "completion": "a", "label": None}, "label", "got null"),
+    ({"prompt": "q", "completion": " ", "label": True}, "completion", "empty completion"),
+    ({"prompt": "q", "completion": [ANSWER], "label": True}, "prompt",
+     "expected a list of messages before a conversational completion"),
+    ({"prompt": [USER], "completion": [CALL, TOOL, ANSWER], "label": True}, "completion[1].role",
+     "expected 'assistant' in a completion"),
+    ({"prompt": 4, "completion": "a", "label": True}, "prompt", "expected a string or a list of messages"),
+    ({"prompt": "q", "completion": "a"}, None,
+     "expected one of {prompt, completion, label}, found keys {prompt, completion}"),
+])
+def test_bad_unpaired(tmp_path, row, field, problem):
+    error = error_of(load_unpaired, jsonl(tmp_path, [row]))
+    assert (error.where, error.field) == ("1", field) and problem in error.problem
+
+
+def test_unpaired_label_in_columnar_and_csv_files(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"prompt": ["p", "q"], "completion": ["a", "b"], "label": [True, False]}), path)
+    assert [e.label for e in load_unpaired(path)] == [True, False]
+    csv_path = write(tmp_path, "d.csv", "prompt,completion,label\np,a,true\nq,b,False\n")
+    assert [e.label for e in load_unpaired(csv_path)] == [True, False]
+    error = error_of(load_unpaired, write(tmp_path, "e.csv", "prompt,completion,label\np,a,1\n"))
+    assert (error.where, error.field) == ("2", "label")
+
+
+def test_validate_file_kto_kind(tmp_path):
+    path = jsonl(tmp_path, [{"prompt": "q", "completion": "a", "label": True}] * 2)
+    assert validate_file(path, "kto") == validate_file(path, "unpaired") == 2
+    assert validate_file(path, "prompt") == 2
 
 
 # ---------------------------------------------------------------- preferences
@@ -271,10 +427,26 @@ def test_implicit_prompt_strings_split_at_assistant_marker(tmp_path):
 
 
 def test_split_shared_prompt_word_boundaries():
-    assert split_shared_prompt("Q: hi A: yes", "Q: hi A: yeah") == ("Q: hi A: ", "yes", "yeah")
+    assert split_shared_prompt("Q: hi A: yes", "Q: hi A: yeah") == ("Q: hi A:", " yes", " yeah")
+    assert split_shared_prompt("The sky is blue.", "The sky is green.") == ("The sky is", " blue.", " green.")
+    assert split_shared_prompt("Answer:\n\nYes", "Answer:\n\nNo") == ("Answer:", "\n\nYes", "\n\nNo")
     assert split_shared_prompt("Q?\nYes", "Q? No") == ("Q?", "\nYes", " No")
     assert split_shared_prompt("<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nA b", "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nA c")[0].endswith("assistant\n")
     assert split_shared_prompt("yes", "no") == ("", "yes", "no")
+
+
+def test_implicit_prompt_reply_keeps_its_leading_space_token(tmp_path, tiny_tokenizer):
+    """As TRL's extract_prompt: the reply gets the space, so it tokenizes as at generation time ('Ġblue')."""
+    from tuneoff.data.pairs import encode
+
+    pair = load_preferences(jsonl(tmp_path, [{"chosen": "The sky is blue.", "rejected": "The sky is green."}]))[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("The sky is", " blue.", " green.")
+    prompt, chosen = encode(tiny_tokenizer, pair.prompt, pair.chosen)
+    _, rejected = encode(tiny_tokenizer, pair.prompt, pair.rejected)
+    tokens = tiny_tokenizer.convert_ids_to_tokens
+    assert tokens(prompt)[-1] == "Ġis" and tokens(chosen)[:2] == ["Ġblue", "."] and tokens(rejected)[0] == "Ġgreen"
+    # The prompt and reply ids are those of the whole transcript, split at a token boundary.
+    assert prompt + chosen[:-1] == tiny_tokenizer("The sky is blue.", add_special_tokens=False)["input_ids"]
 
 
 def test_implicit_prompt_messages(tmp_path):
@@ -362,6 +534,11 @@ def test_validate_verb_prints_count_and_exits_2_on_bad_data(tmp_path, capsys, mo
     pairs = jsonl(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}], "pairs.jsonl")
     assert cli.main(["validate", str(pairs), "--kind", "preference"]) == 0
     assert capsys.readouterr().out == f"{pairs}: 1 valid preference record\n"
+    kto = jsonl(tmp_path, [{"prompt": "q", "completion": "a", "label": False}], "kto.jsonl")
+    assert cli.main(["validate", str(kto), "--kind", "kto"]) == 0
+    assert capsys.readouterr().out == f"{kto}: 1 valid kto record\n"
+    assert cli.main(["validate", str(kto)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {kto}:1: field 'label': records with a `label` field")
     bad = jsonl(tmp_path, [{"prompt": "q", "completion": ""}], "bad.jsonl")
     assert cli.main(["validate", str(bad), "--kind", "sft"]) == 2
     assert capsys.readouterr().err == f"error: {bad}:1: field 'completion': empty completion: expected non-empty text, got ''\n"

@@ -13,10 +13,17 @@ from tuneoff.data.formats import PreferencePair, load_preferences, read_rows
 from tuneoff.data.sources import (
     HH_RLHF_HARMLESS_TEST,
     PANDALM_TEST,
+    SELF_INSTRUCT_SEED,
+    SST2_DEV,
+    SST2_TEST,
+    SST2_TRAIN,
     hh_rlhf_pairs,
     majority_label,
     pandalm_pairs,
+    self_instruct_messages,
+    shipped_data,
     split_hh_transcript,
+    sst2_sentences,
 )
 from tuneoff.errors import DataError
 
@@ -27,6 +34,28 @@ def real(relative: str) -> Path:
     path = shipped_data(relative)
     assert path.exists() and (path.parent / "LICENSE").exists() and (path.parent / "ORIGIN.txt").exists(), path
     return path
+
+
+def test_shipped_paths_are_absolute_and_read_from_any_directory(tmp_path, monkeypatch):
+    """The README's recipe, hh_rlhf_pairs(HH_RLHF_HARMLESS_TEST), works wherever it runs; old relative names too."""
+    constants = (HH_RLHF_HARMLESS_TEST, PANDALM_TEST, SST2_TRAIN, SST2_DEV, SST2_TEST, SELF_INSTRUCT_SEED)
+    assert all(isinstance(path, Path) and path.is_absolute() and path.is_file() for path in constants)
+    monkeypatch.chdir(tmp_path)
+    pairs, skipped = hh_rlhf_pairs(HH_RLHF_HARMLESS_TEST)
+    assert (len(pairs), len(skipped)) == (2304, 8) and pairs[0].where == f"{HH_RLHF_HARMLESS_TEST}:1"
+    assert shipped_data(PANDALM_TEST) == PANDALM_TEST == shipped_data("pandalm/testset-v1.json.gz")
+    # The names the constants used to hold, relative to the shipped data folder, still find the files.
+    assert pandalm_pairs("pandalm/testset-v1.json.gz") == pandalm_pairs(PANDALM_TEST)
+    assert self_instruct_messages("self-instruct/seed_tasks.jsonl") == self_instruct_messages(SELF_INSTRUCT_SEED)
+    assert self_instruct_messages() == self_instruct_messages(SELF_INSTRUCT_SEED)
+    assert sst2_sentences("sst2/dev.tsv.gz", label=1) == sst2_sentences(SST2_DEV, label=1) != []
+    # A file of that relative name in the working directory comes first; a missing one is named as given.
+    local = tmp_path / "pandalm" / "testset-v1.json.gz"
+    local.parent.mkdir()
+    local.write_bytes(gzip.compress(json.dumps([pandalm_row(7, "a", "b", (1, 1, 1))]).encode()))
+    assert [r.idx for r in pandalm_pairs("pandalm/testset-v1.json.gz").records] == [7]
+    with pytest.raises(DataError, match=r"^nope/hh\.jsonl\.gz: no such file$"):
+        hh_rlhf_pairs("nope/hh.jsonl.gz")
 
 
 def gz_jsonl(tmp_path, rows, name="hh.jsonl.gz"):

@@ -140,8 +140,9 @@ def test_paired_win_rates_every_ordered_pair():
 def test_exact_kl_is_zero_against_itself_and_positive_against_another_model():
     import torch
 
-    from tuneoff.eval.alignment import exact_kl_per_token, sample_responses
+    from tuneoff.eval.alignment import exact_kl_per_token
     from tuneoff.models.load import load_model, load_tokenizer
+    from tuneoff.rollout import sample_responses
 
     tokenizer = load_tokenizer("review-gpt")
     model = load_model("review-gpt").eval()

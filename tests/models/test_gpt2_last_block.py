@@ -36,7 +36,7 @@ def test_last_block_at_positions_equals_the_full_forward(name):
 def test_reward_model_takes_the_short_path_only_when_it_is_exact(monkeypatch):
     """Last-token pooling of a plain GPT-2 uses it; mean pooling, live dropout and LoRA take the full forward."""
     from tuneoff.models.load import apply_lora, load_model
-    from tuneoff.train.reward import pair_pack
+    from tuneoff.data.grouped import pair_pack
 
     calls = []
     original = gpt2_last_block.at_positions

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tuneoff.errors import TuneoffError
-from tuneoff.models.heads import (RewardModel, encode_response, gather_last, last_token_index, load_reward_model,
-                                  masked_mean_pool, pad_right, position_ids_from_mask, save_reward_model)
+from tuneoff.feedback.judges import load_reward_model
+from tuneoff.models.heads import (RewardModel, encode_response, gather_last, last_token_index, masked_mean_pool,
+                                  pad_right, position_ids_from_mask, save_reward_model)
 
 
 def test_last_token_index_right_and_left_padding():
@@ -52,7 +53,7 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
 def test_packed_forward_equals_padded_forward(pooling):
     """Pairs packed with their shared prefix once (rejected's tail blind to chosen's) give the padded batch's rewards."""
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import pair_pack
+    from tuneoff.data.grouped import pair_pack
 
     torch.manual_seed(0)
     model = RewardModel(load_model("tiny"), pooling=pooling).eval()
@@ -81,7 +82,7 @@ def test_packed_forward_equals_padded_forward(pooling):
 def test_packed_pairs_on_a_llama_backbone():
     """SmolLM2 (Llama: rotary positions, its own mask path) reads the shared-prefix layout the same way."""
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import pair_pack
+    from tuneoff.data.grouped import pair_pack
 
     torch.manual_seed(0)
     model = RewardModel(load_model("smollm2-135m"), pooling="last").eval()
@@ -98,7 +99,7 @@ def test_packed_pairs_on_a_llama_backbone():
 def test_a_group_of_three_responses_packs_its_prompt_once(pooling):
     """K responses of one prompt: the prefix once, then each tail, every tail blind to the others' tails."""
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import pack
+    from tuneoff.data.grouped import pack
 
     torch.manual_seed(0)
     model = RewardModel(load_model("tiny"), pooling=pooling).eval()
@@ -120,7 +121,7 @@ def test_a_group_of_three_responses_packs_its_prompt_once(pooling):
 
 def test_a_group_sharing_nothing_packs_as_singletons():
     """Three responses whose prompts were cut from the left share no token: three runs, not one long one."""
-    from tuneoff.train.reward import pack
+    from tuneoff.data.grouped import pack
 
     batch = pack([[1, 2], [3, 4], [5, 6]], [[0, 1, 2]], pad_id=9, width=4)
     assert batch["packed_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
@@ -129,7 +130,7 @@ def test_a_group_sharing_nothing_packs_as_singletons():
 
 
 def test_shared_prefix_leaves_each_sequence_a_token():
-    from tuneoff.train.reward import shared_prefix
+    from tuneoff.data.grouped import shared_prefix
 
     assert shared_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert shared_prefix([1, 2], [1, 2, 3]) == 1  # [1, 2] is all prefix: its last token stays its own

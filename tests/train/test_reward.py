@@ -50,7 +50,7 @@ def test_rm_smoke_saves_a_scorer_that_reproduces_eval(tmp_path, pairs):
 
     from tuneoff.data.formats import load_preferences
     from tuneoff.eval.rm import pairwise_accuracy
-    from tuneoff.models.heads import load_reward_model
+    from tuneoff.feedback.judges import load_reward_model
 
     scorer = load_reward_model(out / "model")
     held = load_preferences(held_out)
@@ -106,7 +106,8 @@ def test_lora_trains_adapters_and_head(tmp_path, pairs):
     assert (out / "checkpoints" / "step-000003" / "adapter_model.safetensors").exists()
     from safetensors.torch import load_file
 
-    from tuneoff.models.heads import RewardModel, load_reward_model
+    from tuneoff.feedback.judges import load_reward_model
+    from tuneoff.models.heads import RewardModel
     from tuneoff.models.load import apply_lora, load_model
     from tuneoff.train.common import seed_everything
 

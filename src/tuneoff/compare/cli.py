@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -14,11 +15,13 @@ def run_experiment(config_path: str | Path, out: str | Path, workers: int | None
     from tuneoff.compare import scheduler
     from tuneoff.compare.aggregate import aggregate
     from tuneoff.compare.experiment import load_experiment, plan
+    from tuneoff.compare.inputs import check_inputs
     from tuneoff.compare.recommend import recommend
     from tuneoff.compare.report import write_report
 
     started = time.perf_counter()
     config = load_experiment(config_path, seeds=seeds, workers=workers)
+    check_inputs(config)  # every named file exists and parses, before any folder is made or job started
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan(config, out)
@@ -76,16 +79,20 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def _print_results(results: dict, out: Path) -> int:
+    """Print the summary; exit status 2 when any job did not finish (each named with why, on stderr)."""
+    from tuneoff.compare.scheduler import failures
+
     for line in summary_lines(results):
         print(line)
     choice = results.get("recommendation", {})
     if choice.get("choice"):
         print(f"recommendation ({', '.join(f'{k} {v:.2f}' for k, v in choice['priorities'].items())}): {choice['choice']}")
-    failed = [n for n, j in results["jobs"].items() if j["status"] != "ok"]
-    if failed:
-        print(f"{len(failed)} job(s) did not finish: {', '.join(failed)} (see their log.txt; rerun to retry)")
     print(f"report: {out / 'report.html'}\nresults: {out / 'results.json'}  ({results['wall_s']:.0f} s)")
-    return 1 if failed else 0
+    lines = failures(results["jobs"])
+    if lines:
+        print(f"error: {len(lines)} of {len(results['jobs'])} job(s) did not finish (see each job's log.txt; "
+              f"rerun to retry them, finished jobs are reused):\n  " + "\n  ".join(lines), file=sys.stderr)
+    return 2 if lines else 0
 
 
 def add_parser(subparsers) -> None:

@@ -39,9 +39,10 @@ def judge_scores(judge: str, prompts: list, texts: list[str]) -> list[float]:
     """The judge's verdict per response: gold = P(positive) of prompt + response; else a held-out RM's reward."""
     if judge == "gold":
         from tuneoff.feedback.gold import load_gold_judge
+        from tuneoff.feedback.judges import judge_text
 
-        return load_gold_judge().score([_as_text(p) + " " + t.strip() for p, t in zip(prompts, texts)]).tolist()
-    from tuneoff.models.heads import load_reward_model
+        return load_gold_judge().score([judge_text(p, t) for p, t in zip(prompts, texts)]).tolist()
+    from tuneoff.feedback.judges import load_reward_model
 
     return load_reward_model(judge).score(prompts, texts).tolist()
 
@@ -52,9 +53,10 @@ def _as_text(prompt) -> str:
 
 def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str, spec: dict, folder: Path) -> dict:
     """Sample, score and measure one policy; writes ``folder/eval.json`` and returns the same dict."""
-    from tuneoff.eval.alignment import exact_kl_per_token, sample_responses
+    from tuneoff.eval.alignment import exact_kl_per_token
     from tuneoff.eval.diversity import diversity_report
     from tuneoff.models.load import load_model, load_tokenizer
+    from tuneoff.rollout import sample_responses
     from tuneoff.train.policy import encode_prompts
 
     settings = spec["eval"]
@@ -78,7 +80,7 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
     judged = judge_scores(judge, prompts.texts, texts)
     proxy_scores = None
     if proxy:
-        from tuneoff.models.heads import load_reward_model
+        from tuneoff.feedback.judges import load_reward_model
 
         proxy_scores = load_reward_model(proxy).score(prompts.texts, texts).tolist()
     kl = 0.0 if spec["method"] == "base" else exact_kl_per_token(model, load_model(base_name).eval().to(device), batches, T)

@@ -75,7 +75,7 @@ def resolve_priorities(priorities: dict | str | None = None) -> dict[str, float]
             raise TuneoffError(f"priorities: unknown preset {preset!r}; the presets are {', '.join(PRESETS)}")
         weights.update(PRESETS[preset])
     for axis, weight in explicit.items():
-        if _finite(weight) is None or weight < 0:
+        if finite(weight) is None or weight < 0:
             raise TuneoffError(f"priorities: the weight of {axis!r} must be a number >= 0, got {weight!r}")
         weights[axis] = float(weight)
     total = sum(weights.values())
@@ -109,7 +109,7 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
     ranking = [{"arm": arm, "score": _weighted(axes, weights), "axes": axes} for arm, axes in scores.items()]
 
     def order(row):  # ties (to rounding) go to a tuned arm, then to the higher gold reward
-        gold = _mean(arms[row["arm"]].get("gold_reward"))
+        gold = ci_mean(arms[row["arm"]].get("gold_reward"))
         return -round(row["score"], 9), _is_base(row["arm"], arms[row["arm"]]), -gold if gold is not None else math.inf, row["arm"]
 
     ranking.sort(key=order)
@@ -130,20 +130,23 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
 
 # --- numbers -------------------------------------------------------------------------------------------------
 
-def _finite(x) -> float | None:
+def finite(x) -> float | None:
+    """``x`` as a float, or None when it is not a finite number (None, NaN, infinities, bools, text)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return None
     return float(x)
 
 
-def _get(tree, *keys):
+def get_path(tree, *keys):
+    """``tree[k1][k2]...``, or None where a level is missing or not a dict."""
     for key in keys:
         tree = tree.get(key) if isinstance(tree, dict) else None
     return tree
 
 
-def _mean(ci) -> float | None:
-    return _finite(ci.get("mean")) if isinstance(ci, dict) else None
+def ci_mean(ci) -> float | None:
+    """The finite mean of a CI dict (``{"mean", "ci_low", "ci_high"}``), else None."""
+    return finite(ci.get("mean")) if isinstance(ci, dict) else None
 
 
 def _decimals(x: float, digits: int) -> int:
@@ -153,7 +156,7 @@ def _decimals(x: float, digits: int) -> int:
 def format_number(x, digits: int = 3) -> str:
     """``digits`` significant digits (0.712, 27.3, 743, 1.5e+06), integers whole (2,000); "n/a" for None or NaN."""
     whole = isinstance(x, int) and not isinstance(x, bool)
-    x = _finite(x)
+    x = finite(x)
     if x is None:
         return "n/a"
     if x == 0 or whole and abs(x) < 1e5:  # counts (labels, events) and empty phases read as whole numbers
@@ -165,10 +168,10 @@ def format_number(x, digits: int = 3) -> str:
 
 def format_ci(ci, digits: int = 3) -> str:
     """``mean [low, high]`` with the decimals of the mean; just the mean when the CI is NaN (one seed)."""
-    mean = _mean(ci)
+    mean = ci_mean(ci)
     if mean is None:
         return "n/a"
-    low, high = _finite(ci.get("ci_low")), _finite(ci.get("ci_high"))
+    low, high = finite(ci.get("ci_low")), finite(ci.get("ci_high"))
     if abs(mean) >= 1e5:
         parts = [format_number(v, digits) for v in (mean, low, high)]
     else:
@@ -177,7 +180,7 @@ def format_ci(ci, digits: int = 3) -> str:
 
 
 def format_seconds(seconds) -> str:
-    return "n/a" if _finite(seconds) is None else f"{format_number(seconds)} s"
+    return "n/a" if finite(seconds) is None else f"{format_number(seconds)} s"
 
 
 # --- axes ----------------------------------------------------------------------------------------------------
@@ -197,13 +200,14 @@ def _minmax(values: dict[str, float | None], noise: float = 0.0) -> dict[str, fl
 
 def _noise(cis: list) -> float:
     """Mean 95% CI half-width over the arms that have one (0 when none has)."""
-    halves = [(_finite(ci.get("ci_high")) - _finite(ci.get("ci_low"))) / 2 for ci in cis
-              if isinstance(ci, dict) and _finite(ci.get("ci_high")) is not None and _finite(ci.get("ci_low")) is not None]
+    halves = [(finite(ci.get("ci_high")) - finite(ci.get("ci_low"))) / 2 for ci in cis
+              if isinstance(ci, dict) and finite(ci.get("ci_high")) is not None
+              and finite(ci.get("ci_low")) is not None]
     return sum(halves) / len(halves) if halves else 0.0
 
 
 def _alignment(arms: dict) -> dict[str, float]:
-    return _minmax({arm: _mean(m.get("gold_reward")) for arm, m in arms.items()},
+    return _minmax({arm: ci_mean(m.get("gold_reward")) for arm, m in arms.items()},
                    _noise([m.get("gold_reward") for m in arms.values()]))
 
 
@@ -211,8 +215,8 @@ def _diversity(arms: dict) -> dict[str, float]:
     components = []
     for scope, metric in DIVERSITY_COMPONENTS:
         sign = -1.0 if metric == "self_bleu" else 1.0  # min–max of −self-BLEU equals that of 1 − self-BLEU
-        raw = {arm: _mean(_get(m, "diversity", scope, metric)) for arm, m in arms.items()}
-        noise = _noise([_get(m, "diversity", scope, metric) for m in arms.values()])
+        raw = {arm: ci_mean(get_path(m, "diversity", scope, metric)) for arm, m in arms.items()}
+        noise = _noise([get_path(m, "diversity", scope, metric) for m in arms.values()])
         components.append(_minmax({arm: None if v is None else sign * v for arm, v in raw.items()}, noise))
     scores = {}
     for arm in arms:
@@ -223,12 +227,12 @@ def _diversity(arms: dict) -> dict[str, float]:
 
 
 def _cost(arms: dict) -> dict[str, float]:
-    walls = {arm: _mean(_get(m, "cost", "wall_s")) for arm, m in arms.items()}
+    walls = {arm: ci_mean(get_path(m, "cost", "wall_s")) for arm, m in arms.items()}
     return _minmax({arm: None if w is None or w < 0 else -math.log(max(w, MIN_WALL_S)) for arm, w in walls.items()})
 
 
 def _stability(arms: dict) -> dict[str, float]:
-    sds = {arm: _finite(_get(m, "stability", "seed_sd")) for arm, m in arms.items()}
+    sds = {arm: finite(get_path(m, "stability", "seed_sd")) for arm, m in arms.items()}
     scores = _minmax({arm: None if sd is None else -sd for arm, sd in sds.items()})
     for arm in scores:
         if _divergences(arms[arm]) > 0:
@@ -265,12 +269,12 @@ def _is_base(name: str, arm: dict) -> bool:
 
 
 def _divergences(arm: dict) -> int:
-    return int(_finite(_get(arm, "stability", "divergence_events")) or 0)
+    return int(finite(get_path(arm, "stability", "divergence_events")) or 0)
 
 
 def _overlap(a, b) -> bool | None:
     """Whether two 95% CIs overlap; None when either is missing or NaN (one seed)."""
-    bounds = [(_finite(_get(ci, "ci_low")), _finite(_get(ci, "ci_high"))) for ci in (a, b)]
+    bounds = [(finite(get_path(ci, "ci_low")), finite(get_path(ci, "ci_high"))) for ci in (a, b)]
     if any(v is None for pair in bounds for v in pair):
         return None
     (low_a, high_a), (low_b, high_b) = bounds
@@ -290,8 +294,8 @@ def _ranking_sentence(ranking: list[dict]) -> str:
 
 
 def _gold_sentence(arms: dict, choice: str) -> str:
-    by_gold = sorted(((_mean(m.get("gold_reward")), arm) for arm, m in arms.items() if _mean(m.get("gold_reward")) is not None),
-                     key=lambda pair: -pair[0])
+    by_gold = sorted(((ci_mean(m.get("gold_reward")), arm) for arm, m in arms.items()
+                      if ci_mean(m.get("gold_reward")) is not None), key=lambda pair: -pair[0])
     if not by_gold:
         return "No arm has a gold reward measurement."
     gold = {arm: format_ci(arms[arm]["gold_reward"]) for _, arm in by_gold}
@@ -299,51 +303,123 @@ def _gold_sentence(arms: dict, choice: str) -> str:
     if len(by_gold) == 1:
         return f"Only {first} has a gold reward: {gold[first]}."
     second = by_gold[1][1]
-    sentence = f"{first} has the highest gold reward, {gold[first]}, vs {second} {gold[second]}"
+    if _printed_mean(gold[first]) == _printed_mean(gold[second]):  # level to the digits shown: no "highest" to name
+        sentence = (f"{first} and {second} share the highest gold reward to the digits shown, {gold[first]} and "
+                    f"{gold[second]}")
+    else:
+        sentence = f"{first} has the highest gold reward, {gold[first]}, vs {second} {gold[second]}"
     if choice in gold and choice not in (first, second):
         sentence += f"; the recommended {choice} has {gold[choice]}"
     return sentence + "."
+
+
+def _printed_mean(text: str) -> str:
+    """The mean of a ``format_ci`` text (what precedes its interval)."""
+    return text.partition(" [")[0]
 
 
 def _alignment_numbers(a: dict, b: dict) -> str:
     return f"gold reward {format_ci(a.get('gold_reward'))} vs {format_ci(b.get('gold_reward'))}"
 
 
-def _diversity_numbers(a: dict, b: dict) -> str:
-    pairs = [("across-input embedding diversity", ("across_input", "embedding")), ("per-input EAD", ("per_input", "ead"))]
-    return ", ".join(f"{label} {format_number(_mean(_get(a, 'diversity', *keys)))} vs "
-                     f"{format_number(_mean(_get(b, 'diversity', *keys)))}" for label, keys in pairs)
+# Every number an explanation quotes comes as a fact: its text ("LABEL A vs B") and which arm it favours, read
+# from the printed numbers and the metric's direction (+1 the first arm, -1 the second, 0 when they print the
+# same). Words are then chosen from the facts, so "more diverse" only ever stands before numbers that say so.
+
+def _side(a, b, a_text: str, b_text: str, higher_is_better: bool) -> int:
+    if a is None or b is None or a_text == b_text:
+        return 0
+    return 1 if (a > b) == higher_is_better else -1
 
 
-def _cost_numbers(a: dict, b: dict) -> str:
-    return f"{format_seconds(_mean(_get(a, 'cost', 'wall_s')))} vs {format_seconds(_mean(_get(b, 'cost', 'wall_s')))} of wall time"
+def _fact(label: str, a, b, format_value, higher_is_better: bool, template: str = "{label} {a} vs {b}"):
+    """(text, side) of one measured number of two arms, or None when either arm lacks it."""
+    if finite(a) is None or finite(b) is None:
+        return None
+    a_text, b_text = format_value(a), format_value(b)
+    side = _side(finite(a), finite(b), a_text, b_text, higher_is_better)
+    return template.format(label=label, a=a_text, b=b_text), side
 
 
-def _stability_numbers(a: dict, b: dict) -> str:
-    text = f"seed sd of gold reward {format_number(_get(a, 'stability', 'seed_sd'))} vs {format_number(_get(b, 'stability', 'seed_sd'))}"
+DIVERSITY_LABELS = {"ead": "EAD", "self_bleu": "self-BLEU (lower = more diverse)", "embedding": "embedding diversity"}
+
+
+def _alignment_facts(a: dict, b: dict) -> list[tuple[str, int]]:
+    mean_a, mean_b = ci_mean(a.get("gold_reward")), ci_mean(b.get("gold_reward"))
+    if mean_a is None or mean_b is None:
+        return []
+    text_a, text_b = format_ci(a.get("gold_reward")), format_ci(b.get("gold_reward"))
+    side = _side(mean_a, mean_b, _printed_mean(text_a), _printed_mean(text_b), higher_is_better=True)
+    return [(f"gold reward {text_a} vs {text_b}", side)]
+
+
+def _diversity_facts(a: dict, b: dict) -> list[tuple[str, int]]:
+    """The six components, the two the summary table shows first (across-input embedding, per-input EAD)."""
+    facts = []
+    shown_first = [("across_input", "embedding"), ("per_input", "ead")]
+    for scope, metric in shown_first + [c for c in DIVERSITY_COMPONENTS if c not in shown_first]:
+        label = f"{scope.replace('_', '-')} {DIVERSITY_LABELS[metric]}"
+        facts.append(_fact(label, ci_mean(get_path(a, "diversity", scope, metric)),
+                           ci_mean(get_path(b, "diversity", scope, metric)), format_number, metric != "self_bleu"))
+    return [f for f in facts if f is not None]
+
+
+def _cost_facts(a: dict, b: dict) -> list[tuple[str, int]]:
+    fact = _fact("", ci_mean(get_path(a, "cost", "wall_s")), ci_mean(get_path(b, "cost", "wall_s")), format_seconds,
+                 False, "{a} vs {b} of wall time")
+    return [fact] if fact else []
+
+
+def _stability_facts(a: dict, b: dict) -> list[tuple[str, int]]:
+    """Divergence events first (when either arm had one: they decide), then the seed sd; lower is better for both."""
+    facts = []
     if _divergences(a) or _divergences(b):
-        text += f", divergence events {_divergences(a)} vs {_divergences(b)}"
-    return text
+        facts.append(_fact("divergence events", _divergences(a), _divergences(b), format_number, False))
+    facts.append(_fact("seed sd of gold reward", get_path(a, "stability", "seed_sd"),
+                       get_path(b, "stability", "seed_sd"), format_number, False))
+    return [f for f in facts if f is not None]
 
 
-AXIS_WORDS = {"alignment": ("more aligned", "less aligned", _alignment_numbers),
-              "diversity": ("more diverse", "less diverse", _diversity_numbers),
-              "cost": ("cheaper", "more expensive", _cost_numbers),
-              "stability": ("more stable", "less stable", _stability_numbers)}
+AXIS_WORDS = {"alignment": ("more aligned", "less aligned", _alignment_facts),
+              "diversity": ("more diverse", "less diverse", _diversity_facts),
+              "cost": ("cheaper", "more expensive", _cost_facts),
+              "stability": ("more stable", "less stable", _stability_facts)}
+"""axis -> (word when the facts favour the first arm, word when they favour the second, the facts)."""
+
+
+def _phrases(axis: str, a: dict, b: dict) -> tuple[str | None, str | None]:
+    """What ``a`` is against ``b`` on ``axis``: (the phrase of the facts in its favour, of those against it), each
+    quoting its own numbers; both when the measures disagree, neither when every one prints the same. An axis of
+    many measures that all agree quotes its first two, with how many there are."""
+    up, down, measure = AXIS_WORDS[axis]
+    facts = measure(a, b)
+    pro = [text for text, side in facts if side > 0]
+    con = [text for text, side in facts if side < 0]
+
+    def phrase(word: str, texts: list[str]) -> str | None:
+        if not texts:
+            return None
+        if len(texts) == len(facts) and len(facts) > 2:
+            return f"{word} on all {len(facts)} measures ({', '.join(texts[:2])})"
+        count = f" on {len(texts)} of {len(facts)} measures" if len(facts) > 1 and len(texts) < len(facts) else ""
+        return f"{word}{count} ({', '.join(texts)})"
+
+    return phrase(up, pro), phrase(down, con)
 
 
 def _versus_sentence(arms: dict, first: dict, second: dict, weights: dict[str, float]) -> str:
-    better, worse = [], []
+    better, worse, compared = [], [], False
     for axis in sorted((axis for axis in AXES if weights[axis] > 0), key=lambda axis: -weights[axis]):
         if axis not in first["axes"] or axis not in second["axes"]:
             continue
-        difference = first["axes"][axis] - second["axes"][axis]
-        up, down, numbers = AXIS_WORDS[axis]
-        if abs(difference) > 1e-9:
-            phrase = f"{up if difference > 0 else down} ({numbers(arms[first['arm']], arms[second['arm']])})"
-            (better if difference > 0 else worse).append(phrase)
+        compared = True
+        up, down = _phrases(axis, arms[first["arm"]], arms[second["arm"]])
+        better += [up] if up else []
+        worse += [down] if down else []
     if not better and not worse:
-        return f"{first['arm']} and {second['arm']} score the same on every weighted axis."
+        if not compared:
+            return f"{first['arm']} and {second['arm']} have no weighted axis measured for both."
+        return f"{first['arm']} and {second['arm']} measure the same on every weighted axis, to the digits shown."
     sentence = f"Against the runner-up {second['arm']}, {first['arm']} is " + (_join(better) if better else "no better on any axis")
     return sentence + (", but " + _join(worse) if worse else "") + "."
 
@@ -353,19 +429,20 @@ def _join(phrases: list[str]) -> str:
 
 
 def _paired_ci(results: dict, choice: str, runner: str) -> tuple[float, float] | None:
-    win = _get(results, "win_rates", choice, runner)
-    low, high = _finite(_get(win, "ci_low")), _finite(_get(win, "ci_high"))
+    win = get_path(results, "win_rates", choice, runner)
+    low, high = finite(get_path(win, "ci_low")), finite(get_path(win, "ci_high"))
     return None if low is None or high is None else (low, high)
 
 
 def _paired_sentence(results: dict, choice: str, runner: str) -> str:
     """The sharper test: both arms' responses to the same prompts with the same seed, compared by gold score
     (two means' CIs overlap more easily than a paired win rate's CI reaches 0.5)."""
-    win = _get(results, "win_rates", choice, runner)
+    win = get_path(results, "win_rates", choice, runner)
     low, high = _paired_ci(results, choice, runner)
     verdict = "includes 0.5: the difference is within noise" if low <= 0.5 <= high else \
         f"excludes 0.5: {choice if low > 0.5 else runner} is better on paired prompts beyond seed noise"
-    return f"Paired on the same prompts and seeds, {choice} beats {runner} {format_ci(win)} of the time (ties half); the 95% CI {verdict}."
+    return (f"Paired on the same prompts and seeds, {choice} beats {runner} {format_ci(win)} of the time (ties half); "
+            f"the 95% CI {verdict}.")
 
 
 def _noise_sentence(arms: dict, choice: str, runner: str, overlap: bool | None) -> str:
@@ -374,35 +451,41 @@ def _noise_sentence(arms: dict, choice: str, runner: str, overlap: bool | None) 
         return (f"Whether {choice} and {runner} differ in gold reward beyond noise is unknown: at least one has no "
                 f"95% confidence interval (fewer than 2 seeds).")
     if not overlap:
-        return f"The gold-reward difference between {choice} and {runner} is beyond seed noise: their 95% CIs do not overlap."
+        return (f"The gold-reward difference between {choice} and {runner} is beyond seed noise: their 95% CIs do not "
+                f"overlap ({_alignment_numbers(a, b)}).")
     return (f"The alignment difference between {choice} and {runner} is within noise: their 95% CIs of gold reward "
             f"overlap ({_alignment_numbers(a, b)}).")
+
+
+def _winner(axis: str, a_name: str, b_name: str, arms: dict) -> tuple[str, str] | None:
+    """(the arm the decisive fact of ``axis`` favours, the quoted facts that agree with it): the first fact that
+    differs decides (for stability: divergence events, then seed sd); None when every fact prints the same."""
+    side = next((side for _, side in AXIS_WORDS[axis][2](arms[a_name], arms[b_name]) if side), 0)
+    if not side:
+        return None
+    winner, other = (a_name, b_name) if side > 0 else (b_name, a_name)
+    return winner, _agreeing(axis, winner, other, arms)
+
+
+def _agreeing(axis: str, winner: str, other: str, arms: dict) -> str:
+    """The facts of ``axis`` that favour ``winner`` over ``other``, as quoted numbers."""
+    return ", ".join(text for text, side in AXIS_WORDS[axis][2](arms[winner], arms[other]) if side > 0)
 
 
 def _prefer_sentence(arms: dict, choice: str, runner: str, within_noise: bool | None) -> str:
     """When alignment cannot separate the two, which is cheaper or more stable (with a leading space)."""
     if not within_noise:
         return ""
-    sentence = ""
-    walls = {arm: _mean(_get(arms[arm], "cost", "wall_s")) for arm in (choice, runner)}
-    sds = {arm: _finite(_get(arms[arm], "stability", "seed_sd")) for arm in (choice, runner)}
-    cheaper = min(walls, key=walls.get) if None not in walls.values() and walls[choice] != walls[runner] else None
-    # fewer divergence events first: a run that blew up is less stable whatever its seed sd
-    stable_key = {arm: (_divergences(arms[arm]), sds[arm]) for arm in (choice, runner)}
-    stabler = min(stable_key, key=stable_key.get) if None not in sds.values() and stable_key[choice] != stable_key[runner] else None
+    cheap, stable = _winner("cost", choice, runner, arms), _winner("stability", choice, runner, arms)
+    cheaper, stabler = (cheap or (None, ""))[0], (stable or (None, ""))[0]
     if cheaper and cheaper == stabler:
-        other = runner if cheaper == choice else choice
-        sentence += (f" {cheaper} is then preferable: it is cheaper ({_cost_numbers(arms[cheaper], arms[other])}) and "
-                     f"more stable ({_stability_numbers(arms[cheaper], arms[other])}).")
-    elif cheaper and stabler:
-        sentence += (f" Then prefer {cheaper} when cost matters ({_cost_numbers(arms[cheaper], arms[stabler])}), "
-                     f"{stabler} when stability does ({_stability_numbers(arms[stabler], arms[cheaper])}).")
-    elif cheaper or stabler:
-        arm = cheaper or stabler
-        other = runner if arm == choice else choice
-        words, numbers = ("cheaper", _cost_numbers) if cheaper else ("more stable", _stability_numbers)
-        sentence += f" {arm} is then preferable: it is {words} ({numbers(arms[arm], arms[other])})."
-    return sentence
+        return f" {cheaper} is then preferable: it is cheaper ({cheap[1]}) and more stable ({stable[1]})."
+    if cheaper and stabler:
+        return f" Then prefer {cheaper} when cost matters ({cheap[1]}), {stabler} when stability does ({stable[1]})."
+    if cheaper or stabler:
+        arm, words, numbers = (cheaper, "cheaper", cheap[1]) if cheaper else (stabler, "more stable", stable[1])
+        return f" {arm} is then preferable: it is {words} ({numbers})."
+    return ""
 
 
 def _base_sentence(arms: dict, ranking: list[dict]) -> str:
@@ -418,16 +501,24 @@ def _base_sentence(arms: dict, ranking: list[dict]) -> str:
     base = next((arm for arm, m in arms.items() if _is_base(arm, m)), None)
     if base is None:
         return ""
-    sentence = f"{choice}'s win rate against {base} by gold score is {format_ci(win)} (ties count half)" if _mean(win) is not None \
-        else f"{choice} against {base}"
-    if _mean(controlled) is not None:
+    sentence = f"{choice}'s win rate against {base} by gold score is {format_ci(win)} (ties count half)" \
+        if ci_mean(win) is not None else ""
+    if ci_mean(controlled) is not None:
         sentence += f"; length-controlled {format_ci(controlled)}"
     overlap = _overlap(arms[choice].get("gold_reward"), arms[base].get("gold_reward"))
+    numbers = _alignment_numbers(arms[choice], arms[base])
+    side = next((side for _, side in _alignment_facts(arms[choice], arms[base])), 0)
     if overlap is True:
-        sentence += (f". Its gold reward is not above {base}'s beyond seed noise ({_alignment_numbers(arms[choice], arms[base])}):"
-                     f" with these seeds and prompts the gain over the untuned model is not established")
-    elif overlap is False and (_mean(arms[choice].get("gold_reward")) or 0) > (_mean(arms[base].get("gold_reward")) or 0):
-        sentence += f", and its gold reward is above {base}'s beyond seed noise ({_alignment_numbers(arms[choice], arms[base])})"
+        claim = (f"gold reward is not above {base}'s beyond seed noise ({numbers}): with these seeds and prompts "
+                 f"the gain over the untuned model is not established")
+    elif overlap is False and side:
+        claim = f"gold reward is {'above' if side > 0 else 'below'} {base}'s beyond seed noise ({numbers})"
+    else:
+        claim = ""
+    if not sentence:
+        return f"{choice}'s {claim}." if claim else ""
+    if claim:
+        sentence += (". Its " if overlap is True else ", and its ") + claim
     return sentence + "."
 
 

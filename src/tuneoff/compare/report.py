@@ -14,7 +14,16 @@ import math
 import re
 from pathlib import Path
 
-from tuneoff.compare.recommend import AXES, _finite, _get, _mean, format_ci, format_number, format_seconds, recommend
+from tuneoff.compare.recommend import (
+    AXES,
+    ci_mean,
+    finite,
+    format_ci,
+    format_number,
+    format_seconds,
+    get_path,
+    recommend,
+)
 from tuneoff.errors import TuneoffError
 
 STYLE = {"svg.fonttype": "none", "svg.hashsalt": "tuneoff", "font.size": 9, "axes.titlesize": 10,
@@ -62,8 +71,8 @@ def _summary_rows(arms: dict) -> list[dict]:
                ("kl_per_token",), ("mean_length_tokens",), ("diversity", "across_input", "embedding")]
     rows = []
     for arm, m in arms.items():
-        cells = [_cell(_get(m, *keys)) for keys in columns]
-        cells.append({"value": format_seconds(_mean(_get(m, "cost", "wall_s"))), "ci": ""})
+        cells = [_cell(get_path(m, *keys)) for keys in columns]
+        cells.append({"value": format_seconds(ci_mean(get_path(m, "cost", "wall_s"))), "ci": ""})
         rows.append({"arm": arm, "method": m.get("method", ""), "description": m.get("description", ""), "cells": cells})
     return rows
 
@@ -93,7 +102,8 @@ def _win_rate_table(results: dict, arms: dict) -> dict | None:
     if not rates:
         return None
     names = list(arms) or list(rates)
-    return {"names": names, "rows": [{"arm": a, "cells": [_cell(_get(rates, a, b)) if a != b else {"value": "", "ci": ""}
+    empty = {"value": "", "ci": ""}
+    return {"names": names, "rows": [{"arm": a, "cells": [_cell(get_path(rates, a, b)) if a != b else empty
                                                           for b in names]} for a in names]}
 
 
@@ -101,7 +111,8 @@ def _pairs(mapping) -> list[tuple[str, str]]:
     """Key–value rows of a flat dict; numbers formatted, None (not measured) as n/a, anything else as text."""
     if not isinstance(mapping, dict):
         return []
-    return [(str(key).replace("_", " "), format_number(value) if value is None or _finite(value) is not None else str(value))
+    return [(str(key).replace("_", " "),
+             format_number(value) if value is None or finite(value) is not None else str(value))
             for key, value in mapping.items()]
 
 
@@ -149,7 +160,7 @@ def _recommendation(results: dict) -> dict:
 def _axis_rows(recommendation: dict) -> list[dict]:
     """Rows of the ranking: weighted score and per-axis scores, formatted (empty for a missing axis)."""
     def score(value) -> str:
-        return "–" if _finite(value) is None else f"{value:.2f}"
+        return "–" if finite(value) is None else f"{value:.2f}"
 
     return [{"arm": row.get("arm"), "score": score(row.get("score")), "axes": [score((row.get("axes") or {}).get(axis)) for axis in AXES]}
             for row in recommendation.get("ranking") or [] if isinstance(row, dict)]
@@ -191,7 +202,7 @@ def _svg(fig):
 
 def _err(ci) -> list[list[float]] | None:
     """Asymmetric error bar from a CI; None when its bounds are NaN (one seed)."""
-    mean, low, high = _mean(ci), _finite(_get(ci, "ci_low")), _finite(_get(ci, "ci_high"))
+    mean, low, high = ci_mean(ci), finite(get_path(ci, "ci_low")), finite(get_path(ci, "ci_high"))
     if mean is None or low is None or high is None:
         return None
     return [[max(0.0, mean - low)], [max(0.0, high - mean)]]
@@ -202,20 +213,20 @@ def _curve_mean(arm: dict, key: str) -> tuple[list[int], list[float]]:
     by_step: dict[int, list[float]] = {}
     for _, run in _seeds(arm):
         for row in run.get("curve") or []:
-            value, step = _finite(row.get(key)), _finite(row.get("step"))
+            value, step = finite(row.get(key)), finite(row.get("step"))
             if value is not None and step is not None:
                 by_step.setdefault(int(step), []).append(value)
     steps = sorted(by_step)
     return steps, [sum(by_step[s]) / len(by_step[s]) for s in steps]
 
 
-def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Upper envelope of (KL, gold): the points no other point beats with less or equal KL."""
-    frontier: list[tuple[float, float]] = []
+    envelope: list[tuple[float, float]] = []
     for kl, gold in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not frontier or gold > frontier[-1][1]:
-            frontier.append((kl, gold))
-    return frontier
+        if not envelope or gold > envelope[-1][1]:
+            envelope.append((kl, gold))
+    return envelope
 
 
 def _plot_gold_vs_kl(arms: dict, colors: dict):
@@ -224,20 +235,21 @@ def _plot_gold_vs_kl(arms: dict, colors: dict):
     finals, drawn = [], False
     for arm, m in arms.items():
         for _, run in _seeds(m):  # each seed's training trajectory, faint
-            rows = [r for r in run.get("curve") or [] if _finite(r.get("kl")) is not None and _finite(r.get("gold")) is not None]
+            rows = [r for r in run.get("curve") or []
+                    if finite(r.get("kl")) is not None and finite(r.get("gold")) is not None]
             if rows:
                 ax.plot([r["kl"] for r in rows], [r["gold"] for r in rows], color=colors[arm], alpha=0.3, lw=1, marker=".", ms=3)
                 drawn = True
-        x, y = _mean(m.get("kl_per_token")), _mean(m.get("gold_reward"))
+        x, y = ci_mean(m.get("kl_per_token")), ci_mean(m.get("gold_reward"))
         if x is not None and y is not None:
             ax.errorbar([x], [y], xerr=_err(m.get("kl_per_token")), yerr=_err(m.get("gold_reward")), fmt="o", ms=7, capsize=3,
                         color=colors[arm], markeredgecolor="white", label=_label(arm), zorder=3)
             finals.append((x, y))
     if not finals and not drawn:
         return None
-    frontier = _frontier(finals)
-    if len(frontier) > 1:
-        ax.plot(*zip(*frontier), color="#333", ls="--", lw=1.2, label="frontier (final points)", zorder=2)
+    envelope = frontier(finals)
+    if len(envelope) > 1:
+        ax.plot(*zip(*envelope), color="#333", ls="--", lw=1.2, label="frontier (final points)", zorder=2)
     ax.set_xlabel("KL(π ‖ base) per response token")
     ax.set_ylabel("gold reward")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -272,7 +284,7 @@ def _plot_diversity(arms: dict):
     metrics = [("ead", "EAD\n(higher = more diverse)"), ("self_bleu", "self-BLEU\n(lower = more diverse)"),
                ("embedding", "embedding diversity\n(higher = more diverse)")]
     names = list(arms)
-    if not any(_mean(_get(m, "diversity", scope, metric)) is not None for m in arms.values()
+    if not any(ci_mean(get_path(m, "diversity", scope, metric)) is not None for m in arms.values()
                for scope in SCOPE_COLORS for metric, _ in metrics):
         return None
     fig = _figure(8, 3.2)
@@ -282,9 +294,9 @@ def _plot_diversity(arms: dict):
     for ax, (metric, title) in zip(grid, metrics):
         for offset, (scope, color) in zip((-width / 2, width / 2), SCOPE_COLORS.items()):
             for i, arm in enumerate(names):
-                ci = _get(arms[arm], "diversity", scope, metric)
-                if _mean(ci) is not None:
-                    bars = ax.bar(i + offset, _mean(ci), width, yerr=_err(ci), color=color, capsize=2, ecolor="#333")
+                ci = get_path(arms[arm], "diversity", scope, metric)
+                if ci_mean(ci) is not None:
+                    bars = ax.bar(i + offset, ci_mean(ci), width, yerr=_err(ci), color=color, capsize=2, ecolor="#333")
                     legend.setdefault(scope.replace("_", "-"), bars)
         ax.set_title(title)
         ax.set_xticks(range(len(names)), [_label(n) for n in names], rotation=30, ha="right")
@@ -294,14 +306,14 @@ def _plot_diversity(arms: dict):
 
 
 def _plot_cost(arms: dict):
-    names = [arm for arm, m in arms.items() if isinstance(_get(m, "cost", "phases"), dict)]
+    names = [arm for arm, m in arms.items() if isinstance(get_path(m, "cost", "phases"), dict)]
     if not names:
         return None
     fig = _figure(8, 3.4)
     ax = fig.add_subplot()
     bottom = [0.0] * len(names)
     for phase, color in zip(PHASES, PHASE_COLORS):
-        heights = [_finite(_get(arms[arm], "cost", "phases", phase)) or 0.0 for arm in names]
+        heights = [finite(get_path(arms[arm], "cost", "phases", phase)) or 0.0 for arm in names]
         ax.bar(range(len(names)), heights, 0.6, bottom=bottom, color=color, label=phase)
         bottom = [b + h for b, h in zip(bottom, heights)]
     ax.set_xticks(range(len(names)), [_label(n) for n in names])

@@ -62,11 +62,23 @@ def _child(job: Job, inputs: dict, threads: int) -> None:
 
 def finished(job: Job) -> dict | None:
     """job.json of a finished job with the same key, else None."""
-    path = Path(job.folder) / RECORD
-    if not path.exists():
+    record = _read_record(Path(job.folder) / RECORD)
+    return record if record is not None and record.get("key") == job.key and record.get("status") == "ok" else None
+
+
+def _read_record(path: Path) -> dict | None:
+    """A job.json, or None when it is missing or unreadable (a crash mid-write leaves only the staging file)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    record = json.loads(path.read_text())
-    return record if record.get("key") == job.key and record.get("status") == "ok" else None
+    return record if isinstance(record, dict) else None
+
+
+def failures(records: dict[str, dict]) -> list[str]:
+    """One line per job that did not finish: its name, failed or not run, and why."""
+    return [f"{name}: {'not run' if r.get('status') == 'skipped' else r.get('status', 'failed')}: "
+            f"{r.get('error') or 'no reason recorded'}" for name, r in records.items() if r.get("status") != "ok"]
 
 
 def _prepare(job: Job) -> None:
@@ -85,7 +97,7 @@ def _priorities(jobs: list[Job]) -> dict[str, float]:
     children: dict[str, list[str]] = {j.name: [] for j in jobs}
     for j in jobs:
         for d in j.deps:
-            children[d].append(j.name)
+            children.setdefault(d, []).append(j.name)  # an input no job produces is reported by run()
     weight = {j.name: j.weight for j in jobs}
     memo: dict[str, float] = {}
 
@@ -98,7 +110,12 @@ def _priorities(jobs: list[Job]) -> dict[str, float]:
 
 
 def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True) -> dict[str, dict]:
-    """Run every job whose record is missing; return {name: record} (status ok, failed or skipped)."""
+    """Run every job whose record is missing; return {name: record} (status ok, failed or skipped).
+
+    A job that fails (an error, a crash, a process killed) never stops the others: the jobs that read from it
+    are recorded as skipped (not run) with the failed input named, everything independent of it still runs, and
+    each one that did not finish is written as it happens and once more at the end (see :func:`failures`).
+    """
     from tqdm.auto import tqdm
 
     records: dict[str, dict] = {}
@@ -113,36 +130,66 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
     running: dict[str, tuple[Job, multiprocessing.Process]] = {}
     bar = tqdm(total=len(jobs), initial=len(records), desc="experiment", unit="job", disable=not show_progress,
                dynamic_ncols=True, mininterval=1.0)
-    while pending or running:
-        for job in sorted(pending, key=lambda j: -priority[j.name]):
-            if len(running) >= workers:
-                break
-            states = [records.get(d, {}).get("status") for d in job.deps]
-            if any(s in ("failed", "skipped") for s in states):
-                records[job.name] = {"key": job.key, "name": job.name, "status": "skipped",
-                                     "error": "an input failed: " + ", ".join(d for d in job.deps if records[d]["status"] != "ok")}
-                pending.remove(job)
-                bar.update(1)
-            elif all(s == "ok" for s in states):
-                _prepare(job)
-                inputs = {d: {**records[d]["result"], "folder": folders[d]} for d in job.deps}
-                process = context.Process(target=_child, args=(job, inputs, threads), name=job.name)
-                process.start()
-                running[job.name] = (job, process)
-                pending.remove(job)
-        bar.set_postfix_str(", ".join(running), refresh=False)
-        time.sleep(0.2)
-        for name, (job, process) in list(running.items()):
+
+    def settle(job: Job, record: dict) -> None:
+        records[job.name] = record
+        if record["status"] != "ok":
+            bar.write(failures({job.name: record})[0], file=sys.stderr)
+        bar.update(1)
+
+    try:
+        while pending or running:
+            for job in sorted(pending, key=lambda j: -priority[j.name]):
+                if len(running) >= workers:
+                    break
+                states = {d: records.get(d, {}).get("status") for d in job.deps}
+                broken = [d for d, state in states.items() if state in ("failed", "skipped")]
+                if broken:  # never wait on the rest: this job cannot run whatever they do
+                    pending.remove(job)
+                    settle(job, {"key": job.key, "name": job.name, "kind": job.kind, "status": "skipped",
+                                 "error": f"its input{'s' if len(broken) > 1 else ''} {', '.join(broken)} "
+                                          f"did not finish"})
+                elif all(state == "ok" for state in states.values()):
+                    pending.remove(job)
+                    try:
+                        _prepare(job)
+                        inputs = {d: {**(records[d].get("result") or {}), "folder": folders[d]} for d in job.deps}
+                        process = context.Process(target=_child, args=(job, inputs, threads), name=job.name)
+                        process.start()
+                    except OSError as error:  # a folder that cannot be written, no process to be had
+                        settle(job, {"key": job.key, "name": job.name, "kind": job.kind, "status": "failed",
+                                     "error": f"could not start: {type(error).__name__}: {error}"})
+                        continue
+                    running[job.name] = (job, process)
+            if pending and not running and all(_waiting(j, records) for j in pending):
+                for job in list(pending):  # inputs that no job produces: nothing left can ever start
+                    pending.remove(job)
+                    missing = [d for d in job.deps if d not in records]
+                    settle(job, {"key": job.key, "name": job.name, "kind": job.kind, "status": "skipped",
+                                 "error": f"no job produces its input(s) {', '.join(missing)}"})
+            bar.set_postfix_str(", ".join(running), refresh=False)
+            time.sleep(0.2)
+            for name, (job, process) in list(running.items()):
+                if process.is_alive():
+                    continue
+                process.join()
+                del running[name]
+                record = _read_record(Path(job.folder) / RECORD)
+                if record is None or record.get("key") != job.key or "status" not in record:
+                    record = {"key": job.key, "name": name, "kind": job.kind, "status": "failed",
+                              "error": f"the job's process died (exit code {process.exitcode}); "
+                                       f"see {job.folder}/log.txt"}
+                settle(job, record)
+    finally:  # interrupted (Ctrl-C) or a bug here: no job process outlives the run
+        for _, process in running.values():
             if process.is_alive():
-                continue
+                process.terminate()
             process.join()
-            del running[name]
-            path = Path(job.folder) / RECORD
-            records[name] = json.loads(path.read_text()) if path.exists() else {
-                "key": job.key, "name": name, "status": "failed",
-                "error": f"the job's process died (exit code {process.exitcode}); see {job.folder}/log.txt"}
-            if records[name]["status"] != "ok":
-                bar.write(f"{name}: {records[name]['status']}: {records[name].get('error', '')}")
-            bar.update(1)
-    bar.close()
+        bar.close()
     return records
+
+
+def _waiting(job: Job, records: dict[str, dict]) -> bool:
+    """Whether ``job`` can neither start nor be skipped yet: some input has no record, none failed."""
+    states = [records.get(d, {}).get("status") for d in job.deps]
+    return None in states and not any(s in ("failed", "skipped") for s in states)

@@ -1,4 +1,4 @@
-"""The ``tuneoff validate FILE --kind sft|preference|prompt`` verb: check a data file before training on it.
+"""The ``tuneoff validate FILE --kind sft|preference|kto|prompt`` verb: check a data file before training on it.
 
 Prints ``train.jsonl: 120 valid sft records``; a bad record raises :class:`tuneoff.errors.DataError`,
 which the main CLI prints as one line and turns into exit status 2.
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-KINDS = ("sft", "preference", "prompt")
+KINDS = ("sft", "preference", "kto", "unpaired", "prompt")
+"""Record kinds; ``kto`` (alias ``unpaired``) is unpaired preference data: prompt, completion and a boolean label."""
 
 
 def validate(args: argparse.Namespace) -> int:
@@ -24,5 +25,6 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("validate", help="check a data file and count its valid records",
                                    description="Check every record of a data file; name the first bad one.")
     parser.add_argument("file", metavar="FILE", help=".jsonl, .json, .csv, .parquet (gzipped JSON too) or a datasets folder")
-    parser.add_argument("--kind", choices=KINDS, default="sft", help="what the records are (default: sft)")
+    parser.add_argument("--kind", choices=KINDS, default="sft",
+                        help="what the records are (default: sft); kto (alias unpaired): prompt, completion, label")
     parser.set_defaults(func=validate)

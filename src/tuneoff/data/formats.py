@@ -2,25 +2,36 @@
 
 The formats are the ecosystem's (TRL's), so users bring their files unchanged:
 
-* SFT (:class:`SFTExample`): ``{"prompt", "completion"}``, ``{"messages": [{"role", "content"}, ...]}``
-  or ``{"text"}``.
+* SFT (:class:`SFTExample`): ``{"prompt", "completion"}`` (strings; or a messages list as prompt and a list
+  of assistant (and tool) messages as completion, trained on the completion's assistant turns),
+  ``{"messages": [{"role", "content"}, ...]}`` or ``{"text"}``; conversational records may carry ``tools``
+  (a list of tool schemas for the chat template). A ``label`` field is refused: that is KTO data.
 * Preferences (:class:`PreferencePair`): ``{"prompt", "chosen", "rejected"}`` (strings; or a messages
   list as prompt with chosen/rejected as strings or one-message assistant lists), or the implicit-prompt
   form ``{"chosen", "rejected"}`` where both hold whole conversations; optional ``annotator``.
+* Unpaired preferences for KTO (:class:`UnpairedExample`): ``{"prompt", "completion", "label"}`` with a
+  boolean ``label`` (true: a desirable completion); prompt and completion are strings, or a messages list
+  and a list of assistant messages (or a string).
 * Prompts for RL (:class:`Prompt`): ``{"prompt"}`` (a string or a messages list) or ``{"messages"}``.
+
+Messages: roles ``system``, ``developer``, ``user``, ``assistant``, ``tool``. An assistant message may carry
+``tool_calls`` (``[{"type": "function", "function": {"name", "arguments"}}]``; its content may then be empty
+or absent); ``name`` and ``tool_call_id`` are kept too. These optional keys reach the chat template as given;
+a null (or an empty ``tool_calls`` list) means absent, since columnar formats fill missing keys that way.
 
 Files: ``.jsonl``, ``.json`` (a list of objects, or an object with one list field such as
 ``{"data": [...]}``), both optionally gzipped (``.jsonl.gz``, ``.json.gz``); ``.csv``; ``.parquet``;
 or a folder written by ``datasets``' ``save_to_disk``. :func:`read_rows` turns any of them into plain
-dicts; :func:`load_sft`, :func:`load_preferences` and :func:`load_prompts` validate every record before
-they return, so a training run that starts has data that is whole and writes nothing when it is not.
+dicts; :func:`load_sft`, :func:`load_preferences`, :func:`load_unpaired` and :func:`load_prompts` validate
+every record before they return, so a training run that starts has data that is whole and writes nothing when it is not.
 
 Every problem raises one :class:`tuneoff.errors.DataError` that names the file, the position, the field
 and what was expected versus found. Positions are the line for JSONL and CSV (the header is line 1),
 ``record N`` for JSON (1-based; ``line N`` for syntax errors) and ``row N`` for Parquet and ``datasets``
 folders. Message indices in field names count from 0 (``messages[2].role``). Decisions:
 
-* Extra keys are ignored (real files carry ids and metadata). Nulls in columnar formats (Parquet,
+* Extra keys are ignored (real files carry ids and metadata). CSV cells are text, except the ``messages``
+  column (JSON) and ``true``/``false`` in a ``label`` column (booleans). Nulls in columnar formats (Parquet,
   ``datasets``) mean "field absent", since those formats fill missing fields of mixed rows with null;
   in JSON a null is a value of the wrong type.
 * One file holds one shape: the first record that differs from the first record is an error.
@@ -40,13 +51,18 @@ import io
 import json
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from tuneoff.errors import DataError, TuneoffError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+COMPLETION_ROLES = ("assistant", "tool")
+"""Roles of a conversational SFT completion: the assistant's turns (trained on) and the tools' answers between them."""
+KTO_LABEL = ("records with a `label` field are unpaired preference data (KTO), where false marks an undesirable "
+             "completion: train them with `tuneoff kto` (check them with --kind kto), or drop the field to "
+             "fine-tune on every completion")
 EMPTY_FILE = "file is empty: expected at least one record"
 IDENTICAL = "chosen and rejected are the same text: a preference needs two different responses"
 SUPPORTED = ".jsonl, .jsonl.gz, .json, .json.gz, .csv, .parquet, or a folder written by datasets' save_to_disk"
@@ -67,30 +83,52 @@ class Message:
     """One turn of a conversation."""
 
     role: str
-    """``system``, ``user`` or ``assistant``."""
+    """``system``, ``developer``, ``user``, ``assistant`` or ``tool``."""
     content: str
-    """The turn's text."""
+    """The turn's text; may be empty for an assistant turn that only calls tools."""
+    tool_calls: tuple[dict, ...] | None = field(default=None, hash=False)
+    """An assistant's tool calls as the file gives them, ``{"type": "function", "function": {"name", "arguments"}}``."""
+    name: str | None = None
+    """The speaker's or the tool's name, when the file gives one."""
+    tool_call_id: str | None = None
+    """The call a ``tool`` message answers, when the file gives it."""
+
+    def as_dict(self) -> dict:
+        """The message as a chat template reads it: role, content and the optional fields that are set."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls is not None:
+            out["tool_calls"] = [dict(call) for call in self.tool_calls]
+        for key in ("name", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
 @dataclass(frozen=True)
 class SFTExample:
     """One supervised example; exactly one of prompt+completion, ``messages`` or ``text`` is set."""
 
-    prompt: str | None = None
-    """Text the model conditions on (not trained on); may be empty. Set together with ``completion``."""
-    completion: str | None = None
-    """Text the model learns to write after ``prompt``; never empty."""
+    prompt: str | tuple[Message, ...] | None = None
+    """What the model conditions on (not trained on): text (may be empty), or a conversation that does not end
+    with the assistant. Set together with ``completion``, of the same kind."""
+    completion: str | tuple[Message, ...] | None = None
+    """Text the model learns to write after ``prompt``, never empty; or, after a conversation, the next turns
+    (assistant ones, maybe with tool answers between them), whose assistant turns are the targets."""
     messages: tuple[Message, ...] | None = None
-    """A conversation with at least one non-empty assistant turn; the assistant turns are the targets."""
+    """A conversation with at least one assistant turn; the assistant turns are the targets."""
     text: str | None = None
     """Plain text trained on in full (language-modelling style)."""
     where: str = ""
     """``file:position`` of the record, for later messages."""
+    tools: tuple[dict, ...] | None = field(default=None, hash=False)
+    """Tool schemas (JSON schema objects) for the chat template of a conversational record, when it has them."""
 
     def __post_init__(self):
         shapes = (self.completion is not None) + (self.messages is not None) + (self.text is not None)
         if shapes != 1 or (self.prompt is None) != (self.completion is None):
             raise ValueError("SFTExample needs exactly one of prompt+completion, messages or text")
+        if self.completion is not None and isinstance(self.prompt, tuple) != isinstance(self.completion, tuple):
+            raise ValueError("SFTExample's prompt and completion are both text or both messages")
 
 
 @dataclass(frozen=True)
@@ -107,6 +145,26 @@ class PreferencePair:
     """Who judged the pair, when the file says so (integers are turned into strings)."""
     where: str = ""
     """``file:position`` of the record, for later messages."""
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """A prompt with one completion judged desirable (``label`` True) or undesirable: KTO's unpaired data."""
+
+    prompt: str | tuple[Message, ...]
+    """The context: a string (may be empty) or a conversation that does not end with the assistant."""
+    completion: str | tuple[Message, ...]
+    """The response: non-empty text, or (after a conversation) a list of assistant messages."""
+    label: bool
+    """True when the completion is desirable, False when it is not."""
+    where: str = ""
+    """``file:position`` of the record, for later messages."""
+    tools: tuple[dict, ...] | None = field(default=None, hash=False)
+    """Tool schemas for the chat template of a conversational record, when it has them."""
+
+    def __post_init__(self):
+        if isinstance(self.completion, tuple) and not isinstance(self.prompt, tuple):
+            raise ValueError("UnpairedExample's completion can be messages only after a conversational prompt")
 
 
 @dataclass(frozen=True)
@@ -304,6 +362,8 @@ def _read_csv(path: Path, file: str) -> Iterator[tuple[int, dict]]:
             if "messages" in row:
                 row["messages"] = _json_cell(row["messages"], file, number, "messages")
                 _check_duplicates(row, file, number)
+            if isinstance(row.get("label"), str) and row["label"].strip().lower() in ("true", "false"):
+                row["label"] = row["label"].strip().lower() == "true"  # CSV has no booleans: KTO's label
             yield number, row
     except csv.Error as error:
         raise DataError(file, reader.line_num, None, f"invalid CSV: {error}") from None
@@ -385,24 +445,64 @@ def text_field(row: dict, field: str, file: str, where: Any, allow_empty: bool =
     return value
 
 
+def _optional_text(item: dict, key: str, field: str, file: str, where: Any) -> str | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(file, where, f"{field}.{key}", f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _tool_calls(item: dict, field: str, file: str, where: Any) -> tuple[dict, ...] | None:
+    """A message's ``tool_calls``: None when absent, null or empty; else each call must name its function."""
+    value = item.get("tool_calls")
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise DataError(file, where, f"{field}.tool_calls", f"expected a list of tool calls, got {_describe(value)}")
+    for index, call in enumerate(value):
+        at = f"{field}.tool_calls[{index}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise DataError(file, where, at, 'expected {"type": "function", "function": {"name": ..., "arguments": '
+                                             f"{{...}}}}}}, got {_describe(call)}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(file, where, f"{at}.function.name",
+                            f"expected the function's name, a non-empty string, got {_describe(name)}")
+        arguments = function.get("arguments")
+        if arguments is not None and not isinstance(arguments, (dict, str)):
+            raise DataError(file, where, f"{at}.function.arguments",
+                            f"expected an object (or a JSON string), got {_describe(arguments)}")
+    return tuple(value)
+
+
 def _message(item: Any, field: str, file: str, where: Any) -> Message:
     if not isinstance(item, dict):
         raise DataError(file, where, field, f"expected an object with keys {{role, content}}, got {_describe(item)}")
-    if "role" not in item or "content" not in item:
+    calls = _tool_calls(item, field, file, where)
+    if "role" not in item or ("content" not in item and calls is None):
         raise DataError(file, where, field, f"expected keys {{role, content}}, found keys {_braces(item)}")
-    role, content = item["role"], item["content"]
+    role, content = item["role"], item.get("content")
     if not isinstance(role, str) or role not in ROLES:
         raise DataError(file, where, f"{field}.role", f"expected one of {', '.join(ROLES)}, got {_describe(role)}")
+    if calls is not None and role != "assistant":
+        raise DataError(file, where, f"{field}.tool_calls", f"only assistant messages call tools, got role {role!r}")
+    if content is None and calls is not None:
+        content = ""  # an assistant turn that only calls tools
     if not isinstance(content, str):
         raise DataError(file, where, f"{field}.content", f"expected a string, got {_describe(content)}")
-    if role == "assistant" and not content.strip():
+    if role == "assistant" and calls is None and not content.strip():
         raise DataError(file, where, f"{field}.content",
-                        f"empty assistant message: expected non-empty text, got {content!r}")
-    return Message(role, content)
+                        f"empty assistant message: expected non-empty text or tool_calls, got {content!r}")
+    return Message(role, content, calls, _optional_text(item, "name", field, file, where),
+                   _optional_text(item, "tool_call_id", field, file, where))
 
 
 def messages_field(value: Any, field: str, file: str, where: Any) -> tuple[Message, ...]:
-    """A non-empty list of ``{role, content}`` objects as Messages; every assistant content must be non-empty."""
+    """A non-empty list of ``{role, content}`` objects as Messages; an assistant's content must be non-empty
+    unless it calls tools."""
     if not isinstance(value, (list, tuple)):
         raise DataError(file, where, field, f"expected a list of {{role, content}} objects, got {_describe(value)}")
     if not value:
@@ -429,25 +529,69 @@ def _prompt_value(value: Any, field: str, file: str, where: Any, allow_empty: bo
 # ---------------------------------------------------------------- SFT
 
 
+def _no_label(row: dict, file: str, where: Any) -> None:
+    """SFT trains on every completion: a ``label`` (KTO's desirable/undesirable) would be silently ignored."""
+    if "label" in row:
+        raise DataError(file, where, "label", KTO_LABEL)
+
+
+def _tools(row: dict, file: str, where: Any) -> tuple[dict, ...] | None:
+    """A conversational record's ``tools`` (schemas for the chat template); None when absent or null."""
+    value = row.get("tools")
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(tool, dict) for tool in value):
+        raise DataError(file, where, "tools", f"expected a list of tool schemas (objects), got {_describe(value)}")
+    return tuple(value)
+
+
+def _completion_messages(value: Any, field: str, file: str, where: Any,
+                         roles: tuple[str, ...] = COMPLETION_ROLES) -> tuple[Message, ...]:
+    """The turns after a conversational prompt: ``roles`` only, starting with the assistant's."""
+    messages = messages_field(value, field, file, where)
+    for index, message in enumerate(messages):
+        if message.role not in roles:
+            expected = " or ".join(map(repr, roles))
+            raise DataError(file, where, f"{field}[{index}].role",
+                            f"expected {expected} in a completion (the model writes it), got {message.role!r}")
+    if messages[0].role != "assistant":
+        raise DataError(file, where, f"{field}[0].role",
+                        f"a completion starts with the assistant's turn, got {messages[0].role!r}")
+    return messages
+
+
 def _sft_prompt_completion(row: dict, file: str, where: Any) -> SFTExample:
-    for field in ("prompt", "completion"):
-        if isinstance(row[field], (list, tuple)):
-            raise DataError(file, where, field,
-                            f"expected a string, got {_describe(row[field])}; for conversations use {{messages}}")
+    _no_label(row, file, where)
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, (list, tuple)):
+        messages = _prompt_value(prompt, "prompt", file, where, allow_empty=False)
+        if isinstance(completion, str):  # a plain reply after a conversation: the assistant's next turn
+            turns = (Message("assistant", text_field(row, "completion", file, where)),)
+        elif isinstance(completion, (list, tuple)):
+            turns = _completion_messages(completion, "completion", file, where)
+        else:
+            raise DataError(file, where, "completion",
+                            f"expected a list of assistant messages or a string, got {_describe(completion)}")
+        return SFTExample(prompt=messages, completion=turns, where=_here(file, where), tools=_tools(row, file, where))
+    if isinstance(completion, (list, tuple)):
+        raise DataError(file, where, "prompt", f"expected a list of messages before a conversational completion, "
+                                               f"got {_describe(prompt)}")
     return SFTExample(prompt=text_field(row, "prompt", file, where, allow_empty=True),
                       completion=text_field(row, "completion", file, where), where=_here(file, where))
 
 
 def _sft_messages(row: dict, file: str, where: Any) -> SFTExample:
+    _no_label(row, file, where)
     messages = messages_field(row["messages"], "messages", file, where)
     if not any(message.role == "assistant" for message in messages):
         roles = ", ".join(message.role for message in messages)
         raise DataError(file, where, "messages",
                         f"expected at least one assistant message to learn from, found roles [{roles}]")
-    return SFTExample(messages=messages, where=_here(file, where))
+    return SFTExample(messages=messages, where=_here(file, where), tools=_tools(row, file, where))
 
 
 def _sft_text(row: dict, file: str, where: Any) -> SFTExample:
+    _no_label(row, file, where)
     return SFTExample(text=text_field(row, "text", file, where), where=_here(file, where))
 
 
@@ -462,8 +606,10 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
 
     The prompt is the longest common prefix, cut back to the end of the last assistant marker in it
     (:data:`ASSISTANT_MARKERS`, e.g. ``"\\n\\nAssistant:"``), or where there is none, to the last word
-    boundary: after a whitespace character, or at the end of the prefix when both replies start with
-    whitespace. So ``"Q: hi A: yes"`` / ``"Q: hi A: yeah"`` give ``("Q: hi A: ", "yes", "yeah")``.
+    boundary, with the whitespace before the replies' first word given to the replies, as TRL's
+    ``extract_prompt`` does: prompt and reply are tokenized apart, and BPE tokenizers join a space to the
+    word after it (``" blue"`` is one token, ``"The sky is "`` ends with a lone space token). So
+    ``"The sky is blue."`` / ``"The sky is green."`` give ``("The sky is", " blue.", " green.")``.
     ``prompt + reply`` always gives back the transcript. The prompt is ``""`` when nothing is shared.
     """
     shared = os.path.commonprefix([chosen, rejected])
@@ -471,6 +617,7 @@ def split_shared_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
     if cut < 0:
         ends_on_space = all(len(text) == len(shared) or text[len(shared)].isspace() for text in (chosen, rejected))
         cut = len(shared) if ends_on_space else max((i + 1 for i, ch in enumerate(shared) if ch.isspace()), default=0)
+        cut = len(chosen[:cut].rstrip())  # a cut after a non-space is a token boundary; one after a space is not
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
@@ -483,10 +630,18 @@ def _reply(row: dict, field: str, file: str, where: Any) -> str:
             roles = ", ".join(message.role for message in messages)
             raise DataError(file, where, field,
                             f"expected a string or one assistant message, got {len(messages)} message(s) with roles [{roles}]")
-        return messages[0].content
+        return _text_reply(messages[0], f"{field}[0]", file, where)
     if not isinstance(value, str):
         raise DataError(file, where, field, f"expected a string or a list of messages, got {_describe(value)}")
     return text_field(row, field, file, where)
+
+
+def _text_reply(message: Message, field: str, file: str, where: Any) -> str:
+    """A compared reply's text: a reply that calls tools has no text form to compare."""
+    if message.tool_calls is not None:
+        raise DataError(file, where, f"{field}.tool_calls",
+                        "a compared reply must be text: tool calls are supported in prompts, SFT and KTO data")
+    return message.content
 
 
 def _annotator(row: dict, file: str, where: Any) -> str | None:
@@ -519,7 +674,9 @@ def _split_conversations(row: dict, file: str, where: Any) -> tuple[tuple[Messag
         differ = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
         raise DataError(file, where, None, "chosen and rejected must share every message but the last assistant turn; "
                                            f"they differ at message {differ}")
-    return chosen[:-1], chosen[-1].content, rejected[-1].content
+    last = len(chosen) - 1
+    return chosen[:-1], _text_reply(chosen[-1], f"chosen[{last}]", file, where), \
+        _text_reply(rejected[-1], f"rejected[{last}]", file, where)
 
 
 def _preference_implicit(row: dict, file: str, where: Any) -> PreferencePair:
@@ -548,6 +705,36 @@ def _preference_implicit(row: dict, file: str, where: Any) -> PreferencePair:
 
 
 PREFERENCE_SHAPES = {("prompt", "chosen", "rejected"): _preference_explicit, ("chosen", "rejected"): _preference_implicit}
+
+
+# ---------------------------------------------------------------- unpaired preferences (KTO)
+
+
+def _label(row: dict, file: str, where: Any) -> bool:
+    value = row["label"]
+    if not isinstance(value, bool):
+        raise DataError(file, where, "label", "expected a boolean (true: a desirable completion, false: an "
+                                              f"undesirable one), got {_describe(value)}")
+    return value
+
+
+def _unpaired(row: dict, file: str, where: Any) -> UnpairedExample:
+    prompt = _prompt_value(row["prompt"], "prompt", file, where, allow_empty=True)
+    value = row["completion"]
+    if isinstance(value, (list, tuple)):
+        if isinstance(prompt, str):
+            raise DataError(file, where, "prompt", f"expected a list of messages before a conversational completion, "
+                                                   f"got {_describe(prompt)}")
+        completion = _completion_messages(value, "completion", file, where, roles=("assistant",))
+    elif isinstance(value, str):
+        completion = text_field(row, "completion", file, where)
+    else:
+        raise DataError(file, where, "completion", f"expected a string or a list of messages, got {_describe(value)}")
+    return UnpairedExample(prompt, completion, _label(row, file, where), _here(file, where),
+                           _tools(row, file, where) if isinstance(prompt, tuple) else None)
+
+
+UNPAIRED_SHAPES = {("prompt", "completion", "label"): _unpaired}
 
 
 # ---------------------------------------------------------------- prompts
@@ -602,6 +789,11 @@ def parse_preference(row: dict, file: str = "<record>", where: Any = None) -> Pr
     return _parse(PREFERENCE_SHAPES, row, file, where)
 
 
+def parse_unpaired(row: dict, file: str = "<record>", where: Any = None) -> UnpairedExample:
+    """One unpaired preference record (KTO) as an UnpairedExample; raises DataError if it is not valid."""
+    return _parse(UNPAIRED_SHAPES, row, file, where)
+
+
 def parse_prompt(row: dict, file: str = "<record>", where: Any = None) -> Prompt:
     """One prompt record (a dict) as a Prompt; raises DataError if it is not valid."""
     return _parse(PROMPT_SHAPES, row, file, where)
@@ -633,6 +825,11 @@ def load_preferences(path: str | os.PathLike) -> list[PreferencePair]:
     return _load(path, PREFERENCE_SHAPES)
 
 
+def load_unpaired(path: str | os.PathLike) -> list[UnpairedExample]:
+    """All unpaired preference examples (KTO) of a file, validated; raises DataError at the first bad record."""
+    return _load(path, UNPAIRED_SHAPES)
+
+
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
     """One JSON object per line (UTF-8), parent folders made; returns the path."""
     path = Path(path)
@@ -646,11 +843,13 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
     return _load(path, PROMPT_SHAPES)
 
 
-LOADERS = {"sft": load_sft, "preference": load_preferences, "prompt": load_prompts}
+LOADERS = {"sft": load_sft, "preference": load_preferences, "kto": load_unpaired, "unpaired": load_unpaired,
+           "prompt": load_prompts}
 
 
 def validate_file(path: str | os.PathLike, kind: str = "sft") -> int:
-    """The number of valid records of ``kind`` (``sft``, ``preference``, ``prompt``) in ``path``; DataError if any is bad."""
+    """The number of valid records of ``kind`` (``sft``, ``preference``, ``kto`` or its alias ``unpaired``,
+    ``prompt``) in ``path``; DataError if any is bad."""
     if kind not in LOADERS:
         raise TuneoffError(f"unknown data kind {kind!r}: expected one of {', '.join(LOADERS)}")
     return len(LOADERS[kind](path))

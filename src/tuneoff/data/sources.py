@@ -1,8 +1,10 @@
 """Adapters that turn the real preference data shipped with tuneoff into :class:`PreferencePair` records.
 
-The files are described in ``shared/data/README.md``; :data:`HH_RLHF_HARMLESS_TEST` and
-:data:`PANDALM_TEST` are their paths relative to a data root (``../shared/data`` in this checkout, or
-a copy the project ships). Every adapter takes the file's path and never fetches anything.
+The files ship inside the package (``tuneoff/assets/data``, each folder with its ORIGIN and LICENSE);
+:data:`HH_RLHF_HARMLESS_TEST`, :data:`PANDALM_TEST`, :data:`SST2_TRAIN`, :data:`SELF_INSTRUCT_SEED` and the
+others are their absolute paths, so ``hh_rlhf_pairs(HH_RLHF_HARMLESS_TEST)`` works from any working directory.
+Every adapter takes the file's path and never fetches anything; a relative path that does not exist is also
+looked up among the shipped files (``"pandalm/testset-v1.json.gz"``, the names these constants once held).
 
 Records that the data set itself gets wrong (a rejected transcript from another dialogue, a response
 that is JSON ``true`` or empty) are not errors: the adapters return them as human-readable skip reasons,
@@ -22,8 +24,14 @@ from typing import Any, Sequence
 from tuneoff.data.formats import PreferencePair, parse_preference, position_label, read_rows, text_field
 from tuneoff.errors import DataError
 
-HH_RLHF_HARMLESS_TEST = "hh-rlhf-harmless/harmless-base-test.jsonl.gz"
-PANDALM_TEST = "pandalm/testset-v1.json.gz"
+DATA = Path(__file__).resolve().parent.parent / "assets" / "data"
+"""The folder of the data files shipped inside the package."""
+HH_RLHF_HARMLESS_TEST = DATA / "hh-rlhf-harmless" / "harmless-base-test.jsonl.gz"
+PANDALM_TEST = DATA / "pandalm" / "testset-v1.json.gz"
+SST2_TRAIN = DATA / "sst2" / "train.tsv.gz"
+SST2_DEV = DATA / "sst2" / "dev.tsv.gz"
+SST2_TEST = DATA / "sst2" / "test.tsv.gz"
+SELF_INSTRUCT_SEED = DATA / "self-instruct" / "seed_tasks.jsonl"
 HH_ASSISTANT = "\n\nAssistant:"
 """The turn marker of HH-RLHF transcripts (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``)."""
 
@@ -72,6 +80,7 @@ def hh_rlhf_pairs(path: str | os.PathLike) -> tuple[list[PreferencePair], list[s
     split 4 records have a rejected transcript from another dialogue and 4 have an empty chosen reply
     (the transcript stops at ``"Assistant:"``): 8 are skipped and 2,304 kept.
     """
+    path = data_path(path)
     file, pairs, skipped = str(path), [], []
     for record, (line, row) in enumerate(read_rows(path), 1):
         where = position_label(path, line)
@@ -183,6 +192,7 @@ def pandalm_pairs(path: str | os.PathLike) -> PandaLMData:
     In the shipped ``testset-v1.json.gz`` (999 records) 6 responses are JSON ``true`` and 54 are empty,
     so 939 records are kept; by majority 105 of all 999 records (103 of the kept) are ties.
     """
+    path = data_path(path)
     file, records, skipped = str(path), [], []
     for number, row in read_rows(path):
         where = position_label(path, number)
@@ -208,13 +218,21 @@ def _require(row: dict, field: str, file: str, where: Any) -> dict:
 
 # --- SFT data from the shipped SST-2 and Self-Instruct files ------------------------------------------------
 
-SST2_TRAIN = "sst2/train.tsv.gz"
-SELF_INSTRUCT_SEED = "self-instruct/seed_tasks.jsonl"
+
+def shipped_data(relative: str | os.PathLike) -> Path:
+    """A data file shipped inside the package (``tuneoff/assets/data``), with ORIGIN and LICENSE beside it:
+    ``relative`` names it under that folder (``"sst2/dev.tsv.gz"``); an absolute path (the constants above)
+    is returned as it is."""
+    return DATA / relative  # pathlib keeps an absolute right-hand side
 
 
-def shipped_data(relative: str) -> Path:
-    """A data file shipped inside the package (``tuneoff/assets/data``), with ORIGIN and LICENSE beside it."""
-    return Path(__file__).resolve().parent.parent / "assets" / "data" / relative
+def data_path(path: str | os.PathLike) -> Path:
+    """The file an adapter reads: ``path`` itself when it exists or is absolute, else the shipped file of that
+    relative name when there is one (``"pandalm/testset-v1.json.gz"``); otherwise ``path`` (not found)."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (DATA / path).exists():
+        return path
+    return DATA / path
 
 
 def sst2_sentences(path: str | os.PathLike | None = None, label: int | None = None, min_words: int = 8) -> list[str]:
@@ -224,7 +242,7 @@ def sst2_sentences(path: str | os.PathLike | None = None, label: int | None = No
     """
     import gzip
 
-    path = Path(path) if path else shipped_data(SST2_TRAIN)
+    path = data_path(path) if path else SST2_TRAIN
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [line.rstrip("\n").split("\t") for line in f][1:]
     seen: set[str] = set()
@@ -250,7 +268,7 @@ def sst2_sft_records(path: str | os.PathLike | None = None, label: int = 1, prom
 
 def self_instruct_messages(path: str | os.PathLike | None = None) -> list[dict]:
     """``{"messages"}`` records from the Self-Instruct seed tasks: instruction (+ input) -> human-written output."""
-    path = Path(path) if path else shipped_data(SELF_INSTRUCT_SEED)
+    path = data_path(path) if path else SELF_INSTRUCT_SEED
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip():

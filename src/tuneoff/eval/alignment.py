@@ -1,7 +1,7 @@
 """Alignment and drift on held-out prompts: gold reward with a 95% CI, proxy reward, win rates, KL to a reference.
 
-Every function here is pure over numbers except those that run models (``sample_responses``, ``exact_kl_per_token``,
-``continuations``, ``kl_per_token``, ``evaluate_policy``).
+Every function here is pure over numbers except those that run models (``exact_kl_per_token``, ``continuations``,
+``kl_per_token``, ``evaluate_policy``); they sample with :func:`tuneoff.rollout.sample_responses`.
 """
 
 from __future__ import annotations
@@ -62,34 +62,10 @@ def held_out_prompts(n: int, words: int = 4, seed: int = 0) -> list[str]:
 
 
 @torch.inference_mode()
-def sample_responses(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperature: float, generator,
-                     batch: int = 64):
-    """Sampled responses to prompt token ids (tuneoff's KV-cached sampler), ``batch`` prompts per call.
-
-    Returns (response token ids without EOS, decoded texts, per batch the (full ids, full mask, prompt width,
-    response mask) that :func:`exact_kl_per_token` reads).
-    """
-    from tuneoff.rollout import generate, left_pad
-
-    tokens, texts, batches = [], [], []
-    device = next(model.parameters()).device
-    for i in range(0, len(ids), batch):
-        prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids[i : i + batch], tokenizer.pad_token_id))
-        r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                     temperature, generator=generator)
-        rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu())]
-        ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
-        tokens += ends
-        texts += tokenizer.batch_decode(ends, skip_special_tokens=True)
-        batches.append((*r.full(), prompt_ids.shape[1], r.response_mask))
-    return tokens, texts, batches
-
-
-@torch.inference_mode()
 def exact_kl_per_token(model, reference, batches, temperature: float = 1.0) -> float:
     """KL(π‖π_ref) per response token: the exact KL of the two next-token distributions (softmax(logits / T)),
     summed over the vocabulary at every sampled response position, averaged over positions.
-    ``batches`` as returned by :func:`sample_responses`."""
+    ``batches`` as returned by :func:`tuneoff.rollout.sample_responses`."""
     from tuneoff.models.heads import position_ids_from_mask
 
     total, count = 0.0, 0
@@ -111,6 +87,8 @@ def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
 def continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, temperature: float = 1.0,
                   batch: int = 64) -> list[str]:
     """One sampled continuation per prompt, decoded without special tokens."""
+    from tuneoff.rollout import sample_responses
+
     model.eval()
     generator = torch.Generator().manual_seed(seed)
     return sample_responses(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, temperature, generator, batch)[1]
@@ -119,6 +97,8 @@ def continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, see
 @torch.inference_mode()
 def kl_per_token(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch: int = 64) -> float:
     """KL(π‖π_ref) per response token on held-out prompts, on responses sampled from π (temperature 1)."""
+    from tuneoff.rollout import sample_responses
+
     model.eval()
     reference.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -138,15 +118,16 @@ def evaluate_policy(model_name: str, prompts: list[str], seed: int, max_new_toke
                     reward_model: str | None = None) -> Evaluation:
     """Continuations of ``prompts`` by ``model_name``, gold P(positive) of each, proxy reward, KL to ``reference``."""
     from tuneoff.feedback.gold import load_gold_judge
+    from tuneoff.feedback.judges import judge_text
     from tuneoff.models.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name)
     texts = continuations(model, tokenizer, prompts, max_new_tokens, seed)
-    gold = load_gold_judge().score([p + " " + t for p, t in zip(prompts, texts)]).tolist()
+    gold = load_gold_judge().score([judge_text(p, t) for p, t in zip(prompts, texts)]).tolist()
     proxy = None
     if reward_model:
-        from tuneoff.train.policy import load_scorer
+        from tuneoff.feedback.judges import load_scorer
 
         proxy = load_scorer(reward_model).score(prompts, texts).tolist()
     kl = kl_per_token(model, load_model(reference), tokenizer, prompts, max_new_tokens, seed) if reference else None

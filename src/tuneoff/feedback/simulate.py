@@ -22,6 +22,8 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from tuneoff.feedback.judges import judge_text
+
 
 @dataclass(frozen=True)
 class Annotator:
@@ -100,11 +102,6 @@ def probability_first(annotator: Annotator, score_first, score_second, length_fi
 # ---------------------------------------------------------------- labelling
 
 
-def prompt_plus_response(prompt: str, response: str) -> str:
-    """The text a scorer reads by default: the whole review, prompt then continuation, as generated."""
-    return prompt + response
-
-
 def simulate_preferences(
     pairs: Sequence[ResponsePair | tuple[str, str, str]],
     annotators: Sequence[Annotator],
@@ -112,7 +109,7 @@ def simulate_preferences(
     *,
     every_annotator: bool = False,
     shuffle_order: bool = False,
-    scored_text: Callable[[str, str], str] = prompt_plus_response,
+    scored_text: Callable[[str, str], str] = judge_text,
 ) -> list[dict]:
     """Label ``pairs`` with simulated annotators; return preference records.
 
@@ -123,7 +120,7 @@ def simulate_preferences(
         goes to ``annotators[i % len(annotators)]``.
     shuffle_order: each annotator sees each pair in a random order (a coin from its generator), as the
         labelling app does, so position bias becomes noise rather than a bias toward ``first``.
-    scored_text: what the scorer reads for a (prompt, response); default ``prompt + response``.
+    scored_text: what the scorer reads for a (prompt, response); default :func:`tuneoff.feedback.judges.judge_text`.
 
     Records, in pair order (annotator order within a pair): ``{"prompt", "chosen", "rejected",
     "annotator", "p_first"}``, with ``p_first`` = P(the response shown first wins) for that annotator.

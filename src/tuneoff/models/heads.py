@@ -10,7 +10,7 @@ padding (transformers' plain forward numbers positions from 0 at the first colum
 On disk a reward model is a folder: the backbone as a Hugging Face causal-LM folder (safetensors, tokenizer;
 LoRA merged), the head in ``reward_head.safetensors`` (``weight`` (1, H), ``bias`` (1,)) and
 ``reward_model.json`` (format, max_length, the reward mean/std over held-out responses, eval metrics).
-:func:`load_reward_model` gives back a :class:`RewardScorer` for the RL loops.
+:func:`tuneoff.feedback.judges.load_reward_model` loads one back as a scorer.
 """
 
 from __future__ import annotations
@@ -185,8 +185,8 @@ def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
     if isinstance(prompt, str):
         response_ids = _ids(tokenizer, response) + [tokenizer.eos_token_id]
         return _ids(tokenizer, prompt) + response_ids, len(response_ids) - 1
-    from tuneoff.data.tokenize import _chat_ids
     from tuneoff.data.formats import Message
+    from tuneoff.data.tokenize import _chat_ids
 
     prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
     full = _chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
@@ -209,63 +209,3 @@ def pad_right(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
         input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         attention_mask[i, : len(r)] = 1
     return input_ids, attention_mask
-
-
-# ---------------------------------------------------------------- loading back as a scorer
-
-
-class RewardScorer:
-    """A trained reward model ready to score text (or token ids) in inference mode."""
-
-    def __init__(self, model: RewardModel, tokenizer, info: dict, device: str | torch.device = "cpu"):
-        self.model, self.tokenizer, self.info = model.eval().to(device), tokenizer, info
-        self.device = torch.device(device)
-        self.max_length = int(info.get("max_length", 512))
-
-    @torch.inference_mode()
-    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Rewards (B,) of token ids (B, T) padded on either side; for RL loops that hold ids already."""
-        return self.model(input_ids.to(self.device), attention_mask.to(self.device)).cpu()
-
-    @torch.inference_mode()
-    def score(self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32, normalize: bool = False) -> torch.Tensor:
-        """r(x, y) for each (prompt, response), tokenized exactly as in training: (B,) float32 on CPU.
-
-        normalize: subtract the mean and divide by the std of the rewards of held-out responses at the end
-        of training (``reward_mean``/``reward_std`` in ``reward_model.json``), so 0 is a typical response.
-        """
-        if isinstance(prompts, str) or isinstance(responses, str):
-            raise TypeError("score takes a list of prompts and a list of responses, got a string")
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [fit_left(encode_response(self.tokenizer, p, r)[0], self.max_length) for p, r in zip(prompts, responses)]
-        rewards = [self.score_ids(*pad_right(rows[i : i + batch_size], self.tokenizer.pad_token_id))
-                   for i in range(0, len(rows), batch_size)]
-        out = torch.cat(rewards) if rewards else torch.zeros(0)  # (B,)
-        if normalize:
-            out = (out - self.info.get("reward_mean", 0.0)) / max(self.info.get("reward_std", 1.0), 1e-6)
-        return out
-
-    __call__ = score
-
-
-def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") -> RewardScorer:
-    """The reward model saved by ``tuneoff rm`` in ``folder`` (``runs/NAME/model``) as a :class:`RewardScorer`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = Path(folder)
-    for name in ("config.json", HEAD_FILE, INFO_FILE):
-        if not (folder / name).exists():
-            raise TuneoffError(f"{folder} is not a reward model folder: {name} is missing")
-    info = json.loads((folder / INFO_FILE).read_text())
-    if info.get("format") != FORMAT_VERSION:
-        raise TuneoffError(f"{folder}: reward model format {info.get('format')!r}, this tuneoff reads {FORMAT_VERSION}")
-    from tuneoff.models.load import fuse_activations
-
-    lm = fuse_activations(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = RewardModel(lm, pooling=info.get("pooling", "last"))
-    model.load_head(folder)
-    return RewardScorer(model, tokenizer, info, device)

@@ -21,13 +21,15 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import DPOConfig
-from tuneoff.data.default_task import pair_files
 from tuneoff.data.pairs import TokenizedPair, make_batches, split_by_prompt, tokenize_pairs
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import DPO_LOSSES, IGNORE, MEAN_LOGPS, implicit_rewards, selected_logprobs, shift_targets, sum_by_row
-from tuneoff.train import common
+from tuneoff.train import loop
+from tuneoff.train import metrics as names
 
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+METRICS = ("loss", names.REWARDS_CHOSEN, names.REWARDS_REJECTED, names.REWARDS_ACCURACIES, names.REWARDS_MARGINS,
+           names.LOGPS_CHOSEN, names.LOGPS_REJECTED)
+"""What pair_terms sums; logged as TRL names them (the loss as train/loss; held out with an eval/ prefix)."""
 
 
 class SequenceLogProbs(torch.nn.Module):
@@ -141,31 +143,23 @@ def evaluate(scorer, batches: list[dict], accelerator, config: DPOConfig) -> dic
     return {f"eval/{name}": (value / totals[-1].clamp(min=1)).item() for name, value in zip(METRICS, totals)}
 
 
-def train(config: DPOConfig) -> Path:
-    """Run DPO (or IPO) as configured; returns the folder of the final model."""
+def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
-    out, resume_from = common.begin(config, "no training data: pass --data FILE (or --data default)")
-
-    # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
     if config.ref_model and load_tokenizer(config.ref_model).get_vocab() != tokenizer.get_vocab():
-        raise TuneoffError(f"ref_model {config.ref_model} has another tokenizer than model {config.model}: DPO compares their log-probs token by token")
-    data, eval_data = pair_files(config.data, config.eval_data)
-    train_pairs, summary = tokenize_pairs(data, tokenizer, config.max_length, config.max_prompt_length, config.overlong)
-    if eval_data:
-        eval_pairs, _ = tokenize_pairs(eval_data, tokenizer, config.max_length, config.max_prompt_length, config.overlong)
+        raise TuneoffError(f"ref_model {config.ref_model} has another tokenizer than model {config.model}: DPO compares "
+                           "their log-probs token by token")
+    limits = (tokenizer, config.max_length, config.max_prompt_length, config.overlong)
+    train_pairs, summary = tokenize_pairs(config.data, *limits)
+    if config.eval_data:
+        eval_pairs, _ = tokenize_pairs(config.eval_data, *limits)
     else:
         train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
-
-    accelerator = common.make_accelerator()
-    pad_id, world = tokenizer.pad_token_id, accelerator.num_processes
-    batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
-    steps_per_epoch = batches_per_epoch // (config.grad_accum * world)
-    if steps_per_epoch < 1:
-        raise TuneoffError(f"{batches_per_epoch} micro-batches are fewer than grad_accum × processes = {config.grad_accum * world}")
-    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
-    common.seed_everything(config.seed)
+    pad_id = tokenizer.pad_token_id
+    batches = loop.MicroBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+                                math.ceil(len(train_pairs) / config.batch_size), config, accelerator)
+    total = loop.total_steps(config, batches.steps_per_epoch)
     model = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
         for module in model.modules():
@@ -175,80 +169,36 @@ def train(config: DPOConfig) -> Path:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     reference = attach_reference(model, train_pairs + eval_pairs, config, pad_id, accelerator, out)
     model.train()  # from_pretrained and the reference pass leave it in eval mode
-    optimizer = common.make_optimizer(model, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, common.lr_lambda(config.schedule, int(config.warmup_ratio * total_steps), total_steps)
-    )
-    scorer, optimizer = accelerator.prepare(SequenceLogProbs(model), optimizer)
     eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False) if eval_pairs else []
+    rates = loop.Rates()
 
-    step, cursor = 0, 0  # cursor = micro-batches consumed, over all epochs and processes
-    if resume_from is not None:
-        state = common.load_checkpoint(resume_from, model, optimizer, scheduler)
-        step, cursor = state["step"], state["cursor"]
-    is_main = accelerator.is_main_process
-    log = common.open_run(out, config, accelerator, step if resume_from else None)
-    if is_main:
-        print(f"dpo: {summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; {config.loss_type} loss, beta {config.beta}; "
-              f"reference log-probs {reference}; {total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size} pairs")
+    def step(context: loop.Context) -> dict:
+        def loss(batch):
+            logps, counts = context.modules[0](batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,)
+            losses, stats = pair_terms(logps, counts, batch["ref_logps"], config)
+            return losses.sum(), stats
 
-    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
-                                      steps_per_epoch * config.grad_accum * world)
+        def counts(batch):
+            trained = (shift_targets(batch["labels"]) != IGNORE).sum()
+            return torch.tensor([len(batch["ref_logps"]) / 2, float(batch["num_tokens"]), float(trained)])
 
-    speed, pairs_seen, start = common.Throughput(), 0, time.perf_counter()
-    bar = common.progress(total_steps, step, "dpo", enabled=is_main)
-    while step < total_steps:
-        mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]
-        batches = [{k: v.to(accelerator.device) for k, v in micro_batch(i).items()} for i in mine]
-        cursor += config.grad_accum * world
-        local = torch.tensor([sum(len(b["ref_logps"]) / 2 for b in batches), sum(float(b["num_tokens"]) for b in batches),
-                              sum(float((shift_targets(b["labels"]) != IGNORE).sum()) for b in batches)])
-        step_pairs, input_tokens, trained_tokens = accelerator.reduce(local.to(accelerator.device), "sum").unbind()
-        totals = torch.zeros(len(METRICS), device=accelerator.device)
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(scorer)
-            with sync:
-                logps, counts = scorer(batch["input_ids"], batch["attention_mask"], batch["labels"])  # (2B,), (2B,)
-                losses, stats = pair_terms(logps, counts, batch["ref_logps"], config)
-                # DDP averages gradients over processes, so scale by world / global pair count.
-                accelerator.backward(losses.sum() * world / step_pairs)
-            totals += stats
-        values = dict(zip(METRICS, (accelerator.reduce(totals, "sum") / step_pairs).tolist()))
-        if not math.isfinite(values["loss"]):
-            kept = common.checkpoints(out)
-            where = kept[-1] if kept else "none was written yet"
-            raise TuneoffError(f"loss became {values['loss']} at step {step + 1}; stopped. Last good checkpoint: {where}")
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pairs_seen += int(step_pairs.item())
-        rate, trained_rate = speed.add(int(input_tokens.item()), int(trained_tokens.item()))
-        pair_rate = pairs_seen / max(1e-9, time.perf_counter() - start)
-        bar.update(1)
-        bar.set_postfix(loss=f"{values['loss']:.3f}", acc=f"{values['rewards/accuracies']:.2f}", pairs_s=f"{pair_rate:,.1f}", refresh=False)
-        if step % config.log_every == 0 or step == total_steps:
-            log.log(step, {"train/loss": values.pop("loss"), **values, "train/lr": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(grad_norm), "train/pairs_per_s": pair_rate, "train/tokens_per_s": rate,
-                           "train/trained_tokens_per_s": trained_rate,
-                           "train/epoch": cursor / (steps_per_epoch * config.grad_accum * world)})
-        if eval_batches and (step % config.eval_every == 0 or step == total_steps):
-            metrics = evaluate(scorer, eval_batches, accelerator, config)
-            log.log(step, metrics)
-            if is_main:
-                bar.write(f"step {step}: eval loss {metrics['eval/loss']:.4f}, reward accuracy {metrics['eval/rewards/accuracies']:.3f}, "
-                          f"margin {metrics['eval/rewards/margins']:.4f}")
-        if step % config.save_every == 0 or step == total_steps:
-            accelerator.wait_for_everyone()
-            if is_main:
-                common.save_checkpoint(out, step, model, tokenizer, optimizer, scheduler, {"cursor": cursor}, config.keep_checkpoints)
-    bar.close()
-    accelerator.wait_for_everyone()
-    final = out / "model"
-    if is_main:
-        final = common.save_final_model(out, model, tokenizer)
-        print(f"dpo: model saved to {final}")
-    log.close()
-    accelerator.end_training()
-    return final
+        metrics = loop.optimizer_step(context, batches.next(), loss, counts, (names.LOSS, *METRICS[1:]))
+        pairs, tokens, trained = metrics.pop("counts").tolist()
+        speed = rates.add(pairs=int(pairs), tokens=int(tokens), trained=int(trained))
+        return {**metrics, names.PAIRS_PER_S: speed["pairs"], names.TOKENS_PER_S: speed["tokens"],
+                names.TRAINED_TOKENS_PER_S: speed["trained"], names.EPOCH: batches.epoch}
+
+    micro = config.grad_accum * accelerator.num_processes
+    return loop.Run(
+        "dpo", model, tokenizer, [SequenceLogProbs(model)], total, step,
+        evaluate=(lambda context: evaluate(context.modules[0], eval_batches, accelerator, config)) if eval_batches else None,
+        describe=f"{summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; {config.loss_type} loss, beta "
+                 f"{config.beta}; reference log-probs {reference}; {total} steps of {micro} micro-batches of "
+                 f"{config.batch_size} pairs",
+        state=batches.state, restore=batches.restore,
+        postfix={"loss": names.LOSS, "acc": names.REWARDS_ACCURACIES, "pairs_s": names.PAIRS_PER_S})
+
+
+def train(config: DPOConfig) -> Path:
+    """Run DPO (or IPO) as configured; returns the folder of the final model."""
+    return loop.run(config, setup, "no training data: pass --data FILE")

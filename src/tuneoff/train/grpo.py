@@ -9,7 +9,6 @@ k3 estimator, averaged over all response tokens of the minibatch. Reference log-
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -17,13 +16,11 @@ import torch
 
 from tuneoff.advantages import BASELINES, group_advantages, masked_mean
 from tuneoff.config import GRPOConfig
-from tuneoff.errors import TuneoffError
-from tuneoff.losses import kl_k1, kl_k3, ppo_policy_loss
-from tuneoff.train import common
-from tuneoff.train.policy import check_finite, disable_dropout, encode_prompts, load_scorer, prompt_batch, response_logprobs, sample_and_score
-from tuneoff.train.ppo import PolicyLogprobs
-
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+from tuneoff.losses import KL_ESTIMATORS, kl_k1, ppo_policy_loss
+from tuneoff.train import loop
+from tuneoff.train import metrics as names
+from tuneoff.train.policy import (PolicyLogprobs, episode_metrics, gold_metrics, load_actors, minibatch_updates,
+                                  prompt_batch, sample_and_score, total_iterations, updates_per_iteration)
 
 
 def sequence_advantages(scores: torch.Tensor, k: int, baseline: str, scale_rewards: bool) -> torch.Tensor:
@@ -33,120 +30,55 @@ def sequence_advantages(scores: torch.Tensor, k: int, baseline: str, scale_rewar
     return BASELINES[baseline](scores, k)
 
 
-def train(config: GRPOConfig) -> Path:
-    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
-
-    out, resume_from = common.begin(config, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")
-    tokenizer = load_tokenizer(config.model)
-    prompts = encode_prompts(config.data, tokenizer, config.max_prompt_length)
-    scorer = load_scorer(config.reward_model)
-    gold = load_scorer("gold") if config.reward_model != "gold" else None
-
-    accelerator = common.make_accelerator()
-    common.seed_everything(config.seed)
-    policy = load_model(config.model)
+def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
     need_reference = config.kl_coef > 0
-    reference = load_model(config.reference or config.model).eval().requires_grad_(False) if need_reference and not config.lora else None
-    if config.lora:
-        policy = apply_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    for m in (policy, reference):
-        if m is not None:
-            disable_dropout(m)
-    k = config.num_generations
+    actors = load_actors(config, with_reference=need_reference)
+    policy, tokenizer, k = actors.policy, actors.tokenizer, config.num_generations
     groups = config.rollout_batch // k
-    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(prompts.ids) / groups))
-    minibatch = config.batch_size * config.grad_accum
-    updates = config.update_epochs * max(1, config.rollout_batch // minibatch)
-    optimizer = common.make_optimizer(policy, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, common.lr_lambda(config.schedule, int(config.warmup_ratio * total * updates), total * updates))
-    policy_module, optimizer = accelerator.prepare(PolicyLogprobs(policy), optimizer)
-    policy_model = accelerator.unwrap_model(policy_module).model
-    device = accelerator.device
+    total = total_iterations(config, groups, len(actors.prompts.ids))
+    started, episodes = time.perf_counter(), [0]
 
-    iteration = 0
-    if resume_from is not None:
-        iteration = common.load_checkpoint(resume_from, policy_model, optimizer, scheduler)["step"]
-    is_main = accelerator.is_main_process
-    log = common.open_run(out, config, accelerator, iteration if resume_from else None)
-    bar = common.progress(total, iteration, config.baseline, enabled=is_main)
-    started, episodes = time.perf_counter(), 0
-
-    def reference_logprobs(full_ids, full_mask, P, mask):
-        if reference is not None:
-            return response_logprobs(reference, full_ids, full_mask, P, mask, config.temperature)[0]
-        with policy_model.disable_adapter():
-            return response_logprobs(policy_model, full_ids, full_mask, P, mask, config.temperature)[0]
-
-    while iteration < total:
+    def step(context: loop.Context) -> dict:
+        (policy_module,) = context.modules
         # 1. k responses per prompt, scored once; one advantage per response; reference once.
-        prompt_index = prompt_batch(len(prompts.ids), groups, iteration * accelerator.num_processes + accelerator.process_index, config.seed)
-        index = [i for i in prompt_index for _ in range(k)]  # groups of k consecutive responses
-        batch = sample_and_score(policy_model, tokenizer, prompts, index, scorer, config, device)
+        iteration = context.step * context.world + accelerator.process_index
+        index = [i for i in prompt_batch(len(actors.prompts.ids), groups, iteration, config.seed) for _ in range(k)]
+        batch = sample_and_score(policy, tokenizer, actors.prompts, index, actors.scorer, config, context.device)
         full_ids, full_mask, P, mask, old_logp = batch.full_ids, batch.full_mask, batch.prompt_len, batch.mask, batch.old_logp
         advantages = sequence_advantages(batch.scores, k, config.baseline, config.scale_rewards)[:, None] * mask  # (B, R)
         ref_logp = None
         if need_reference:
             with torch.inference_mode():
-                ref_logp = reference_logprobs(full_ids, full_mask, P, mask).clone()  # (B, R)
+                ref_logp = actors.reference_logprobs(full_ids, full_mask, P, mask, config.temperature).clone()  # (B, R)
 
         # 2. Updates: clipped surrogate + β·KL, token-averaged.
-        stats: dict[str, list[float]] = {k_: [] for k_ in ("pg", "kl_loss", "clipfrac", "approx_kl", "entropy")}
-        for _ in range(config.update_epochs):
-            order = torch.randperm(len(index))
-            for start in range(0, len(index), minibatch):
-                for micro in order[start : start + minibatch].split(config.batch_size):
-                    m = mask[micro]
-                    logp, entropy = policy_module(full_ids[micro], full_mask[micro], P, m, config.temperature)
-                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp[micro], advantages[micro], m, config.clip_range)
-                    kl_loss = masked_mean(KL_ESTIMATORS[config.kl_estimator](logp, ref_logp[micro]), m) if need_reference else torch.zeros(())
-                    entropy_mean = masked_mean(entropy, m)
-                    loss = pg_loss + config.kl_coef * kl_loss - config.entropy_coef * entropy_mean
-                    accelerator.backward(loss / config.grad_accum)
-                    for key, value in zip(stats, (pg_loss, kl_loss, clipfrac, approx_kl, entropy_mean)):
-                        stats[key].append(float(value.detach()))
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(policy_module.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        iteration += 1
-        episodes += len(index) * accelerator.num_processes
+        def micro_step(rows) -> dict:
+            m = mask[rows]
+            logp, entropy = policy_module(full_ids[rows], full_mask[rows], P, m, config.temperature)
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, config.clip_range)
+            kl = KL_ESTIMATORS[config.kl_estimator]
+            kl_loss = masked_mean(kl(logp, ref_logp[rows]), m) if need_reference else torch.zeros(())
+            entropy_mean = masked_mean(entropy, m)
+            loss = pg_loss + config.kl_coef * kl_loss - config.entropy_coef * entropy_mean
+            accelerator.backward(loss / config.grad_accum)
+            return {names.POLICY_LOSS: pg_loss, names.KL_LOSS: kl_loss, names.CLIPFRAC: clipfrac,
+                    names.APPROX_KL: approx_kl, names.ENTROPY: entropy_mean.detach()}
 
-        # 3. Metrics, checks, checkpoints.
-        mean = lambda key: sum(stats[key]) / len(stats[key])  # noqa: E731
+        updated = minibatch_updates(context, len(index), micro_step)
+        episodes[0] += len(index) * context.world
+
+        # 3. Metrics.
         seq_kl = float((kl_k1(old_logp, ref_logp) * mask).sum(-1).mean()) if need_reference else 0.0
-        metrics = {
-            "objective/kl": seq_kl, "objective/scores": float(batch.raw_scores.mean()),
-            "objective/scores_std_in_group": float(batch.scores.view(-1, k).std(-1).mean()),
-            "objective/entropy": mean("entropy"), "loss/policy": mean("pg"), "loss/kl": mean("kl_loss"),
-            "policy/clipfrac": mean("clipfrac"), "policy/approx_kl": mean("approx_kl"),
-            "episode/length": float(mask.sum(-1).float().mean()), "episode/ended": float(batch.ended.float().mean()),
-            "episodes_per_s": episodes / (time.perf_counter() - started), "train/lr": scheduler.get_last_lr()[0],
-        }
-        if gold is not None and (iteration % config.eval_every == 0 or iteration == total):
-            gold_logits = gold.score(batch.prompt_texts, batch.responses)  # (B,) logit of P(positive)
-            metrics["objective/gold"] = float(gold_logits.mean())
-            metrics["objective/gold_p"] = float(torch.sigmoid(gold_logits).mean())  # the scale evaluation reports
-        check_finite("loss/policy", metrics["loss/policy"], iteration)
-        if iteration % config.log_every == 0 or iteration == total:
-            log.log(iteration, metrics)
-        bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{seq_kl:.2f}", ep_s=f"{metrics['episodes_per_s']:.1f}", refresh=False)
-        if seq_kl > config.kl_stop:
-            kept = common.checkpoints(out)
-            raise TuneoffError(f"KL(π‖π_ref) reached {seq_kl:.1f} nats at iteration {iteration}, above kl_stop {config.kl_stop}; "
-                               f"stopped. Last good checkpoint: {kept[-1] if kept else 'none was written yet'}")
-        if iteration % config.save_every == 0 or iteration == total:
-            accelerator.wait_for_everyone()
-            if is_main:
-                common.save_checkpoint(out, iteration, policy_model, tokenizer, optimizer, scheduler, {}, config.keep_checkpoints)
-    bar.close()
-    accelerator.wait_for_everyone()
-    final = out / "model"
-    if is_main:
-        final = common.save_final_model(out, policy_model, tokenizer)
-        print(f"{config.baseline}: model saved to {final}")
-    log.close()
-    accelerator.end_training()
-    return final
+        return {names.OBJECTIVE_KL: seq_kl, names.SCORES_STD_IN_GROUP: float(batch.scores.view(-1, k).std(-1).mean()),
+                **updated, **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
+                **gold_metrics(actors, batch, context.step + 1, total, config.eval_every)}
+
+    return loop.Run(
+        config.baseline, policy, tokenizer, [PolicyLogprobs(policy)], total, step,
+        updates_per_step=updates_per_iteration(config), finite=(names.POLICY_LOSS,), kl=names.OBJECTIVE_KL,
+        postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S})
+
+
+def train(config: GRPOConfig) -> Path:
+    """Run GRPO or RLOO (config.baseline) as configured; returns the folder of the final model."""
+    return loop.run(config, setup, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")

@@ -1,14 +1,20 @@
-"""Pieces the RL loops (PPO, GRPO, RLOO) share: prompts, scorers, response log-probs, KL controllers."""
+"""Pieces the RL loops (PPO, GRPO, RLOO) share: prompts, response log-probs, KL controllers.
+
+The scorers they reward with live in :mod:`tuneoff.feedback.judges`.
+"""
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from tuneoff.errors import TuneoffError
-from tuneoff.models.heads import disable_dropout, position_ids_from_mask  # noqa: F401  (re-exported for the loops)
+from tuneoff.models.heads import disable_dropout, position_ids_from_mask
+from tuneoff.train import metrics as names
 
 
 # ---------------------------------------------------------------- prompts
@@ -45,33 +51,6 @@ def prompt_batch(n_prompts: int, batch: int, iteration: int, seed: int) -> list[
     epoch, position = divmod(iteration, per_pass)
     order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
     return order[position * batch : (position + 1) * batch] if n_prompts >= batch else (order * batch)[:batch]
-
-
-# ---------------------------------------------------------------- scorers
-
-
-class GoldScorer:
-    """The gold judge as a reward (oracle runs): logit of P(positive) of prompt + response."""
-
-    def __init__(self):
-        from tuneoff.feedback.gold import load_gold_judge
-
-        self.judge = load_gold_judge()
-
-    def score(self, prompts, responses) -> torch.Tensor:
-        texts = [(p if isinstance(p, str) else " ".join(m.content for m in p)) + " " + r for p, r in zip(prompts, responses)]
-        return torch.tensor(self.judge.logit(texts), dtype=torch.float32)
-
-
-def load_scorer(spec: str):
-    """``gold`` (the gold judge; oracle) or the folder of a reward model trained by ``tuneoff rm``."""
-    if spec == "gold":
-        return GoldScorer()
-    if not spec:
-        raise TuneoffError("no reward given: pass --reward-model FOLDER (from `tuneoff rm`) or --reward-model gold")
-    from tuneoff.models.heads import load_reward_model
-
-    return load_reward_model(spec)
 
 
 # ---------------------------------------------------------------- log-probs of responses
@@ -223,6 +202,120 @@ class AdaptiveKL:
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
-def check_finite(name: str, value: float, step: int) -> None:
-    if not math.isfinite(value):
-        raise TuneoffError(f"{name} became {value} at step {step}; stopped (see the last checkpoint)")
+# ---------------------------------------------------------------- what every RL run sets up
+
+
+class PolicyLogprobs(torch.nn.Module):
+    """The policy as the module DDP wraps: forward returns response log-probs and entropies; with ``sft_batch``
+    (PPO-ptx) the summed NLL of its trainable tokens and their count instead, through the same wrapper."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, full_ids=None, full_mask=None, prompt_len: int = 0, response_mask=None, temperature: float = 1.0,
+                sft_batch: dict | None = None):
+        if sft_batch is not None:
+            from tuneoff.train.sft import TokenLoss
+
+            return TokenLoss(self.model)(**sft_batch)
+        return response_logprobs(self.model, full_ids, full_mask, prompt_len, response_mask, temperature, with_entropy=True)
+
+
+@dataclass
+class Actors:
+    """An RL run's models and signals."""
+
+    tokenizer: object
+    prompts: EncodedPrompts
+    scorer: object
+    """The reward: a ``tuneoff rm`` model or the gold judge (:mod:`tuneoff.feedback.judges`)."""
+    gold: object | None
+    """The gold judge, logged beside a reward that is not the gold judge itself."""
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    """The frozen π_ref; None with LoRA (the policy with its adapters off) or without a KL term."""
+
+    def reference_logprobs(self, full_ids, full_mask, prompt_len: int, mask, temperature: float) -> torch.Tensor:
+        """log π_ref of the response tokens (B, R)."""
+        if self.reference is not None:
+            return response_logprobs(self.reference, full_ids, full_mask, prompt_len, mask, temperature)[0]
+        with self.policy.disable_adapter():
+            return response_logprobs(self.policy, full_ids, full_mask, prompt_len, mask, temperature)[0]
+
+
+def load_actors(config, with_reference: bool = True, on_policy: Callable | None = None) -> Actors:
+    """Tokenizer, prompts, reward and gold judge, the policy (LoRA-wrapped if configured) and the reference, dropout
+    off in both (ratios must be 1 before the first update). ``on_policy(policy)`` runs on the loaded policy before
+    the reference loads (PPO copies its critic from it)."""
+    from tuneoff.feedback.judges import load_scorer
+    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    prompts = encode_prompts(config.data, tokenizer, config.max_prompt_length)
+    scorer = load_scorer(config.reward_model)
+    gold = load_scorer("gold") if config.reward_model != "gold" else None
+    policy = load_model(config.model)
+    if on_policy is not None:
+        on_policy(policy)
+    reference = None
+    if with_reference and not config.lora:
+        reference = load_model(config.reference or config.model).eval().requires_grad_(False)
+    if config.lora:
+        policy = apply_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    for model in (policy, reference):
+        if model is not None:
+            disable_dropout(model)
+    return Actors(tokenizer, prompts, scorer, gold, policy, reference)
+
+
+def total_iterations(config, prompts_per_iteration: int, n_prompts: int) -> int:
+    return config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * n_prompts / prompts_per_iteration))
+
+
+def updates_per_iteration(config) -> int:
+    """Optimizer steps per iteration: update_epochs passes of minibatches of batch_size × grad_accum episodes."""
+    return config.update_epochs * max(1, config.rollout_batch // (config.batch_size * config.grad_accum))
+
+
+# ---------------------------------------------------------------- one iteration's updates and metrics
+
+
+def minibatch_updates(context, n_episodes: int, micro_step: Callable, after_minibatch: Callable | None = None) -> dict:
+    """``update_epochs`` passes over the iteration's episodes in a fresh random order, one optimizer step per
+    minibatch of batch_size × grad_accum episodes. ``micro_step(rows) -> {name: value}`` runs the forward and
+    backward of one micro-batch (its loss divided by grad_accum); ``after_minibatch()`` may add more gradients
+    before the step (PPO-ptx). Returns the mean of every value over the micro-batches."""
+    config = context.config
+    minibatch = config.batch_size * config.grad_accum
+    parameters = [p for module in context.modules for p in module.parameters()]
+    stats: dict[str, list[float]] = defaultdict(list)
+    for _ in range(config.update_epochs):
+        order = torch.randperm(n_episodes)
+        for start in range(0, n_episodes, minibatch):
+            for micro in order[start : start + minibatch].split(config.batch_size):
+                for key, value in micro_step(micro).items():
+                    stats[key].append(float(value))
+            for key, value in (after_minibatch() if after_minibatch else {}).items():
+                stats[key].append(float(value))
+            if config.max_grad_norm > 0:
+                context.accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+            context.optimizer.step()
+            context.scheduler.step()
+            context.optimizer.zero_grad(set_to_none=True)
+    return {key: sum(values) / len(values) for key, values in stats.items()}
+
+
+def episode_metrics(batch: Episodes, context, episodes_per_s: float) -> dict:
+    return {names.SCORES: float(batch.raw_scores.mean()), names.EPISODE_LENGTH: float(batch.mask.sum(-1).float().mean()),
+            names.EPISODE_ENDED: float(batch.ended.float().mean()), names.EPISODES_PER_S: episodes_per_s,
+            names.LR: context.scheduler.get_last_lr()[0]}
+
+
+def gold_metrics(actors: Actors, batch: Episodes, iteration: int, total: int, every: int) -> dict:
+    """The gold judge on the iteration's rollouts, every ``every`` iterations and at the end (when the reward is not
+    the gold judge itself)."""
+    if actors.gold is None or not (iteration % every == 0 or iteration == total):
+        return {}
+    gold_logits = actors.gold.score(batch.prompt_texts, batch.responses)  # (B,) logit of P(positive)
+    return {names.GOLD: float(gold_logits.mean()), names.GOLD_P: float(torch.sigmoid(gold_logits).mean())}

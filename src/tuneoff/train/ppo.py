@@ -3,7 +3,8 @@
 Each iteration: sample responses to a batch of prompts (KV-cached, ``tuneoff.rollout``); score them once with
 the reward (a ``tuneoff rm`` model or the gold judge); run the reference policy and the critic once; build the
 per-token reward −β·KL_t plus the score on the last token; GAE(γ, λ) and whitened advantages; then
-``update_epochs`` passes of clipped-ratio and clipped-value updates over minibatches.
+``update_epochs`` passes of clipped-ratio and clipped-value updates over minibatches. PPO-ptx (Ouyang 2022, Eq. 2)
+adds γ_ptx·(−log π) of one SFT micro-batch to each minibatch's update.
 
 The critic is a separate model: a copy of the starting policy with a zero-initialised scalar head (a shared
 trunk would let value-loss gradients move the policy; a separate one costs one more forward/backward of the
@@ -14,7 +15,6 @@ the first update). The sampling log-probs from the rollout serve as π_old.
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 
@@ -22,24 +22,12 @@ import torch
 
 from tuneoff.advantages import gae, masked_mean, whiten
 from tuneoff.config import PPOConfig
-from tuneoff.errors import TuneoffError
-from tuneoff.losses import kl_k1, kl_k3, ppo_policy_loss, ppo_value_loss
-from tuneoff.train import common
-from tuneoff.train.policy import (AdaptiveKL, FixedKL, check_finite, disable_dropout, encode_prompts, load_scorer,
-                                  position_ids_from_mask, prompt_batch, response_logprobs, sample_and_score)
-
-KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
-
-
-class PolicyLogprobs(torch.nn.Module):
-    """The policy as the module DDP wraps: forward returns response log-probs and entropies."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, full_ids, full_mask, prompt_len: int, response_mask, temperature: float):
-        return response_logprobs(self.model, full_ids, full_mask, prompt_len, response_mask, temperature, with_entropy=True)
+from tuneoff.losses import KL_ESTIMATORS, ppo_policy_loss, ppo_value_loss
+from tuneoff.train import loop
+from tuneoff.train import metrics as names
+from tuneoff.train.policy import (AdaptiveKL, FixedKL, PolicyLogprobs, episode_metrics, gold_metrics, load_actors,
+                                  minibatch_updates, position_ids_from_mask, prompt_batch, sample_and_score,
+                                  total_iterations, updates_per_iteration)
 
 
 class Critic(torch.nn.Module):
@@ -65,133 +53,95 @@ def per_token_rewards(scores, kl, mask, beta: float):
     return rewards.scatter_add(1, last[:, None], scores[:, None].to(rewards.dtype))
 
 
-def train(config: PPOConfig) -> Path:
-    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
+def ptx_batches(config: PPOConfig, tokenizer, accelerator):
+    """PPO-ptx's SFT micro-batches, a seeded order per pass; ``batch(u)`` is this process's u-th (one per update)."""
+    from tuneoff.data.formats import load_sft
+    from tuneoff.data.tokenize import tokenize_dataset
+    from tuneoff.train.common import EpochBatches
+    from tuneoff.train.sft import make_batches
 
-    out, resume_from = common.begin(config, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")
-    tokenizer = load_tokenizer(config.model)
-    prompts = encode_prompts(config.data, tokenizer, config.max_prompt_length)
-    scorer = load_scorer(config.reward_model)
-    gold = load_scorer("gold") if config.reward_model != "gold" else None
+    length = config.max_prompt_length + config.max_new_tokens
+    examples, _ = tokenize_dataset(load_sft(config.ptx_data), tokenizer, length, "truncate", True)
+    layout = (config.batch_size, length, False, tokenizer.pad_token_id, config.seed)
+    batches = EpochBatches(lambda epoch: make_batches(examples, *layout, epoch), -(-len(examples) // config.batch_size))
+    world, rank = accelerator.num_processes, accelerator.process_index
+    return lambda update: {k: v.to(accelerator.device) for k, v in batches(update * world + rank).items()}
 
-    accelerator = common.make_accelerator()
-    common.seed_everything(config.seed)
-    policy = load_model(config.model)
-    critic = Critic(copy.deepcopy(policy))
-    reference = None if config.lora else load_model(config.reference or config.model).eval().requires_grad_(False)
-    if config.lora:
-        policy = apply_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
-    for m in (policy, critic, reference):
-        if m is not None:
-            disable_dropout(m)
-    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * len(prompts.ids) / config.rollout_batch))
-    minibatch = config.batch_size * config.grad_accum
-    updates_per_iteration = config.update_epochs * max(1, config.rollout_batch // minibatch)
-    optimizer = common.make_optimizer(torch.nn.ModuleList([policy, critic]), config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, common.lr_lambda(config.schedule, int(config.warmup_ratio * total * updates_per_iteration), total * updates_per_iteration))
-    policy_module, critic, optimizer = accelerator.prepare(PolicyLogprobs(policy), critic, optimizer)
+
+def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
+    critics = []
+    actors = load_actors(config, on_policy=lambda policy: critics.append(Critic(copy.deepcopy(policy))))
+    critic, policy, tokenizer = critics[0], actors.policy, actors.tokenizer
+    ptx = ptx_batches(config, tokenizer, accelerator) if config.ptx_coef > 0 else None
+    total = total_iterations(config, config.rollout_batch, len(actors.prompts.ids))
+    updates = updates_per_iteration(config)
     kl_control = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl else FixedKL(config.kl_coef)
-    device = accelerator.device
+    started, episodes = time.perf_counter(), [0]
 
-    iteration = 0
-    if resume_from is not None:
-        state = common.load_checkpoint(resume_from, accelerator.unwrap_model(policy_module).model, optimizer, scheduler)
-        from safetensors.torch import load_file
-
-        accelerator.unwrap_model(critic).load_state_dict(load_file(resume_from / "critic.safetensors"))
-        iteration, kl_control.value = state["step"], state["kl_coef"]
-    is_main = accelerator.is_main_process
-    log = common.open_run(out, config, accelerator, iteration if resume_from else None)
-    policy_model = accelerator.unwrap_model(policy_module).model
-    bar = common.progress(total, iteration, "ppo", enabled=is_main)
-    started, episodes = time.perf_counter(), 0
-
-    def reference_logprobs(full_ids, full_mask, P, mask):
-        if reference is not None:
-            return response_logprobs(reference, full_ids, full_mask, P, mask, config.temperature)[0]
-        with policy_model.disable_adapter():
-            return response_logprobs(policy_model, full_ids, full_mask, P, mask, config.temperature)[0]
-
-    while iteration < total:
+    def step(context: loop.Context) -> dict:
+        policy_module, critic_module = context.modules
         # 1. Rollout, scoring, reference and critic: once per iteration.
-        index = prompt_batch(len(prompts.ids), config.rollout_batch, iteration * accelerator.num_processes + accelerator.process_index, config.seed)
-        batch = sample_and_score(policy_model, tokenizer, prompts, index, scorer, config, device)
+        iteration = context.step * context.world + accelerator.process_index
+        index = prompt_batch(len(actors.prompts.ids), config.rollout_batch, iteration, config.seed)
+        batch = sample_and_score(policy, tokenizer, actors.prompts, index, actors.scorer, config, context.device)
         full_ids, full_mask, P, mask, old_logp = batch.full_ids, batch.full_mask, batch.prompt_len, batch.mask, batch.old_logp
         with torch.inference_mode():
-            ref_logp = reference_logprobs(full_ids, full_mask, P, mask)  # (B, R)
-            old_values = critic(full_ids, full_mask, P) * mask  # (B, R)
+            ref_logp = actors.reference_logprobs(full_ids, full_mask, P, mask, config.temperature)  # (B, R)
+            old_values = critic_module(full_ids, full_mask, P) * mask  # (B, R)
         kl = KL_ESTIMATORS[config.kl_estimator](old_logp, ref_logp) * mask  # (B, R)
         rewards = per_token_rewards(batch.scores, kl, mask, kl_control.value)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
         advantages = whiten(advantages, mask)
-        ref_logp, old_values, advantages, returns = (t.clone() for t in (ref_logp, old_values, advantages, returns))
+        old_values, advantages, returns = (t.clone() for t in (old_values, advantages, returns))
 
         # 2. PPO epochs over minibatches.
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vclipfrac", "approx_kl", "ratio", "entropy")}
-        for _ in range(config.update_epochs):
-            order = torch.randperm(len(index))
-            for start in range(0, len(index), minibatch):
-                rows = order[start : start + minibatch]
-                for micro in rows.split(config.batch_size):
-                    m = mask[micro]
-                    logp, entropy = policy_module(full_ids[micro], full_mask[micro], P, m, config.temperature)
-                    pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp[micro], advantages[micro], m, config.clip_range)
-                    values = critic(full_ids[micro], full_mask[micro], P)
-                    vf_loss, vclipfrac = ppo_value_loss(values, old_values[micro], returns[micro], m, config.clip_range_value)
-                    entropy_mean = masked_mean(entropy, m)
-                    loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_mean
-                    accelerator.backward(loss / config.grad_accum)
-                    ratio = masked_mean((logp - old_logp[micro]).exp(), m)
-                    for key, value in zip(stats, (pg_loss, vf_loss, clipfrac, vclipfrac, approx_kl, ratio, entropy_mean)):
-                        stats[key].append(float(value.detach()))
-                if config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(list(policy_module.parameters()) + list(critic.parameters()), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        iteration += 1
-        episodes += len(index) * accelerator.num_processes
+        def micro_step(rows) -> dict:
+            m = mask[rows]
+            logp, entropy = policy_module(full_ids[rows], full_mask[rows], P, m, config.temperature)
+            pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, config.clip_range)
+            values = critic_module(full_ids[rows], full_mask[rows], P)
+            vf_loss, vclipfrac = ppo_value_loss(values, old_values[rows], returns[rows], m, config.clip_range_value)
+            entropy_mean = masked_mean(entropy, m)
+            loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_mean
+            accelerator.backward(loss / config.grad_accum)
+            ratio = masked_mean((logp - old_logp[rows]).exp(), m)
+            return {names.POLICY_LOSS: pg_loss, names.VALUE_LOSS: vf_loss, names.CLIPFRAC: clipfrac,
+                    names.VALUE_CLIPFRAC: vclipfrac, names.APPROX_KL: approx_kl, names.RATIO: ratio,
+                    names.ENTROPY: entropy_mean.detach()}
 
-        # 3. Metrics, KL control, checks, checkpoints.
+        done = [0]
+
+        def ptx_step() -> dict:  # Ouyang 2022, Eq. 2: + γ_ptx · E_{x ~ D_pretrain}[log π(x)], as a loss
+            nll_sum, count = policy_module(sft_batch=ptx(context.step * updates + done[0]))
+            done[0] += 1
+            nll = nll_sum / count.clamp(min=1)
+            accelerator.backward(config.ptx_coef * nll)
+            return {names.PTX_LOSS: nll.detach()}
+
+        updated = minibatch_updates(context, len(index), micro_step, ptx_step if ptx else None)
+        episodes[0] += len(index) * context.world
+
+        # 3. Metrics and KL control.
         seq_kl = float(kl.sum(-1).mean())
         kl_control.update(seq_kl, config.rollout_batch)
-        metrics = {
-            "objective/kl": seq_kl, "objective/scores": float(batch.raw_scores.mean()),
-            "objective/rlhf_reward": float((batch.scores - kl_control.value * kl.sum(-1)).mean()),
-            "objective/kl_coef": kl_control.value, "objective/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-            "policy/clipfrac": sum(stats["clipfrac"]) / len(stats["clipfrac"]), "policy/approx_kl": sum(stats["approx_kl"]) / len(stats["approx_kl"]),
-            "loss/policy": sum(stats["pg"]) / len(stats["pg"]), "val/value_loss": sum(stats["vf"]) / len(stats["vf"]),
-            "val/clipfrac": sum(stats["vclipfrac"]) / len(stats["vclipfrac"]), "val/ratio": sum(stats["ratio"]) / len(stats["ratio"]),
-            "episode/length": float(mask.sum(-1).float().mean()), "episode/ended": float(batch.ended.float().mean()),
-            "episodes_per_s": episodes / (time.perf_counter() - started), "train/lr": scheduler.get_last_lr()[0],
-        }
-        if gold is not None and (iteration % config.eval_every == 0 or iteration == total):
-            gold_logits = gold.score(batch.prompt_texts, batch.responses)  # (B,) logit of P(positive)
-            metrics["objective/gold"] = float(gold_logits.mean())
-            metrics["objective/gold_p"] = float(torch.sigmoid(gold_logits).mean())  # the scale evaluation reports
-        check_finite("objective/kl", seq_kl, iteration)
-        check_finite("loss/policy", metrics["loss/policy"], iteration)
-        if iteration % config.log_every == 0 or iteration == total:
-            log.log(iteration, metrics)
-        bar.update(1)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.2f}", kl=f"{seq_kl:.2f}", ep_s=f"{metrics['episodes_per_s']:.1f}", refresh=False)
-        if seq_kl > config.kl_stop:
-            kept = common.checkpoints(out)
-            raise TuneoffError(f"KL(π‖π_ref) reached {seq_kl:.1f} nats at iteration {iteration}, above kl_stop {config.kl_stop}; "
-                               f"stopped. Last good checkpoint: {kept[-1] if kept else 'none was written yet'}")
-        if iteration % config.save_every == 0 or iteration == total:
-            accelerator.wait_for_everyone()
-            if is_main:
-                common.save_checkpoint(out, iteration, policy_model, tokenizer, optimizer, scheduler,
-                                       {"kl_coef": kl_control.value}, config.keep_checkpoints,
-                                       extra={"critic": accelerator.unwrap_model(critic).state_dict()})
-    bar.close()
-    accelerator.wait_for_everyone()
-    final = out / "model"
-    if is_main:
-        final = common.save_final_model(out, policy_model, tokenizer)
-        print(f"ppo: model saved to {final}")
-    log.close()
-    accelerator.end_training()
-    return final
+        return {names.OBJECTIVE_KL: seq_kl, names.RLHF_REWARD: float((batch.scores - kl_control.value * kl.sum(-1)).mean()),
+                names.KL_COEF: kl_control.value, **updated,
+                **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
+                **gold_metrics(actors, batch, context.step + 1, total, config.eval_every)}
+
+    def restore(state: dict, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        critic.load_state_dict(load_file(folder / "critic.safetensors"))
+        kl_control.value = state["kl_coef"]
+
+    return loop.Run(
+        "ppo", policy, tokenizer, [PolicyLogprobs(policy), critic], total, step, updates_per_step=updates,
+        state=lambda: {"kl_coef": kl_control.value}, restore=restore, tensors=lambda: {"critic": critic.state_dict()},
+        finite=(names.OBJECTIVE_KL, names.POLICY_LOSS), kl=names.OBJECTIVE_KL,
+        postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S})
+
+
+def train(config: PPOConfig) -> Path:
+    """Run PPO as configured; returns the folder of the final model."""
+    return loop.run(config, setup, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")

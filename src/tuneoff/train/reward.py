@@ -13,21 +13,20 @@ Held-out evaluation (``tuneoff.eval.rm``): pairwise accuracy, ECE of σ(r_w − 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tuneoff.config import RMConfig
-from tuneoff.data.default_task import is_default, pair_files
 from tuneoff.data.pairs import split_by_prompt
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import bradley_terry_loss
-from tuneoff.train import common
+from tuneoff.data.grouped import pack
+from tuneoff.train import loop
+from tuneoff.train.metrics import ACCURACY, EPOCH, EVAL_REWARD_MEAN, EVAL_REWARD_STD, LOSS, PAIRS_PER_S
 
 
 @dataclass
@@ -124,85 +123,6 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
     return batches
 
 
-def shared_prefix(a: list[int], b: list[int]) -> int:
-    """Length of the common prefix of two token lists, leaving each at least its last token of its own."""
-    limit = min(len(a), len(b)) - 1
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_id: int = 0, width: int | None = None) -> dict:
-    """The sequences laid into rows of ``width`` tokens, each group's shared prefix (its prompt) once, no padding.
-
-    ``groups`` lists sequence numbers that share a prompt (each sequence in one group; default: each alone;
-    a group of more than two whose members share no first token is laid out as singletons, so a run never
-    grows past two sequences without a prefix to share). A group becomes one run of tokens: the prefix x its
-    members share (each keeps at least its last token), then every member's tail in turn, positions restarting
-    at len(x) for each tail; a tail attends to x and to itself, never to another member's tail. So every sequence sees exactly what it sees alone (the rewards equal
-    the padded forward's, tested), and a prompt is encoded once instead of once per response. Groups go into
-    rows of ``width`` tokens (default :func:`tuneoff.data.tokenize.row_width`) by SFT packing's first-fit bins:
-    rows of bounded width rather than one long row, since attention costs the square of a row's length.
-
-    Returns packed_ids and packed_positions (R, W), packed_mask (R, 1, W, W) (True: query may attend to key),
-    token_index (N,) (where each token of the sequences sits in the flattened rows, sequence after sequence; a
-    prefix position appears once for each member) and segments (N,) (its sequence, 0..len(sequences)-1)."""
-    from tuneoff.data.tokenize import Tokenized, filler_id, row_width
-    from tuneoff.data.tokenize import pack as first_fit
-
-    given = [[i] for i in range(len(sequences))] if groups is None else groups
-    assert sorted(i for g in given for i in g) == list(range(len(sequences))), "every sequence in exactly one group"
-    groups, shared = [], []  # the groups laid out, and the prefix length each shares
-    for g in given:
-        s = min((shared_prefix(sequences[g[0]], sequences[m]) for m in g[1:]), default=0)
-        if len(g) > 2 and s == 0:  # nothing shared (prompts cut from the left): singletons, not one long run
-            groups += [[m] for m in g]
-            shared += [0] * len(g)
-        else:
-            groups.append(g)
-            shared.append(s)
-    runs = [Tokenized(sequences[g[0]][:s] + [t for m in g for t in sequences[m][s:]], []) for g, s in zip(groups, shared)]
-    width = max(width or row_width([len(r.input_ids) for r in runs]), max(len(r.input_ids) for r in runs))
-    bins = first_fit(runs, width)
-    ids = torch.full((len(bins), width), filler_id(pad_id), dtype=torch.long)
-    positions = torch.zeros((len(bins), width), dtype=torch.long)
-    group = torch.full((len(bins), width), -1, dtype=torch.long)  # group number; -1 for filler
-    branch = torch.zeros((len(bins), width), dtype=torch.long)  # 0 prefix, k for the k-th member's tail
-    flat: dict[int, list[int]] = {}  # sequence -> flat positions of its tokens
-    number = {id(r): i for i, r in enumerate(runs)}
-    for row, members in enumerate(bins):
-        start = 0
-        for run in members:
-            g = number[id(run)]
-            s, base = shared[g], row * width + start
-            ids[row, start : start + len(run.input_ids)] = torch.tensor(run.input_ids)
-            positions[row, start : start + s] = torch.arange(s)
-            group[row, start : start + len(run.input_ids)] = g
-            at = start + s
-            for k, m in enumerate(groups[g], start=1):
-                n = len(sequences[m]) - s
-                positions[row, at : at + n] = torch.arange(s, s + n)
-                branch[row, at : at + n] = k
-                flat[m] = list(range(base, base + s)) + list(range(row * width + at, row * width + at + n))
-                at += n
-            start += len(run.input_ids)
-    same = (group[:, :, None] == group[:, None, :]) & (group[:, :, None] >= 0)  # (R, W, W) query, key
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])  # the prefix, or its own tail
-    mask = (same & causal & visible) | torch.eye(width, dtype=torch.bool)  # filler attends to itself only
-    token_index = torch.tensor([j for i in range(len(sequences)) for j in flat[i]])
-    segments = torch.tensor([k for k, seq in enumerate(sequences) for _ in seq])
-    return {"packed_ids": ids, "packed_positions": positions, "packed_mask": mask[:, None], "token_index": token_index,
-            "segments": segments}
-
-
-def pair_pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int = 0, width: int | None = None) -> dict:
-    """:func:`pack` of B pairs, each pair a group: chosen sequences 0..B-1, rejected B..2B-1."""
-    B = len(chosen)
-    return pack(chosen + rejected, [[i, B + i] for i in range(B)], pad_id, width)
-
-
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen, r_rejected), each (B,), from one padding-free forward over the batch's U distinct sequences
     packed into rows (pad tokens cost as much as real ones on a CPU; the rewards equal the padded forward's,
@@ -237,119 +157,68 @@ def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def train(config: RMConfig) -> Path:
-    """Train a reward model as configured; returns the folder of the final model."""
+def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
     from tuneoff.models.heads import RewardModel, disable_dropout, save_reward_model
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
-    out, resume_from = common.begin(config, "no training data: pass --data FILE (or --data default)")
-
-    # Everything that can fail on the user's input happens before the first byte is written to `out`.
     tokenizer = load_tokenizer(config.model)
-    data, eval_data = pair_files(config.data, config.eval_data)
-    if is_default(config.data):
-        print(f"rm: default task data in {Path(data).parent}")
-    train_pairs, summary = tokenize_pairs(data, tokenizer, config)
-    if eval_data:
-        eval_pairs, _ = tokenize_pairs(eval_data, tokenizer, config)
+    train_pairs, summary = tokenize_pairs(config.data, tokenizer, config)
+    if config.eval_data:
+        eval_pairs, _ = tokenize_pairs(config.eval_data, tokenizer, config)
     else:
         train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed, key=lambda p: p.prompt)
-
-    accelerator = common.make_accelerator()
-    common.seed_everything(config.seed)
     lm = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
         disable_dropout(lm)
     if config.lora:
         lm = apply_lora(lm, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     reward_model = RewardModel(lm, pooling=config.pooling)  # the head sits outside peft: it trains with or without LoRA
-    world = accelerator.num_processes
-    batches_per_epoch = math.ceil(len(train_pairs) / config.batch_size)
-    steps_per_epoch = batches_per_epoch // (config.grad_accum * world)
-    if steps_per_epoch < 1:
-        raise TuneoffError(f"{batches_per_epoch} micro-batches are fewer than grad_accum × processes = {config.grad_accum * world}")
-    total_steps = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * steps_per_epoch))
-    optimizer = common.make_optimizer(reward_model, config.lr, config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, common.lr_lambda(config.schedule, int(config.warmup_ratio * total_steps), total_steps)
-    )
-    model, optimizer = accelerator.prepare(reward_model, optimizer)
     pad_id = tokenizer.pad_token_id
+    batches = loop.MicroBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+                                math.ceil(len(train_pairs) / config.batch_size), config, accelerator)
     eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False) if eval_pairs else []
+    total = loop.total_steps(config, batches.steps_per_epoch)
+    reward_model.train()  # from_pretrained leaves it in eval mode (dropout, if not disabled, as its config says)
+    rates, held_out = loop.Rates(), {}
 
-    step, cursor = 0, 0  # cursor = micro-batches consumed, over all epochs and processes
-    if resume_from is not None:
-        state = common.load_checkpoint(resume_from, reward_model.model, optimizer, scheduler)
-        reward_model.load_head(resume_from)
-        step, cursor = state["step"], state["cursor"]
-    is_main = accelerator.is_main_process
-    log = common.open_run(out, config, accelerator, step if resume_from else None)
-    if is_main:
-        print(f"rm: {summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; "
-              f"{total_steps} steps of {config.grad_accum * world} micro-batches of {config.batch_size} pairs")
+    def step(context: loop.Context) -> dict:
+        def loss(batch):
+            r_chosen, r_rejected = pair_rewards(context.modules[0], batch)  # (B,), (B,)
+            loss_sum = bradley_terry_loss(r_chosen, r_rejected, batch["margin"]) * len(r_chosen)
+            return loss_sum, torch.stack([loss_sum.detach(), (r_chosen > r_rejected).sum().float()])
 
-    micro_batch = common.EpochBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
-                                      steps_per_epoch * config.grad_accum * world)
+        metrics = loop.optimizer_step(context, batches.next(), loss, lambda b: b["margin"].new_tensor([len(b["margin"])]),
+                                      (LOSS, ACCURACY))
+        speed = rates.add(pairs=int(metrics.pop("counts")[0].item()))
+        return {**metrics, PAIRS_PER_S: speed["pairs"], EPOCH: batches.epoch}
 
-    metrics: dict = {}
-    start, pairs_seen = time.perf_counter(), 0
-    model.train()  # from_pretrained leaves it in eval mode (dropout, if not disabled, as its config says)
-    bar = common.progress(total_steps, step, "rm", enabled=is_main)
-    while step < total_steps:
-        mine = [cursor + i * world + accelerator.process_index for i in range(config.grad_accum)]
-        batches = [{k: v.to(accelerator.device) for k, v in micro_batch(i).items()} for i in mine]
-        cursor += config.grad_accum * world
-        step_pairs = accelerator.reduce(torch.tensor(float(sum(len(b["margin"]) for b in batches)), device=accelerator.device), "sum")
-        totals = torch.zeros(2, device=accelerator.device)  # summed loss and correct pairs
-        for i, batch in enumerate(batches):
-            sync = contextlib.nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model)
-            with sync:
-                r_chosen, r_rejected = pair_rewards(model, batch)  # (B,), (B,)
-                loss_sum = bradley_terry_loss(r_chosen, r_rejected, batch["margin"]) * len(r_chosen)
-                # DDP averages gradients over processes, so scale by world / global pair count.
-                accelerator.backward(loss_sum * world / step_pairs)
-            totals += torch.stack([loss_sum.detach(), (r_chosen > r_rejected).sum().float()])
-        loss, accuracy = (accelerator.reduce(totals, "sum") / step_pairs).tolist()
-        if not math.isfinite(loss):
-            kept = common.checkpoints(out)
-            where = kept[-1] if kept else "none was written yet"
-            raise TuneoffError(f"loss became {loss} at step {step + 1}; stopped. Last good checkpoint: {where}")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm) if config.max_grad_norm > 0 else torch.tensor(0.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        pairs_seen += int(step_pairs.item())
-        rate = pairs_seen / max(1e-9, time.perf_counter() - start)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}", pairs_s=f"{rate:,.1f}", refresh=False)
-        if step % config.log_every == 0 or step == total_steps:
-            log.log(step, {"train/loss": loss, "train/accuracy": accuracy, "train/lr": scheduler.get_last_lr()[0],
-                           "train/grad_norm": float(grad_norm), "train/pairs_per_s": rate,
-                           "train/epoch": cursor / (steps_per_epoch * config.grad_accum * world)})
-        if eval_batches and (step % config.eval_every == 0 or step == total_steps):
-            metrics = evaluate(model, eval_batches, accelerator, config.calibration_bins)
-            log.log(step, metrics)
-            if is_main:
-                bar.write(f"step {step}: eval accuracy {metrics['eval/accuracy']:.4f}, ECE {metrics['eval/ece']:.4f}, "
-                          f"loss {metrics['eval/loss']:.4f}, length corr {metrics['eval/length_corr']:.3f}")
-        if step % config.save_every == 0 or step == total_steps:
-            accelerator.wait_for_everyone()
-            if is_main:
-                common.save_checkpoint(out, step, reward_model, tokenizer, optimizer, scheduler, {"cursor": cursor},
-                                       config.keep_checkpoints)
-    bar.close()
-    accelerator.wait_for_everyone()
-    final = out / "model"
-    if is_main:
-        info = {"max_length": config.max_length, "base_model": config.model, "steps": step, "pooling": config.pooling}
-        if metrics:  # the held-out rewards set the normalisation RL may use (RewardScorer.score(normalize=True))
-            info.update(reward_mean=metrics["eval/reward_mean"], reward_std=metrics["eval/reward_std"], eval=metrics)
-            (out / "eval.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
-        save_reward_model(final, reward_model, tokenizer, info)
+    def evaluate_now(context: loop.Context) -> dict:
+        held_out.update(evaluate(context.modules[0], eval_batches, accelerator, config.calibration_bins))
+        return dict(held_out)
+
+    def save(out: Path) -> Path:
+        info = {"max_length": config.max_length, "base_model": config.model, "steps": total, "pooling": config.pooling}
+        if held_out:  # the held-out rewards set the normalisation RL may use (RewardScorer.score(normalize=True))
+            info.update(reward_mean=held_out[EVAL_REWARD_MEAN], reward_std=held_out[EVAL_REWARD_STD], eval=held_out)
+            (out / "eval.json").write_text(json.dumps({"step": total, **held_out}, indent=1))
+        final = save_reward_model(out / "model", reward_model, tokenizer, info)
         if config.lora:  # the adapter and head alone too, as SFT keeps its adapter
             reward_model.save_pretrained(out / "adapter")
-        print(f"rm: reward model saved to {final}")
-    log.close()
-    accelerator.end_training()
-    return final
+        return final
+
+    def restore(state: dict, folder: Path) -> None:
+        reward_model.load_head(folder)
+        batches.restore(state, folder)
+
+    micro = config.grad_accum * accelerator.num_processes
+    return loop.Run(
+        "rm", reward_model, tokenizer, [reward_model], total, step,
+        evaluate=evaluate_now if eval_batches else None, weights=reward_model.model,
+        describe=f"{summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; "
+                 f"{total} steps of {micro} micro-batches of {config.batch_size} pairs",
+        state=batches.state, restore=restore, save=save, postfix={"loss": LOSS, "acc": ACCURACY, "pairs_s": PAIRS_PER_S})
+
+
+def train(config: RMConfig) -> Path:
+    """Train a reward model as configured; returns the folder of the final model."""
+    return loop.run(config, setup, "no training data: pass --data FILE")

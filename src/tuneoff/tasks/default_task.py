@@ -11,10 +11,11 @@
    the annotators draw for the training pairs first.
 3. Training labels: a panel of ``annotators`` simulated annotators (:mod:`tuneoff.feedback.simulate`), pair i
    judged by annotator i mod n, each choosing by a Bradley–Terry draw on the gold judge's logits of the
-   whole review (prompt + continuation) with temperature ``temperature`` and length bias ``length_bias``;
-   they see the two responses in a random order. The default, T = 1 with no bias, is the "typical"
-   annotator of :func:`tuneoff.feedback.simulate.mixed_panel`; at T = 1 about one label in five disagrees
-   with gold on these pairs (80.0% agreement on the default build; ``info.json`` records the measured rate).
+   whole review (prompt + continuation, :func:`tuneoff.feedback.judges.judge_text`) with temperature
+   ``temperature`` and length bias ``length_bias``; they see the two responses in a random order. The default,
+   T = 1 with no bias, is the "typical" annotator of :func:`tuneoff.feedback.simulate.mixed_panel`; at T = 1
+   about one label in five disagrees with gold on these pairs (80.0% agreement on the default build;
+   ``info.json`` records the measured rate).
 4. Held-out labels: the gold judge's own ordering (chosen = the higher gold logit), so a reward model's
    held-out accuracy *is* its agreement with gold. ``eval_annotated.jsonl`` holds the same pairs labelled
    by the simulated annotators, for calibration against the noisy labels.
@@ -22,7 +23,7 @@
 The files are built once per setting (generation, on a GPU when there is one: 236 s for the default 4,500 prompts
 on 2 busy CPU cores, 24 s for 21,000 on an H100; samples differ between devices) and cached under
 ``$TUNEOFF_CACHE/default-task/<key>/`` (default ``~/.cache/tuneoff``); ``<key>`` hashes the settings, the
-review-gpt weights and :data:`FORMAT_VERSION`. ``python -m tuneoff.data.default_task --help`` builds other
+review-gpt weights and :data:`FORMAT_VERSION`. ``python -m tuneoff.tasks.default_task --help`` builds other
 settings; ``tuneoff rm --data default`` uses the defaults.
 """
 
@@ -101,7 +102,10 @@ def train_prompts(words: int, seed: int) -> list[str]:
 
 def sample_responses(model_name: str, prompts: list[str], count: int, max_new_tokens: int, seed: int,
                      batch_size: int = GENERATE_BATCH) -> list[tuple[str, list[str]]]:
-    """(prompt, responses): ``count`` sampled continuations of each prompt (decoded, special tokens dropped)."""
+    """(prompt, responses): ``count`` sampled continuations of each prompt (decoded, special tokens dropped).
+
+    Drawn by transformers' ``generate``, not :func:`tuneoff.rollout.sample_responses`: these draws are part of the
+    recipe (:data:`FORMAT_VERSION`), and the two samplers draw different tokens from the same seed."""
     import torch
 
     from tuneoff.models.load import load_model_and_tokenizer
@@ -147,11 +151,11 @@ def flip_labels(records: list[dict], rate: float, seed: int) -> list[dict]:
 
 def gold_ordered(pairs: list[tuple[str, str, str]], judge) -> list[dict]:
     """Records with chosen = the response whose whole review (prompt + response) the gold judge scores higher."""
-    from tuneoff.feedback.simulate import prompt_plus_response
+    from tuneoff.feedback.judges import judge_text
 
     kept = [p for p in pairs if p[1].strip() and p[2].strip() and p[1] != p[2]]
-    first = judge.logit([prompt_plus_response(p, a) for p, a, _ in kept])  # (N,)
-    second = judge.logit([prompt_plus_response(p, b) for p, _, b in kept])  # (N,)
+    first = judge.logit([judge_text(p, a) for p, a, _ in kept])  # (N,)
+    second = judge.logit([judge_text(p, b) for p, _, b in kept])  # (N,)
     return [{"prompt": p, "chosen": a if s1 > s2 else b, "rejected": b if s1 > s2 else a, "annotator": "gold",
              "gold_gap": float(abs(s1 - s2))}
             for (p, a, b), s1, s2 in zip(kept, first, second) if s1 != s2]
@@ -159,12 +163,12 @@ def gold_ordered(pairs: list[tuple[str, str, str]], judge) -> list[dict]:
 
 def agreement_with_gold(records: list[dict], judge) -> float:
     """Share of preference records whose chosen response the gold judge scores higher."""
-    from tuneoff.feedback.simulate import prompt_plus_response
+    from tuneoff.feedback.judges import judge_text
 
     if not records:
         return float("nan")
-    chosen = judge.logit([prompt_plus_response(r["prompt"], r["chosen"]) for r in records])
-    rejected = judge.logit([prompt_plus_response(r["prompt"], r["rejected"]) for r in records])
+    chosen = judge.logit([judge_text(r["prompt"], r["chosen"]) for r in records])
+    rejected = judge.logit([judge_text(r["prompt"], r["rejected"]) for r in records])
     return float((chosen > rejected).mean())
 
 
@@ -291,7 +295,7 @@ def pair_files(data: str, eval_data: str) -> tuple[str, str]:
 def main(argv: list[str] | None = None) -> None:
     from tuneoff.config import add_config_arguments, build_config
 
-    parser = argparse.ArgumentParser(prog="python -m tuneoff.data.default_task", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tuneoff.tasks.default_task", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, DefaultTaskConfig)
     parser.add_argument("--out", default=None, help="write the files here instead of the cache")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 import json
 
-from tuneoff.compare.real_data import SPLITS, build, hh_messages, split_by_prompt
+from tuneoff.tasks.real_data import SPLITS, build, hh_messages, split_by_prompt
 
 
 def test_hh_transcript_becomes_chat_messages():

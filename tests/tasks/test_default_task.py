@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tuneoff.data.default_task import DefaultTaskConfig, cache_key, flip_labels
+from tuneoff.tasks.default_task import DefaultTaskConfig, cache_key, flip_labels
 
 
 def test_flip_labels_swaps_exactly_the_stated_share():
@@ -29,7 +29,7 @@ def test_the_knob_is_part_of_the_cache_key():
 def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_path):
     import pytest
 
-    from tuneoff.data import default_task
+    from tuneoff.tasks import default_task
     from tuneoff.errors import TuneoffError
 
     asked = []
@@ -44,7 +44,7 @@ def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_pat
 
 
 def test_task_config_reads_key_value_settings():
-    from tuneoff.data.default_task import task_config
+    from tuneoff.tasks.default_task import task_config
     from tuneoff.errors import TuneoffError
 
     assert task_config("default") == DefaultTaskConfig()
@@ -64,7 +64,7 @@ def test_responses_two_keeps_the_cache_key_the_recipe_had_before_the_knob():
     import hashlib
     import json
 
-    from tuneoff.data.default_task import FORMAT_VERSION
+    from tuneoff.tasks.default_task import FORMAT_VERSION
     from tuneoff.models.load import resolve
 
     config = DefaultTaskConfig(pairs=32000)
@@ -77,7 +77,7 @@ def test_responses_two_keeps_the_cache_key_the_recipe_had_before_the_knob():
 
 
 def test_all_pairs_takes_every_pair_of_a_prompts_responses():
-    from tuneoff.data.default_task import all_pairs
+    from tuneoff.tasks.default_task import all_pairs
 
     groups = [("p", ["a", "b", "c", "d"]), ("q", ["x", "x", " ", "y"])]
     assert all_pairs(groups) == [("p", "a", "b"), ("p", "a", "c"), ("p", "a", "d"), ("p", "b", "c"), ("p", "b", "d"),
@@ -91,7 +91,7 @@ def _fake_build(monkeypatch, tmp_path, config, prompts):
 
     import numpy as np
 
-    from tuneoff.data import default_task
+    from tuneoff.tasks import default_task
 
     calls = []
 

@@ -1,0 +1,61 @@
+"""The names of the metrics the loops log (metrics.jsonl, TensorBoard): one constant each, read by the loops, the
+experiment's jobs and the report, so a name is written once. Online RL metrics are named as TRL's."""
+
+# every loop
+LOSS = "train/loss"
+LR = "train/lr"
+GRAD_NORM = "train/grad_norm"
+EPOCH = "train/epoch"
+TOKENS_PER_S = "train/tokens_per_s"
+"""Input tokens (all real tokens) per second since the loop started."""
+TRAINED_TOKENS_PER_S = "train/trained_tokens_per_s"
+"""Tokens with a loss per second."""
+PAIRS_PER_S = "train/pairs_per_s"
+EXAMPLES_PER_S = "train/examples_per_s"
+
+# supervised fine-tuning
+EVAL_LOSS = "eval/loss"
+EVAL_PERPLEXITY = "eval/perplexity"
+
+# reward model
+ACCURACY = "train/accuracy"
+EVAL_ACCURACY = "eval/accuracy"
+EVAL_ECE = "eval/ece"
+EVAL_REWARD_MEAN = "eval/reward_mean"
+EVAL_REWARD_STD = "eval/reward_std"
+
+# DPO and KTO (TRL's names)
+REWARDS_CHOSEN = "rewards/chosen"
+REWARDS_REJECTED = "rewards/rejected"
+REWARDS_ACCURACIES = "rewards/accuracies"
+REWARDS_MARGINS = "rewards/margins"
+LOGPS_CHOSEN = "logps/chosen"
+LOGPS_REJECTED = "logps/rejected"
+KL = "kl"
+"""KTO's reference point z_0: the batch's KL(π‖π_ref) estimate from mismatched pairs."""
+
+# online RL (PPO, GRPO, RLOO)
+OBJECTIVE_KL = "objective/kl"
+"""Mean KL(π‖π_ref) of a response, summed over its tokens (nats)."""
+SCORES = "objective/scores"
+"""Mean reward-model score of the iteration's responses, before the truncation policy."""
+SCORES_STD_IN_GROUP = "objective/scores_std_in_group"
+RLHF_REWARD = "objective/rlhf_reward"
+KL_COEF = "objective/kl_coef"
+ENTROPY = "objective/entropy"
+GOLD = "objective/gold"
+"""The gold judge's logit of the rollouts (when the reward is another scorer)."""
+GOLD_P = "objective/gold_p"
+"""The gold judge's P(positive), the scale evaluation reports."""
+POLICY_LOSS = "loss/policy"
+KL_LOSS = "loss/kl"
+PTX_LOSS = "loss/ptx"
+"""PPO-ptx: the mean NLL of the SFT batches mixed into the updates."""
+CLIPFRAC = "policy/clipfrac"
+APPROX_KL = "policy/approx_kl"
+VALUE_LOSS = "val/value_loss"
+VALUE_CLIPFRAC = "val/clipfrac"
+RATIO = "val/ratio"
+EPISODE_LENGTH = "episode/length"
+EPISODE_ENDED = "episode/ended"
+EPISODES_PER_S = "episodes_per_s"
