@@ -122,8 +122,6 @@ class TrainConfig:
     """Seed for weight init, data order, dropout and sampling."""
     resume: bool = False
     """Continue from the last checkpoint in `out` (model, optimizer, scheduler, RNG and data position)."""
-    from_scratch: bool = False
-    """Initialise the model's weights randomly from its config (pretraining) instead of loading them."""
     batch_size: int = 8
     """Sequences per micro-batch per process."""
     grad_accum: int = 1
@@ -138,16 +136,6 @@ class TrainConfig:
     """Learning-rate decay after warmup: cosine, linear or constant."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off)."""
-    max_length: int = 512
-    """Longest sequence in tokens; see `overlong`."""
-    overlong: str = "truncate"
-    """Records longer than max_length: truncate (cut the end), drop (skip, counted in the log) or error."""
-    eval_fraction: float = 0.05
-    """Share of the data held out for evaluation when `eval_data` is not given (0 turns evaluation off)."""
-    eval_data: str = ""
-    """Held-out evaluation file (same format as `data`)."""
-    eval_every: int = 50
-    """Evaluate every this many steps (and at the end)."""
     save_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 2
@@ -170,17 +158,40 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise TuneoffError(f"schedule must be cosine, linear or constant, got '{self.schedule}'")
-        if self.overlong not in ("truncate", "drop", "error"):
-            raise TuneoffError(f"overlong must be truncate, drop or error, got '{self.overlong}'")
-        for name in ("batch_size", "grad_accum", "max_length"):
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise TuneoffError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class OfflineConfig(TrainConfig):
+    """Fields the methods that train on a fixed data set share (SFT, RM, DPO, KTO)."""
+
+    from_scratch: bool = False
+    """Initialise the model's weights randomly from its config (pretraining) instead of loading them."""
+    max_length: int = 512
+    """Longest sequence in tokens; see `overlong`."""
+    overlong: str = "truncate"
+    """Records longer than max_length: truncate (cut the end), drop (skip, counted in the log) or error."""
+    eval_fraction: float = 0.05
+    """Share of the data held out for evaluation when `eval_data` is not given (0 turns evaluation off)."""
+    eval_data: str = ""
+    """Held-out evaluation file (same format as `data`)."""
+    eval_every: int = 50
+    """Evaluate every this many steps (and at the end)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.overlong not in ("truncate", "drop", "error"):
+            raise TuneoffError(f"overlong must be truncate, drop or error, got '{self.overlong}'")
+        if self.max_length < 1:
+            raise TuneoffError(f"max_length must be at least 1, got {self.max_length}")
         if not 0 <= self.eval_fraction < 1:
             raise TuneoffError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 @dataclasses.dataclass
-class SFTConfig(TrainConfig):
+class SFTConfig(OfflineConfig):
     """Supervised fine-tuning: next-token loss on completion (assistant) tokens."""
 
     out: str = "runs/sft"
@@ -192,7 +203,7 @@ class SFTConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class RMConfig(TrainConfig):
+class RMConfig(OfflineConfig):
     """Reward model: Bradley–Terry loss -log σ(r_w − r_l − m) on preference pairs, scalar head on the last real token."""
 
     out: str = "runs/rm"
@@ -236,7 +247,7 @@ class RMConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(OfflineConfig):
     """Direct preference optimisation (Rafailov et al. 2023) and IPO (Azar et al. 2023) on preference pairs."""
 
     out: str = "runs/dpo"
@@ -290,6 +301,56 @@ class DPOConfig(TrainConfig):
             raise TuneoffError(f"max_prompt_length must be in [1, max_length = {self.max_length}), got {self.max_prompt_length}")
         if self.ref_batch_size < 1:
             raise TuneoffError(f"ref_batch_size must be at least 1, got {self.ref_batch_size}")
+
+
+@dataclasses.dataclass
+class KTOConfig(OfflineConfig):
+    """KTO (Ethayarajh et al. 2024): prospect-theoretic alignment on unpaired data, each completion labelled
+    desirable or undesirable, against a reference point z_0 = KL(π‖π_ref) estimated on mismatched pairs."""
+
+    out: str = "runs/kto"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final model (model/)."""
+    data: str = ""
+    """Unpaired preference records ({prompt, completion, label: true|false}, or prompt and completion as message
+    lists), or preference pairs ({prompt, chosen, rejected}), unpaired as TRL does: chosen desirable, rejected
+    undesirable."""
+    batch_size: int = 8
+    """Examples per micro-batch per process (at least 2: the KL reference point pairs each prompt with another
+    example's completion)."""
+    lr: float = 1e-5
+    """Peak learning rate of AdamW (TRL's default is 1e-6, sized for billion-parameter models)."""
+    max_prompt_length: int = 0
+    """Longest prompt in tokens (see `overlong`); below max_length. 0: half of max_length."""
+    overlong: str = "truncate"
+    """Examples over max_prompt_length or max_length: truncate (the prompt keeps its last max_prompt_length
+    tokens, then the completion is cut at its end), drop (skip, counted in the log) or error."""
+    beta: float = 0.1
+    """β: the scale of the implied reward β·log(π/π_ref) and so of the KL penalty."""
+    desirable_weight: float = 1.0
+    """λ_D: weight of the desirable examples' losses (the paper keeps λ_D·n_D / (λ_U·n_U) in [1, 4/3])."""
+    undesirable_weight: float = 1.0
+    """λ_U: weight of the undesirable examples' losses."""
+    ref_model: str = ""
+    """Reference policy π_ref: empty = the starting model (with LoRA, the base with adapters disabled); or a
+    preset or folder with the same tokenizer."""
+    disable_dropout: bool = True
+    """Turn the policy's dropout off, so that π and π_ref are the same function at step 0 (as TRL does)."""
+    eval_fraction: float = 0.1
+    """Share of the prompts held out for evaluation when `eval_data` is not given (0 turns evaluation off)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.beta <= 0:
+            raise TuneoffError(f"beta must be positive, got {self.beta}")
+        if self.batch_size < 2:
+            raise TuneoffError(f"batch_size must be at least 2 (the KL term pairs examples), got {self.batch_size}")
+        if self.desirable_weight <= 0 or self.undesirable_weight <= 0:
+            raise TuneoffError("desirable_weight and undesirable_weight must be positive")
+        if self.max_prompt_length == 0:
+            self.max_prompt_length = max(1, self.max_length // 2)
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise TuneoffError(f"max_prompt_length must be in [1, max_length = {self.max_length}), "
+                               f"got {self.max_prompt_length}")
 
 
 @dataclasses.dataclass
@@ -368,13 +429,21 @@ class PPOConfig(RLConfig):
     kl_horizon: int = 10000
     """Horizon (episodes) of the adaptive controller."""
     ptx_data: str = ""
-    """PPO-ptx: an SFT file whose loss is mixed into each update (Ouyang 2022)."""
+    """PPO-ptx (Ouyang 2022, Eq. 2): an SFT file (any SFT format); each minibatch's update adds ptx_coef × the
+    mean NLL of one micro-batch of it (batch_size records, cut to max_prompt_length + max_new_tokens tokens)."""
     ptx_coef: float = 0.0
-    """Weight of the PPO-ptx SFT loss."""
+    """γ of PPO-ptx: the weight of the SFT loss (0: plain PPO, ptx_data unused)."""
     warmup_ratio: float = 0.0
     """Fraction of the steps spent warming the learning rate up linearly from 0."""
     schedule: str = "constant"
     """Learning-rate decay after warmup: cosine, linear or constant."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ptx_coef < 0:
+            raise TuneoffError(f"ptx_coef must be at least 0, got {self.ptx_coef}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise TuneoffError("ptx_coef > 0 needs ptx_data: an SFT file whose loss PPO-ptx mixes into the updates")
 
 
 @dataclasses.dataclass

@@ -6,7 +6,7 @@ import importlib
 
 # module path of each verb group; each module has add_parser(subparsers)
 MODULES = [
-    "tuneoff.train.cli",
+    "tuneoff.cli.train",
     "tuneoff.data.cli",
     "tuneoff.feedback.gold_cli",
     "tuneoff.feedback.label_cli",

@@ -507,3 +507,16 @@ def test_the_report_shows_only_sentences_that_agree_with_their_numbers(tmp_path)
         result = recommend({"arms": arms}, "creative")
         assert shown == result["explanation"]
         check_explanation(result, arms)
+
+
+def test_an_arm_with_nothing_measured_is_not_ranked():
+    # sft's jobs all failed: it has no value on any axis, so it is left out instead of winning on no evidence
+    arms = {"base": arm(0.5, 0.45, 0.55, 0.9, 100, 0.02, method="base"), "sft": {"method": "sft"},
+            "dpo": arm(0.7, 0.65, 0.75, 0.3, 100, 0.02, method="dpo")}
+    result = recommend({"arms": arms}, "balanced")
+    assert [row["arm"] for row in result["ranking"]] == ["dpo"] and result["choice"] == "dpo"
+    assert result["notes"][0].startswith("Not ranked, nothing measured: sft")
+    only_base = recommend({"arms": {"base": arms["base"], "sft": {"method": "sft"}}}, "balanced")
+    assert only_base["choice"] == "base" and "Not ranked, nothing measured: sft" in only_base["notes"][0]
+    with pytest.raises(TuneoffError, match="no arm has any measurement"):
+        recommend({"arms": {"sft": {"method": "sft"}, "dpo": {"method": "dpo", "gold_reward": None}}}, "balanced")

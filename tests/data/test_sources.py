@@ -27,6 +27,7 @@ from tuneoff.data.sources import (
 )
 from tuneoff.errors import DataError
 
+
 def real(relative: str) -> Path:
     """A real data file shipped in the package (with its ORIGIN and LICENSE)."""
     from tuneoff.data.sources import shipped_data

@@ -4,8 +4,20 @@ import pytest
 import torch
 
 from tuneoff.data.formats import Message, SFTExample, UnpairedExample, load_sft, load_unpaired, parse_sft
-from tuneoff.data.tokenize import (IGNORE, Tokenized, TokenizeReport, UnpairedIds, encode_unpaired, fit_length, pack,
-                                   packed_batch, pad_batch, tokenize_dataset, tokenize_sft, tokenize_unpaired)
+from tuneoff.data.tokenize import (
+    IGNORE,
+    Tokenized,
+    TokenizeReport,
+    UnpairedIds,
+    encode_unpaired,
+    fit_length,
+    pack,
+    packed_batch,
+    pad_batch,
+    tokenize_dataset,
+    tokenize_sft,
+    tokenize_unpaired,
+)
 from tuneoff.errors import DataError, TuneoffError
 
 
@@ -220,7 +232,8 @@ def test_unpaired_encoding_matches_dpo(tiny_tokenizer):
     as_messages = encode_unpaired(tok, UnpairedExample(user, (Message("assistant", "hello there"),), False))
     assert as_messages == encode(tok, user, "hello there")
     prompt, completion = as_messages
-    assert tok.decode(completion) == "hello there<|im_end|>\n" and tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    assert tok.decode(completion) == "hello there<|im_end|>\n"
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
 
 
 def test_tokenize_unpaired_labels_and_overlong_policies(tmp_path, tiny_tokenizer):
@@ -231,7 +244,8 @@ def test_tokenize_unpaired_labels_and_overlong_policies(tmp_path, tiny_tokenizer
     n_prompt = len(tok(rows[1]["prompt"], add_special_tokens=False)["input_ids"])
     n_long = n_prompt + len(tok(" dull .", add_special_tokens=False)["input_ids"]) + 1
     report = TokenizeReport()
-    short, cut = tokenize_unpaired(examples, tok, max_length=20, max_prompt_length=16, overlong="truncate", report=report)
+    short, cut = tokenize_unpaired(examples, tok, max_length=20, max_prompt_length=16, overlong="truncate",
+                                   report=report)
     assert isinstance(short, UnpairedIds) and short.label is True and cut.label is False
     assert (short.prompt, short.completion) == encode_unpaired(tok, examples[0])
     full_prompt, full_completion = encode_unpaired(tok, examples[1])
@@ -245,7 +259,7 @@ def test_tokenize_unpaired_labels_and_overlong_policies(tmp_path, tiny_tokenizer
     assert kept == [short] and report.dropped == [f"{examples[1].where} ({n_long} tokens)"]
     with pytest.raises(DataError) as caught:
         tokenize_unpaired(examples, tok, max_length=100, max_prompt_length=16, overlong="error")
-    assert str(caught.value).startswith(f"{examples[1].where}: record is {n_long} tokens, {n_prompt} of them the prompt")
+    assert str(caught.value).startswith(f"{examples[1].where}: record is {n_long} tokens, {n_prompt} of them the")
     assert "over max_prompt_length 16" in str(caught.value)
     with pytest.raises(TuneoffError, match="no example left"):
         tokenize_unpaired(examples[1:], tok, max_length=20, max_prompt_length=16, overlong="drop")

@@ -17,7 +17,8 @@ import os
 import platform
 from datetime import datetime, timezone
 
-from tuneoff.compare.experiment import RL_METHODS, ExperimentConfig
+from tuneoff.compare.experiment import ExperimentConfig
+from tuneoff.train.methods import ONLINE
 from tuneoff.eval.alignment import t_ci, win_rate
 
 
@@ -56,7 +57,7 @@ def _chain(config: ExperimentConfig, arm: str, seed: int, records: dict) -> list
             names.append(f"train:{current}/seed-{seed}")
         if method == "dpo":
             names.append("pairs")
-        if method in RL_METHODS:
+        if method in ONLINE:
             names += ["pairs", "rm"]
         current = config.arms[current].get("init")
     names.append(f"eval:{arm}/seed-{seed}")
@@ -176,7 +177,7 @@ def _arm_summary(config: ExperimentConfig, arm: str, per_seed: dict, records: di
                  "labels": max((s["cost"]["labels"] for s in seeds), default=0),
                  "phases": {p: _mean([s["cost"]["phases"][p] for s in seeds]) for p in ("data", "generation", "training", "scoring")}} if seeds else None,
         "stability": _stability(config, arm, per_seed, records),
-        "overoptimization": _overoptimization(per_seed) if config.arms[arm]["method"] in RL_METHODS else None,
+        "overoptimization": _overoptimization(per_seed) if config.arms[arm]["method"] in ONLINE else None,
         "per_seed": {str(seed): s for seed, s in per_seed.items()},
     }
 
@@ -227,7 +228,7 @@ def aggregate(config: ExperimentConfig, records: dict) -> dict:
                 per_seed[seed] = value
         arms[arm] = _arm_summary(config, arm, per_seed, records)
     failures = [f"{name}: {r['status']}: {r.get('error', '')}" for name, r in records.items() if r["status"] != "ok"]
-    chained = [arm for arm, spec in config.arms.items() if spec.get("init") and spec["method"] in RL_METHODS]
+    chained = [arm for arm, spec in config.arms.items() if spec.get("init") and spec["method"] in ONLINE]
     if chained:
         failures.insert(0, f"Training trajectories are measured on the training rollouts with KL to each run's own "
                         f"reference; {', '.join(chained)} start from another arm's model, so their trajectories begin at "

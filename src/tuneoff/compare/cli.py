@@ -18,6 +18,7 @@ def run_experiment(config_path: str | Path, out: str | Path, workers: int | None
     from tuneoff.compare.inputs import check_inputs
     from tuneoff.compare.recommend import recommend
     from tuneoff.compare.report import write_report
+    from tuneoff.errors import TuneoffError
 
     started = time.perf_counter()
     config = load_experiment(config_path, seeds=seeds, workers=workers)
@@ -28,7 +29,10 @@ def run_experiment(config_path: str | Path, out: str | Path, workers: int | None
     _warm_imports()
     records = scheduler.run(jobs, config.workers or os.cpu_count() or 1, config.threads, show_progress)
     results = aggregate(config, records)
-    results["recommendation"] = recommend(results, config.priorities)
+    try:
+        results["recommendation"] = recommend(results, config.priorities)
+    except TuneoffError as error:  # nothing measured (every evaluation failed): the results are still written
+        results["recommendation"] = {"error": str(error)}
     results["wall_s"] = time.perf_counter() - started
     staging = out / ".results.json.tmp"
     staging.write_text(json.dumps(_finite(results), indent=1, allow_nan=False), encoding="utf-8")
@@ -87,6 +91,8 @@ def _print_results(results: dict, out: Path) -> int:
     choice = results.get("recommendation", {})
     if choice.get("choice"):
         print(f"recommendation ({', '.join(f'{k} {v:.2f}' for k, v in choice['priorities'].items())}): {choice['choice']}")
+    elif choice.get("error"):
+        print(f"no recommendation: {choice['error']}")
     print(f"report: {out / 'report.html'}\nresults: {out / 'results.json'}  ({results['wall_s']:.0f} s)")
     lines = failures(results["jobs"])
     if lines:

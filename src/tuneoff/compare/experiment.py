@@ -33,13 +33,10 @@ import json
 from pathlib import Path
 
 from tuneoff.errors import TuneoffError
+from tuneoff.train.methods import ARM_METHODS, METHODS, ONLINE
 
 FORMAT_VERSION = 1
 """Bump when what a job computes changes: it is part of every job key."""
-METHODS = ("base", "sft", "ppo", "grpo", "rloo", "dpo")
-"""What an arm can be; `init` chains them (sft+ppo = ppo with init: sft)."""
-RL_METHODS = ("ppo", "grpo", "rloo")
-"""The online RL methods: they need a proxy reward model."""
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "experiments"
 
 
@@ -125,8 +122,8 @@ class ExperimentConfig:
 
 
 def _check_arm(name: str, arm, arms: dict) -> None:
-    if not isinstance(arm, dict) or arm.get("method") not in METHODS:
-        raise TuneoffError(f"arm {name!r}: needs `method`, one of {', '.join(METHODS)} (got {arm!r})")
+    if not isinstance(arm, dict) or arm.get("method") not in ARM_METHODS:
+        raise TuneoffError(f"arm {name!r}: needs `method`, one of {', '.join(ARM_METHODS)} (got {arm!r})")
     seen, current = {name}, arm
     while current.get("init"):
         parent = current["init"]
@@ -145,10 +142,9 @@ def _check_arm(name: str, arm, arms: dict) -> None:
 
 
 def _method_fields(method: str) -> set[str]:
-    from tuneoff.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
-
-    owned = {"model", "data", "out", "seed", "resume", "reward_model", "reference", "baseline"}
-    cls = {"sft": SFTConfig, "ppo": PPOConfig, "grpo": GRPOConfig, "rloo": GRPOConfig, "dpo": DPOConfig}.get(method)
+    """The training fields an arm of ``method`` may set (the experiment sets model, data, out and seed)."""
+    owned = {"model", "data", "out", "seed", "resume", "reward_model", "reference", "baseline", "eval_data"}
+    cls = METHODS[method].config if method in METHODS else None
     return {f.name for f in dataclasses.fields(cls)} - owned if cls else set()
 
 
@@ -254,7 +250,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
     judge = add("judge", "gold" if config.judge == "gold" else "rm",
                 {"role": "judge", "data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
                 if config.judge == "rm" else {}, [pairs] if config.judge == "rm" and real and not config.judge_data else [], None, 0.3)
-    needs_pairs = any(a["method"] in (*RL_METHODS, "dpo") for a in config.arms.values())
+    needs_pairs = any(a["method"] in ONLINE or _trains_on_pairs(a["method"]) for a in config.arms.values())
     if needs_pairs and not real:
         if "train" in config.feedback:
             pairs = add("pairs", "pair_files", {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},
@@ -262,7 +258,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
         else:
             pairs = add("pairs", "pairs", {"task": {"model": config.base, "prompt_words": config.prompt_words, **config.feedback},
                                            "threads": config.threads}, [judge] if config.judge == "gold" else [], None, 1.0)
-    if any(a["method"] in RL_METHODS for a in config.arms.values()):
+    if any(a["method"] in ONLINE for a in config.arms.values()):
         rm = add("rm", "rm", {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], None, 2.0)
 
     shared = {"base": config.base, "threads": config.threads, "prompts": config.prompts, "prompt_words": config.prompt_words,
@@ -275,8 +271,8 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             trained = None
             if method != "base":
                 deps = ([jobs[f"train:{init}/seed-{seed}"]] if init else []) \
-                    + ([pairs] if method == "dpo" or (real and method in RL_METHODS) else []) \
-                    + ([rm] if method in RL_METHODS else [])
+                    + ([pairs] if _trains_on_pairs(method) or (real and method in ONLINE) else []) \
+                    + ([rm] if method in ONLINE else [])
                 trained = add(f"train:{arm}/seed-{seed}", "train", {**shared, "arm": arm, "arm_spec": arm_spec, "seed": seed},
                               deps, run, {"sft": 1.0, "dpo": 1.2}.get(method, 1.5))
             spec = {"arm": arm, "method": method, "base": config.base, "seed": seed, "threads": config.threads,
@@ -285,6 +281,10 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             add(f"eval:{arm}/seed-{seed}", "eval", spec, [judge] + [d for d in (trained, rm, pairs if real else None) if d is not None],
                 run / "eval", 0.4)
     return list(jobs.values())
+
+
+def _trains_on_pairs(method: str) -> bool:
+    return method in METHODS and METHODS[method].needs_pairs
 
 
 def _arm_order(arms: dict) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tuneoff.data.formats import write_jsonl
 from tuneoff.errors import TuneoffError
+from tuneoff.train import metrics as names
 from tuneoff.train.common import checkpoints
 
 SFT_DATA = ("curated", "high-gold", "raw")
@@ -104,14 +105,14 @@ def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
     model = train(config)
     rows = _metrics(run)
     tokens = _training_tokens(rows, time.perf_counter() - started)
-    return {"model": str(model), "accuracy": _last(rows, "eval/accuracy"), "ece": _last(rows, "eval/ece"),
+    return {"model": str(model), "accuracy": _last(rows, names.EVAL_ACCURACY), "ece": _last(rows, names.EVAL_ECE),
             "labels": pairs.get("pairs") if spec.get("role") != "judge" else None, "tokens": tokens, "flops": 6.0 * n_params(str(model)) * tokens if tokens else None}
 
 
 def _training_tokens(rows: list[dict], elapsed: float) -> float | None:
     """Tokens a loop processed: its last cumulative rate (input tokens/s over the whole loop) × the loop's time
     (an estimate: the loop's rate excludes its set-up)."""
-    rate = _last(rows, "train/tokens_per_s")
+    rate = _last(rows, names.TOKENS_PER_S)
     return rate * elapsed if rate is not None else None
 
 
@@ -158,73 +159,59 @@ def prompt_file(choice: str, words: int, folder: Path, inputs: dict | None = Non
 
 def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
     """Train one arm for one seed, starting from the base or from its `init` arm's model of the same seed."""
-    from tuneoff import config as configs
     from tuneoff.config import build_config
+    from tuneoff.train.methods import METHODS
 
     arm = dict(spec["arm_spec"])
-    method, init = arm.pop("method"), arm.pop("init", None)
+    name, init = arm.pop("method"), arm.pop("init", None)
+    method = METHODS[name]
     arm.pop("description", None)
     start = inputs[f"train:{init}/seed-{spec['seed']}"]["model"] if init else spec["base"]
     common = {"model": start, "out": str(folder), "seed": spec["seed"], "threads": spec["threads"],
               "resume": bool(checkpoints(folder))}
     labels = 0
     spec = {**spec, "sft_data": arm.pop("sft_data", spec["sft_data"])}
-    if method == "sft":
-        cls, data = configs.SFTConfig, {"data": sft_file(spec, folder)}
-    elif method == "dpo":
+    if method.data == "sft":
+        data = {"data": sft_file(spec, folder)}
+    elif method.needs_pairs:  # preference pairs (KTO reads them unpaired)
         pairs = inputs["pairs"]
-        cls, data, labels = configs.DPOConfig, {"data": pairs["train"], "eval_data": pairs["eval"]}, pairs["pairs"]
+        data, labels = {"data": pairs["train"], "eval_data": pairs["eval"]}, pairs["pairs"]
     else:
-        cls = configs.PPOConfig if method == "ppo" else configs.GRPOConfig
-        data = {"data": prompt_file(spec["prompts"], spec["prompt_words"], folder, inputs), "reward_model": inputs["rm"]["model"]}
-        data.update({"baseline": method} if method != "ppo" else {})
+        data = {"data": prompt_file(spec["prompts"], spec["prompt_words"], folder, inputs),
+                "reward_model": inputs["rm"]["model"]}
         labels = inputs["rm"].get("labels") or 0
-    config = build_config(cls, None, **{**arm, **common, **data})
+    config = build_config(method.config, None, **{**arm, **common, **data, **method.fixed})
     started = time.perf_counter()
-    model = _train_loop(method)(config)
+    model = method.train(config)
     elapsed = time.perf_counter() - started
     rows = _metrics(folder)
-    return {"model": str(model), "method": method, "init": init, "labels": labels, "curve": curve(rows),
+    return {"model": str(model), "method": name, "init": init, "labels": labels, "curve": curve(rows),
             "training_s": elapsed, **_train_cost(rows, method, config, str(model), elapsed)}
-
-
-def _train_loop(method: str):
-    if method == "sft":
-        from tuneoff.train.sft import train
-    elif method == "dpo":
-        from tuneoff.train.dpo import train
-    elif method == "ppo":
-        from tuneoff.train.ppo import train
-    else:
-        from tuneoff.train.grpo import train
-    return train
 
 
 def curve(rows: list[dict]) -> list[dict]:
     """Training trajectory rows {step, kl (per token), kl_seq, proxy, gold (P(positive)), loss} from metrics.jsonl."""
     out = []
     for r in rows:
-        length = r.get("episode/length")
-        kl_seq = r.get("objective/kl")
+        length = r.get(names.EPISODE_LENGTH)
+        kl_seq = r.get(names.OBJECTIVE_KL)
         out.append({"step": r["step"], "kl_seq": kl_seq,
                     "kl": kl_seq / length if kl_seq is not None and length else None,
-                    "proxy": r.get("objective/scores"), "gold": r.get("objective/gold_p"),
-                    "loss": r.get("train/loss", r.get("loss/policy"))})
+                    "proxy": r.get(names.SCORES), "gold": r.get(names.GOLD_P),
+                    "loss": r.get(names.LOSS, r.get(names.POLICY_LOSS))})
     return [c for c in out if any(c[k] is not None for k in ("kl", "proxy", "gold", "loss"))]
 
 
-def _train_cost(rows: list[dict], method: str, config, model: str, elapsed: float) -> dict:
-    """Tokens and estimated FLOPs of a training run (6·N per trained token; RL adds sampling and scoring)."""
+def _train_cost(rows: list[dict], method, config, model: str, elapsed: float) -> dict:
+    """Tokens and estimated FLOPs of a training run (the method table's FLOPs per token)."""
     n = n_params(model)
-    if method in ("sft", "dpo"):
+    if not method.online:
         tokens = _training_tokens(rows, elapsed)
-        return {"tokens": tokens, "flops": 6.0 * n * tokens if tokens else None, "params": n}
-    iterations = _last([r for r in rows if "episode/length" in r], "step") or 0
-    length = sum(r["episode/length"] for r in rows if "episode/length" in r) / max(1, sum("episode/length" in r for r in rows))
-    tokens = iterations * config.rollout_batch * (length + 8)  # + a typical prompt's tokens
-    # sampling 2N, reference 2N, (critic 2N + 6N per epoch for PPO), policy 6N per epoch
-    per_token = 4 * n + 6 * n * config.update_epochs * (2 if method == "ppo" else 1) + (2 * n if method == "ppo" else 0)
-    return {"tokens": tokens, "flops": per_token * tokens, "params": n}
+        return {"tokens": tokens, "flops": method.flops_per_token(n, config) * tokens if tokens else None, "params": n}
+    lengths = [r[names.EPISODE_LENGTH] for r in rows if names.EPISODE_LENGTH in r]
+    iterations = _last([r for r in rows if names.EPISODE_LENGTH in r], "step") or 0
+    tokens = iterations * config.rollout_batch * (sum(lengths) / max(1, len(lengths)) + 8)  # + a typical prompt's tokens
+    return {"tokens": tokens, "flops": method.flops_per_token(n, config) * tokens, "params": n}
 
 
 def run_eval(spec: dict, folder: Path, inputs: dict) -> dict:

@@ -24,7 +24,13 @@ two different runs cannot be compared.
 
 The candidates are the tuned arms: ``base`` is the reference they are measured against (win rates, KL), not a
 candidate, since by construction it is the cheapest, most stable arm with the base's own diversity (it is
-ranked only when it is the only arm). The explanation says whether the choice beats base beyond noise.
+ranked only when it is the only arm, or the only one measured). The explanation says whether the choice beats
+base beyond noise. An arm with no measurement on any axis (its jobs failed) is left out of the ranking, with a note.
+
+Every comparison in the explanation takes its words from the numbers it quotes: "more diverse", "cheaper", "more
+stable" (and their opposites) stand only before numbers that say so, reading lower as better for self-BLEU, wall
+time, seed sd and divergence events. Where an axis's measures disagree (more diverse by EAD, less by embedding
+diversity), each side is named with its own numbers.
 
 A missing value (None, NaN, e.g. the seed sd of a one-seed run) skips that axis for that arm, with a
 note. The arm's weighted score is then the weighted mean over the axes it has. Ties go to the tuned arm
@@ -104,8 +110,16 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
         raise TuneoffError("results: there are no arms to compare")
     # The untuned base is the reference, not a candidate: it is cheapest, keeps the base's diversity and never
     # varies, so it would win every axis but alignment by construction. Candidates are the tuned arms.
-    candidates = {arm: m for arm, m in arms.items() if not _is_base(arm, m)} or arms
+    tuned = {arm: m for arm, m in arms.items() if not _is_base(arm, m)}
+    # An arm with nothing measured (every job of it failed) is not ranked: a score of 0 on no axis means nothing.
+    candidates = _measured(tuned) or _measured(arms)
+    if not candidates:
+        raise TuneoffError("results: no arm has any measurement to rank (did every evaluation fail?)")
     scores, notes = _scores_and_notes({"arms": candidates})
+    unmeasured = [arm for arm in (tuned or arms) if arm not in candidates]
+    if unmeasured:
+        notes.insert(0, f"Not ranked, nothing measured: {', '.join(unmeasured)} (the jobs that measure "
+                     f"{'it' if len(unmeasured) == 1 else 'them'} did not finish).")
     ranking = [{"arm": arm, "score": _weighted(axes, weights), "axes": axes} for arm, axes in scores.items()]
 
     def order(row):  # ties (to rounding) go to a tuned arm, then to the higher gold reward
@@ -257,6 +271,14 @@ def _scores_and_notes(results: dict) -> tuple[dict[str, dict[str, float]], list[
             notes.append(f"No {MEASURED_AS[axis]} for {', '.join(missing)}: the {axis} axis is skipped for "
                          f"{'it' if len(missing) == 1 else 'them'} and the weighted score uses the other axes.")
     return scores, notes
+
+
+def _measured(arms: dict) -> dict:
+    """The arms that have a value on at least one axis."""
+    if not arms:
+        return {}
+    scores, _ = _scores_and_notes({"arms": arms})
+    return {arm: m for arm, m in arms.items() if scores[arm]}
 
 
 def _weighted(axes: dict[str, float], weights: dict[str, float]) -> float:

@@ -36,7 +36,7 @@ folders. Message indices in field names count from 0 (``messages[2].role``). Dec
   in JSON a null is a value of the wrong type.
 * One file holds one shape: the first record that differs from the first record is an error.
 * Empty or whitespace-only ``completion``, ``text``, ``chosen``, ``rejected`` and assistant message
-  contents are errors; so are empty RL prompts. An empty SFT ``prompt`` and an empty preference
+  contents (but for an assistant message that calls tools) are errors; so are empty RL prompts. An empty SFT ``prompt`` and an empty preference
   ``prompt`` string are allowed: pretraining-style data and prompt-less comparisons have none.
 * Byte offsets of invalid UTF-8 count from 0 at the start of the (decompressed) file.
 * Over-long records are not checked here: that needs a tokenizer (``tuneoff.data.tokenize``).
@@ -46,12 +46,13 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import gzip
 import io
 import json
 import os
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -86,7 +87,7 @@ class Message:
     """``system``, ``developer``, ``user``, ``assistant`` or ``tool``."""
     content: str
     """The turn's text; may be empty for an assistant turn that only calls tools."""
-    tool_calls: tuple[dict, ...] | None = field(default=None, hash=False)
+    tool_calls: tuple[dict, ...] | None = dataclasses.field(default=None, hash=False)
     """An assistant's tool calls as the file gives them, ``{"type": "function", "function": {"name", "arguments"}}``."""
     name: str | None = None
     """The speaker's or the tool's name, when the file gives one."""
@@ -120,7 +121,7 @@ class SFTExample:
     """Plain text trained on in full (language-modelling style)."""
     where: str = ""
     """``file:position`` of the record, for later messages."""
-    tools: tuple[dict, ...] | None = field(default=None, hash=False)
+    tools: tuple[dict, ...] | None = dataclasses.field(default=None, hash=False)
     """Tool schemas (JSON schema objects) for the chat template of a conversational record, when it has them."""
 
     def __post_init__(self):
@@ -159,7 +160,7 @@ class UnpairedExample:
     """True when the completion is desirable, False when it is not."""
     where: str = ""
     """``file:position`` of the record, for later messages."""
-    tools: tuple[dict, ...] | None = field(default=None, hash=False)
+    tools: tuple[dict, ...] | None = dataclasses.field(default=None, hash=False)
     """Tool schemas for the chat template of a conversational record, when it has them."""
 
     def __post_init__(self):

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 from tuneoff.data.formats import PreferencePair, parse_preference, position_label, read_rows, text_field

@@ -1,0 +1,5 @@
+import sys
+
+from tuneoff.cli import main
+
+sys.exit(main())
