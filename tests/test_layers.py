@@ -13,16 +13,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parent.parent / "src"
 PACKAGE = SRC / "tuneoff"
 
-KNOWN = {
-    # (importing module, private name) pairs found when this test was written, in files their owners are changing
-    # (data.tokenize needs public names for them);
-    # remove each once its module imports a public name instead (the test fails on an entry that no longer occurs).
-    ("tuneoff.data.pairs", "tuneoff.data.tokenize._chat_ids"),
-    ("tuneoff.data.pairs", "tuneoff.data.tokenize._ids"),
-    ("tuneoff.models.heads", "tuneoff.data.tokenize._chat_ids"),
-    ("tuneoff.train.policy", "tuneoff.data.tokenize._chat_ids"),
-    ("tuneoff.train.policy", "tuneoff.data.tokenize._ids"),
-}
+KNOWN: set = set()
+"""(importing module, private name) pairs tolerated for now: none."""
 
 
 def module_name(path: Path, src: Path) -> str:

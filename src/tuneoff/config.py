@@ -211,7 +211,7 @@ class RMConfig(OfflineConfig):
     data: str = ""
     """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
     task's pairs of review-gpt continuations labelled by simulated annotators, with a held-out split labelled by
-    the gold judge (built once and cached; see tuneoff.data.default_task); `default:PAIRS` the same with PAIRS
+    the gold judge (built once and cached; see tuneoff.tasks.default_task); `default:PAIRS` the same with PAIRS
     training pairs (4000 by default), `default:KEY=VALUE,...` other settings of it (e.g.
     `default:pairs=60000,responses=4`: four responses per prompt, all six pairs labelled)."""
     batch_size: int = 8
@@ -255,7 +255,7 @@ class DPOConfig(OfflineConfig):
     log-probs, final model (model/)."""
     data: str = ""
     """Preference pairs ({prompt, chosen, rejected}, implicit-prompt or messages form), or `default`: the default
-    task's pairs (see tuneoff.data.default_task; held out: its gold-labelled pairs); `default:PAIRS` with PAIRS
+    task's pairs (see tuneoff.tasks.default_task; held out: its gold-labelled pairs); `default:PAIRS` with PAIRS
     training pairs (4000 by default), `default:KEY=VALUE,...` other settings of it."""
     batch_size: int = 8
     """Preference pairs per micro-batch per process (chosen and rejected run in one forward: 2× rows)."""

@@ -38,7 +38,8 @@ def experiment(tmp_path, text: str):
 
 def test_a_config_whose_files_all_parse_passes(tmp_path, files):
     config = experiment(tmp_path, f"feedback: {{train: {files['pairs']}, eval: {files['pairs']}}}\n"
-                                  f"sft_data: {files['sft']}\nprompts: {files['prompts']}\neval_prompts: prompts.jsonl\n"
+                                  f"sft_data: {files['sft']}\nprompts: {files['prompts']}\n"
+                                  f"eval_prompts: prompts.jsonl\n"
                                   f"judge: rm\njudge_data: {files['pairs']}\n"
                                   f"arms: {{sft: {{sft_data: {files['sft']}}}}}\n")
     check_inputs(config)

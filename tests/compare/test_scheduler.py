@@ -91,7 +91,8 @@ def eval_result(spec, folder, inputs):
 
 
 def test_compare_reports_the_failed_job_and_exits_2(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(runners.RUNNERS, "gold", lambda spec, folder, inputs: {"dev_accuracy": 0.9, "test_accuracy": 0.9})
+    judge = {"dev_accuracy": 0.9, "test_accuracy": 0.9}
+    monkeypatch.setitem(runners.RUNNERS, "gold", lambda spec, folder, inputs: judge)
     monkeypatch.setitem(runners.RUNNERS, "train", fail)
     monkeypatch.setitem(runners.RUNNERS, "eval", eval_result)
     config = tmp_path / "x.yaml"
@@ -104,6 +105,7 @@ def test_compare_reports_the_failed_job_and_exits_2(tmp_path, monkeypatch, capsy
     assert "eval:sft/seed-0: not run: its input train:sft/seed-0 did not finish" in captured.err
     assert "Traceback" not in captured.err and f"report: {out / 'report.html'}" in captured.out
     results = json.loads((out / "results.json").read_text())  # what did finish is still written and reported
-    assert results["jobs"]["eval:base/seed-0"]["status"] == "ok" and results["jobs"]["eval:sft/seed-0"]["status"] == "skipped"
+    status = {name: job["status"] for name, job in results["jobs"].items()}
+    assert status == {"judge": "ok", "eval:base/seed-0": "ok", "train:sft/seed-0": "failed", "eval:sft/seed-0": "skipped"}
     assert results["recommendation"]["choice"] == "base"  # sft has nothing measured: it is not ranked
     assert (out / "report.html").read_text(encoding="utf-8").startswith("<!doctype html>")

@@ -119,3 +119,57 @@ def test_registered_in_the_tuneoff_cli(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("annotator ann: token ")
     assert cli.main(["label", "export", "--db", str(tmp_path / "absent.sqlite"), "--out", str(tmp_path / "o.jsonl")]) == 2
     assert "no feedback database" in capsys.readouterr().err
+
+
+def serve(tmp_path, *argv) -> int:
+    return run("serve", "--db", tmp_path / "fb.sqlite", *argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    ((), "error: no feedback database at "),
+    (("--host", "0.0.0.0"), "error: no feedback database at "),  # and no plain-HTTP warning before it
+    (("--port", "0"), "error: --port must be between 1 and 65535, got 0"),
+    (("--port", "70000"), "error: --port must be between 1 and 65535, got 70000"),
+    (("--annotators-per-task", "0"), "error: --annotators-per-task must be at least 1"),
+    (("--lease-minutes", "-1"), "error: --lease-minutes must be a positive number, got -1.0"),
+    (("--lease-minutes", "nan"), "error: --lease-minutes must be a positive number, got nan"),
+])
+def test_serve_checks_every_input_before_printing_anything(tmp_path, capsys, monkeypatch, argv, message):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served despite a bad input"))
+    assert serve(tmp_path, *argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(message) and captured.err.count("\n") == 1
+    assert "labelling page" not in captured.err and "warning" not in captured.err
+
+
+def test_serve_on_a_port_in_use_is_an_error_before_the_url(tmp_path, capsys, monkeypatch):
+    import socket
+
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("served on a port in use"))
+    Store(tmp_path / "fb.sqlite").close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert serve(tmp_path, "--port", port) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot serve on 127.0.0.1:{port}: ") and "labelling page" not in err
+
+
+def test_serve_prints_the_url_once_the_inputs_are_good(tmp_path, capsys, monkeypatch):
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append((app, options)))
+    Store(tmp_path / "fb.sqlite").close()
+    assert serve(tmp_path, "--port", "8765", "--annotators-per-task", "2") == 0
+    err = capsys.readouterr().err
+    assert err == "labelling page: http://127.0.0.1:8765/login  (annotators log in with their token)\n"
+    ((app, options),) = calls
+    assert options == {"host": "127.0.0.1", "port": 8765, "log_level": "info"}
+    assert app.state.store.path == tmp_path / "fb.sqlite"
+    app.state.store.close()

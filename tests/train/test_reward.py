@@ -49,7 +49,7 @@ def test_rm_smoke_saves_a_scorer_that_reproduces_eval(tmp_path, pairs):
     assert evaluation["eval/pairs"] == 24 and 0 <= evaluation["eval/ece"] <= 1
 
     from tuneoff.data.formats import load_preferences
-    from tuneoff.eval.rm import pairwise_accuracy
+    from tuneoff.train.rm_metrics import pairwise_accuracy
     from tuneoff.feedback.judges import load_reward_model
 
     scorer = load_reward_model(out / "model")
@@ -186,7 +186,8 @@ def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_o
 
 
 def test_one_pair_per_prompt_keeps_the_plain_seeded_order():
-    from tuneoff.train.reward import TokenizedPair, make_batches, pair_pack
+    from tuneoff.data.grouped import pair_pack
+    from tuneoff.train.reward import TokenizedPair, make_batches
 
     pairs = [TokenizedPair([i, 2, 3], [i, 4], 2, 1, 0.0, f"p{i}") for i in range(5, 15)]
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1000 + 2)).tolist()

@@ -62,11 +62,11 @@ class ExperimentConfig:
     judge_rm: dict = dataclasses.field(default_factory=dict)
     """Training fields (RMConfig) of the held-out judge."""
     feedback: dict = dataclasses.field(default_factory=dict)
-    """Preference labels. Simulated (default): fields of tuneoff.data.default_task.DefaultTaskConfig (pairs, responses,
+    """Preference labels. Simulated (default): fields of tuneoff.tasks.default_task.DefaultTaskConfig (pairs, responses,
     eval_pairs, temperature, length_bias, flip_rate, annotators, max_new_tokens). From files: {train: FILE,
     eval: FILE}, preference records people (or anyone) made. Real shipped data: {source: real, sources:
     [hh-rlhf-harmless, pandalm], pairs, eval_pairs, judge_pairs, prompts, eval_prompts} (caps; 0 = all), split
-    by prompt into judge / feedback / held-out (tuneoff.compare.real_data); use with judge: rm and
+    by prompt into judge / feedback / held-out (tuneoff.tasks.real_data); use with judge: rm and
     prompts: feedback, eval_prompts: feedback."""
     prompts: str = "default"
     """RL training prompts: `default` (beginnings of SST-2 train sentences), `feedback` (the prompts of the real

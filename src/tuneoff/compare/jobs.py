@@ -61,7 +61,7 @@ def run_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
     """Pairs of base-model responses labelled by simulated annotators (the default task's builder, cached)."""
     import dataclasses
 
-    from tuneoff.data.default_task import EVAL_FILE, INFO_FILE, TRAIN_FILE, DefaultTaskConfig, default_task_files
+    from tuneoff.tasks.default_task import EVAL_FILE, INFO_FILE, TRAIN_FILE, DefaultTaskConfig, default_task_files
 
     known = {f.name for f in dataclasses.fields(DefaultTaskConfig)}
     unknown = set(spec["task"]) - known
@@ -139,7 +139,7 @@ def sft_file(spec: dict, folder: Path) -> str:
 
 
 def run_real_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
-    from tuneoff.compare.real_data import build
+    from tuneoff.tasks.real_data import build
 
     return build(spec, folder)
 
@@ -152,7 +152,7 @@ def prompt_file(choice: str, words: int, folder: Path, inputs: dict | None = Non
         if not Path(choice).exists():
             raise TuneoffError(f"prompts: {choice}: no such file (or use default)")
         return choice
-    from tuneoff.data.default_task import train_prompts
+    from tuneoff.tasks.default_task import train_prompts
 
     return str(write_jsonl(folder / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts(words, 0)]))
 

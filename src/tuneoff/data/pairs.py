@@ -34,15 +34,15 @@ def encode(tokenizer, prompt, response: str) -> tuple[list[int], list[int]]:
     EOS appended; an empty prompt becomes BOS (or EOS), a context for the first token. A conversation goes through
     the chat template with the response as the next assistant turn."""
     from tuneoff.data.formats import Message
-    from tuneoff.data.tokenize import _chat_ids, _ids
+    from tuneoff.data.tokenize import chat_ids, text_ids
 
     if isinstance(prompt, str):
         start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-        return _ids(tokenizer, prompt) or start, _ids(tokenizer, response) + [tokenizer.eos_token_id]
+        return text_ids(tokenizer, prompt) or start, text_ids(tokenizer, response) + [tokenizer.eos_token_id]
     if not getattr(tokenizer, "chat_template", None):
         raise TuneoffError("this model's tokenizer has no chat template: use string prompts instead of conversations")
-    prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = _chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
     if full[: len(prompt_ids)] != prompt_ids:
         raise TuneoffError("the chat template is not prefix-consistent; cannot place the response after the prompt")
     return prompt_ids, full[len(prompt_ids) :]

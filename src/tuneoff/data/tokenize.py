@@ -53,7 +53,7 @@ class TokenizeReport:
         return text
 
 
-def _ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -72,8 +72,8 @@ def _render(tokenizer, messages, add_generation_prompt: bool = False, tools=None
                            f"{type(error).__name__}: {error}") from None
 
 
-def _chat_ids(tokenizer, messages, add_generation_prompt: bool = False, tools=None) -> list[int]:
-    return _ids(tokenizer, _render(tokenizer, messages, add_generation_prompt, tools))
+def chat_ids(tokenizer, messages, add_generation_prompt: bool = False, tools=None) -> list[int]:
+    return text_ids(tokenizer, _render(tokenizer, messages, add_generation_prompt, tools))
 
 
 def _require_template(tokenizer, instead: str) -> None:
@@ -112,14 +112,14 @@ def tokenize_messages(tokenizer, messages, tools=None, first_target: int = 0) ->
     ``first_target`` on (the turns before are a prompt)."""
     _require_template(tokenizer, "use prompt/completion records of text instead")
     check_rendered(tokenizer, messages, tools)
-    input_ids = _chat_ids(tokenizer, messages, tools=tools)
+    input_ids = chat_ids(tokenizer, messages, tools=tools)
     labels = [IGNORE] * len(input_ids)
     for i, message in enumerate(messages):
         if message.role != "assistant" or i < first_target:
             continue
         # An opening assistant turn has nothing before it (templates cannot render an empty conversation).
-        start = len(_chat_ids(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)) if i else 0
-        end_ids = _chat_ids(tokenizer, messages[: i + 1], tools=tools)
+        start = len(chat_ids(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)) if i else 0
+        end_ids = chat_ids(tokenizer, messages[: i + 1], tools=tools)
         if input_ids[: len(end_ids)] != end_ids:
             raise TuneoffError("the chat template is not prefix-consistent; cannot locate assistant turns")
         labels[start : len(end_ids)] = input_ids[start : len(end_ids)]
@@ -145,10 +145,10 @@ def tokenize_sft(example, tokenizer, completion_only_loss: bool = True) -> Token
         if not completion_only_loss:
             tokenized.labels = list(tokenized.input_ids)
     elif example.text is not None:
-        ids = _ids(tokenizer, example.text) + eos
+        ids = text_ids(tokenizer, example.text) + eos
         tokenized = Tokenized(ids, list(ids))
     else:
-        prompt, completion = _ids(tokenizer, example.prompt or ""), _ids(tokenizer, example.completion) + eos
+        prompt, completion = text_ids(tokenizer, example.prompt or ""), text_ids(tokenizer, example.completion) + eos
         masked = [IGNORE] * len(prompt) if completion_only_loss else list(prompt)
         tokenized = Tokenized(prompt + completion, masked + completion)
     if tokenized.labels:
@@ -214,13 +214,13 @@ def encode_unpaired(tokenizer, example) -> tuple[list[int], list[int]]:
         if not isinstance(completion, str):
             raise TuneoffError("a conversational completion needs a conversational prompt")
         start = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-        return _ids(tokenizer, prompt) or start, _ids(tokenizer, completion) + [tokenizer.eos_token_id]
+        return text_ids(tokenizer, prompt) or start, text_ids(tokenizer, completion) + [tokenizer.eos_token_id]
     _require_template(tokenizer, "use string prompts instead of conversations")
     turns = (Message("assistant", completion),) if isinstance(completion, str) else tuple(completion)
     conversation = tuple(prompt) + turns
     check_rendered(tokenizer, conversation, tools)
-    prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, tools=tools)
-    full = _chat_ids(tokenizer, conversation, tools=tools)
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True, tools=tools)
+    full = chat_ids(tokenizer, conversation, tools=tools)
     if full[: len(prompt_ids)] != prompt_ids:
         raise TuneoffError("the chat template is not prefix-consistent; cannot place the completion after the prompt")
     return prompt_ids, full[len(prompt_ids) :]

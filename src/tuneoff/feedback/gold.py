@@ -333,7 +333,8 @@ def load_gold_judge(cache_dir: str | os.PathLike | None = None, config: GoldConf
         try:
             judge = GoldJudge.load(folder)
         except (OSError, ValueError, KeyError) as error:  # json.JSONDecodeError is a ValueError
-            raise TuneoffError(f"the cached gold judge in {folder} is damaged ({error}); delete it to rebuild")
+            message = f"the cached gold judge in {folder} is damaged ({error}); delete it to rebuild"
+            raise TuneoffError(message) from error
         judge.from_cache = True
         return judge
     judge = build_gold_judge(config)

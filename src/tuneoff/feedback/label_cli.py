@@ -163,15 +163,48 @@ def _generate(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, 
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from tuneoff.feedback.app import serve
+    """Check every input (the database, the options, the address), then print the page's URL and serve.
 
+    Nothing is printed before the checks pass: a bad input is one error line and exit status 2, never a URL
+    that leads nowhere.
+    """
+    import uvicorn
+
+    from tuneoff.feedback.app import create_app
+
+    if not 1 <= args.port <= 65535:
+        raise TuneoffError(f"--port must be between 1 and 65535, got {args.port}")
+    if args.annotators_per_task < 1:
+        raise TuneoffError("--annotators-per-task must be at least 1")
+    if not math.isfinite(args.lease_minutes) or args.lease_minutes <= 0:
+        raise TuneoffError(f"--lease-minutes must be a positive number, got {args.lease_minutes}")
+    _check_address(args.host, args.port)
+    app = create_app(args.db, annotators_per_task=args.annotators_per_task,  # opens the database: it must exist
+                     lease_seconds=args.lease_minutes * 60)
     if not _is_loopback(args.host):
         print(f"warning: serving on {args.host} over plain HTTP: tokens cross the network in clear text; "
               "put a TLS proxy in front", file=sys.stderr)
-    print(f"labelling page: http://{args.host}:{args.port}/login  (annotators log in with their token)", file=sys.stderr)
-    serve(args.db, host=args.host, port=args.port, annotators_per_task=args.annotators_per_task,
-          lease_seconds=args.lease_minutes * 60)
+    where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address goes in brackets in a URL
+    print(f"labelling page: http://{where}:{args.port}/login  (annotators log in with their token)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """TuneoffError unless ``host`` resolves and ``port`` can be bound there (it may be taken by another server)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise TuneoffError(f"--host {host}: not an address of this machine ({error.strerror})") from None
+    family, kind, protocol, _, address = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            raise TuneoffError(f"cannot serve on {host}:{port}: {error.strerror or error}") from None
 
 
 def _is_loopback(host: str) -> bool:

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 
 from tuneoff.errors import TuneoffError
+from tuneoff.data.tokenize import text_ids
 from tuneoff.models import gpt2_last_block
 
 HEAD_FILE = "reward_head.safetensors"
@@ -170,10 +171,6 @@ def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: d
 # ---------------------------------------------------------------- text -> token ids (training and scoring alike)
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
     """Token ids of prompt + response and the response's length in tokens.
 
@@ -183,13 +180,13 @@ def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
     chat template (its end-of-turn token closes the response).
     """
     if isinstance(prompt, str):
-        response_ids = _ids(tokenizer, response) + [tokenizer.eos_token_id]
-        return _ids(tokenizer, prompt) + response_ids, len(response_ids) - 1
+        response_ids = text_ids(tokenizer, response) + [tokenizer.eos_token_id]
+        return text_ids(tokenizer, prompt) + response_ids, len(response_ids) - 1
     from tuneoff.data.formats import Message
-    from tuneoff.data.tokenize import _chat_ids
+    from tuneoff.data.tokenize import chat_ids
 
-    prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = _chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
+    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
+    full = chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
     if full[: len(prompt_ids)] != prompt_ids:
         raise TuneoffError("the chat template is not prefix-consistent; cannot place the response after the prompt")
     return full, len(full) - len(prompt_ids)

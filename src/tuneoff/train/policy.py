@@ -32,16 +32,16 @@ def encode_prompts(path: str, tokenizer, max_prompt_length: int) -> EncodedPromp
     Prompts longer than ``max_prompt_length`` tokens keep their last tokens (the part the policy continues).
     """
     from tuneoff.data.formats import load_prompts
-    from tuneoff.data.tokenize import _chat_ids, _ids
+    from tuneoff.data.tokenize import chat_ids, text_ids
 
     texts, ids = [], []
     for p in load_prompts(path):
         if p.messages is not None:
             texts.append(p.messages)
-            ids.append(_chat_ids(tokenizer, p.messages, add_generation_prompt=True)[-max_prompt_length:])
+            ids.append(chat_ids(tokenizer, p.messages, add_generation_prompt=True)[-max_prompt_length:])
         else:
             texts.append(p.prompt)
-            ids.append(_ids(tokenizer, p.prompt)[-max_prompt_length:])
+            ids.append(text_ids(tokenizer, p.prompt)[-max_prompt_length:])
     return EncodedPrompts(texts, ids)
 
 

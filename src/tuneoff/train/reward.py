@@ -8,7 +8,7 @@ not K(K − 1)); pairs of one prompt sit next to each other in the order, so the
 batch boundary cuts them. The loss of an optimizer step is the mean over all its pairs, across micro-batches
 and processes (pair-weighted, so gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
 checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
-Held-out evaluation (``tuneoff.eval.rm``): pairwise accuracy, ECE of σ(r_w − r_l), length-bias probe.
+Held-out evaluation (``tuneoff.train.rm_metrics``): pairwise accuracy, ECE of σ(r_w − r_l), length-bias probe.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
     """Held-out metrics over every process's share of the batches, gathered on each process."""
     from accelerate.utils import gather_object
 
-    from tuneoff.eval.rm import reward_model_metrics
+    from tuneoff.train.rm_metrics import reward_model_metrics
 
     model.eval()
     rows = []

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tuneoff.eval.rm import (expected_calibration_error, length_bias, pairwise_accuracy, pairwise_ece, pearson,
+from tuneoff.train.rm_metrics import (expected_calibration_error, length_bias, pairwise_accuracy, pairwise_ece, pearson,
                              reward_model_metrics)
 
 
