@@ -140,3 +140,43 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path):
         return [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
 
     assert metrics(killed) == metrics(straight)
+
+
+def test_ppo_ptx(tmp_path):
+    """PPO-ptx (Ouyang 2022, Eq. 2): ptx_coef 0 is plain PPO bit for bit (ptx_data unused); ptx_coef > 0 changes the
+    update, logs loss/ptx, and leaves a policy with a lower NLL on the ptx data than plain PPO's."""
+    from tuneoff.data.formats import load_sft
+    from tuneoff.data.tokenize import pad_batch, tokenize_dataset
+    from tuneoff.models.load import load_model, load_tokenizer
+    from tuneoff.train.sft import TokenLoss
+
+    sft = str(ROOT / "examples" / "sst2_positive_sft.jsonl")
+    args = [*FAST, "--max-steps", "4", "--lr", "3e-3", "--update-epochs", "1"]
+    plain, zero, ptx = tmp_path / "plain", tmp_path / "zero", tmp_path / "ptx"
+    assert run_cli("ppo", *args, "--out", str(plain)).returncode == 0
+    assert run_cli("ppo", *args, "--out", str(zero), "--ptx-data", sft, "--ptx-coef", "0").returncode == 0
+    result = run_cli("ppo", *args, "--out", str(ptx), "--ptx-data", sft, "--ptx-coef", "1.0")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def metrics(out: Path):
+        rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "episodes_per_s"} for r in rows]
+
+    assert metrics(zero) == metrics(plain)
+    assert metrics(ptx) != metrics(plain) and all("loss/ptx" in r for r in metrics(ptx))
+    tokenizer = load_tokenizer("tiny")
+    examples, _ = tokenize_dataset(load_sft(sft)[:64], tokenizer, 40, "truncate", True)
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+
+    def nll(out: Path) -> float:
+        loss_sum, count = TokenLoss(load_model(str(out / "model")).eval())(**batch)
+        return float(loss_sum / count)
+
+    assert nll(ptx) < nll(plain) - 0.05
+
+
+def test_ptx_coef_needs_ptx_data():
+    from tuneoff.errors import TuneoffError
+
+    with pytest.raises(TuneoffError, match="ptx_data"):
+        PPOConfig(ptx_coef=0.5)

@@ -295,9 +295,9 @@ def minibatch_updates(context, n_episodes: int, micro_step: Callable, after_mini
         for start in range(0, n_episodes, minibatch):
             for micro in order[start : start + minibatch].split(config.batch_size):
                 for key, value in micro_step(micro).items():
-                    stats[key].append(float(value))
+                    stats[key].append(float(value.detach()))
             for key, value in (after_minibatch() if after_minibatch else {}).items():
-                stats[key].append(float(value))
+                stats[key].append(float(value.detach()))
             if config.max_grad_norm > 0:
                 context.accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
             context.optimizer.step()
