@@ -47,7 +47,12 @@ class Meter:
         (packed passes: every slot; prefill: the real prompt tokens; a decode step: one token per row)."""
         from tuneoff.models import gpt2_decode
 
-        counts, packed, prefill, step = self.counts, gpt2_decode.packed_hidden_states, gpt2_decode.GPT2Decoder.prefill, gpt2_decode.GPT2Decoder.step
+        counts, packed, prefill, step = (
+            self.counts,
+            gpt2_decode.packed_hidden_states,
+            gpt2_decode.GPT2Decoder.prefill,
+            gpt2_decode.GPT2Decoder.step,
+        )
 
         def add(tokens: int) -> None:
             counts["train_tokens" if torch.is_grad_enabled() else "infer_tokens"] += int(tokens)
@@ -126,11 +131,19 @@ class Meter:
     def summary(self) -> dict:
         """Counters inside the timed window (units 2..N) and its length; the losses and rewards as recorded."""
         if len(self.marks) < 2:
-            raise RuntimeError(f"only {len(self.marks)} units finished: need a warm-up unit and at least one timed unit")
+            raise RuntimeError(
+                f"only {len(self.marks)} units finished: need a warm-up unit and at least one timed unit"
+            )
         (t0, first), (t1, last) = self.marks[0], self.marks[-1]
-        return {"timed_units": len(self.marks) - 1, "time_s": t1 - t0,
-                **{k: last[k] - first[k] for k in COUNTERS}, "losses": self.losses, "rewards": self.rewards,
-                "n_params": self.n_params, "lora": self.lora}
+        return {
+            "timed_units": len(self.marks) - 1,
+            "time_s": t1 - t0,
+            **{k: last[k] - first[k] for k in COUNTERS},
+            "losses": self.losses,
+            "rewards": self.rewards,
+            "n_params": self.n_params,
+            "lora": self.lora,
+        }
 
 
 def decoder_classes() -> list[type]:

@@ -18,8 +18,12 @@ SHORT = {"tokens/s": "tok/s", "pairs/s": "pairs/s", "episodes/s": "ep/s", "new t
 def rates(workload: Workload, result: dict) -> dict[str, float]:
     """The workload's throughput metrics of one run, over its timed window."""
     t = result["time_s"]
-    values = {"tokens/s": result["train_tokens"] / t, "pairs/s": result["timed_units"] * workload.batch_size / t,  # a unit = one step of batch_size pairs
-              "episodes/s": result["episodes"] / t, "new tokens/s": result["new_tokens"] / t}
+    values = {
+        "tokens/s": result["train_tokens"] / t,
+        "pairs/s": result["timed_units"] * workload.batch_size / t,  # a unit = one step of batch_size pairs
+        "episodes/s": result["episodes"] / t,
+        "new tokens/s": result["new_tokens"] / t,
+    }
     return {m: values[m] for m in workload.metrics}
 
 
@@ -106,14 +110,18 @@ def ratio_cell(workload: Workload, runs: list[dict], reference: list[dict]) -> s
     cells = []
     for m in workload.metrics:
         ratios = [rates(workload, a)[m] / rates(workload, b)[m] for a, b in pairs]
-        cells.append(f"{min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f}×"
-                     + (f" ({SHORT[m]})" if len(workload.metrics) > 1 else ""))
+        cells.append(
+            f"{min(ratios):.2f} / {statistics.median(ratios):.2f} / {max(ratios):.2f}×"
+            + (f" ({SHORT[m]})" if len(workload.metrics) > 1 else "")
+        )
     return "; ".join(cells)
 
 
-HEADER = ("| workload | run | throughput: median (min–max) | s / unit | peak RSS MB | tuneoff / other: min / median / max "
-          "| model FLOP/s (% of matmul peak) | quality: first → last-half mean loss ± s.e., or mean reward ± s.e. | wall s |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| workload | run | throughput: median (min–max) | s / unit | peak RSS MB | tuneoff / other: min / median / max "
+    "| model FLOP/s (% of matmul peak) | quality: first → last-half mean loss ± s.e., or mean reward ± s.e. | wall s |\n"
+    "|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def cpu_model() -> str:
@@ -134,9 +142,11 @@ def versions() -> str:
             return "not installed"
 
     trl112 = Path(__file__).resolve().parent / ".trl112" / "trl-1.12.0.dist-info"
-    return (f"torch {version('torch')}, transformers {version('transformers')}, trl {version('trl')} "
-            f"(PPO: trl {'1.12.0 from bench/.trl112' if trl112.exists() else 'missing'}), peft {version('peft')}, "
-            f"accelerate {version('accelerate')}, tuneoff {version('tuneoff')}")
+    return (
+        f"torch {version('torch')}, transformers {version('transformers')}, trl {version('trl')} "
+        f"(PPO: trl {'1.12.0 from bench/.trl112' if trl112.exists() else 'missing'}), peft {version('peft')}, "
+        f"accelerate {version('accelerate')}, tuneoff {version('tuneoff')}"
+    )
 
 
 METHOD = """\
@@ -168,17 +178,20 @@ METHOD = """\
 """
 
 
-def document(sections: list[str], command: str, threads: int, peaks: tuple[float, float], mode: str,
-             loads: tuple[float, float]) -> str:
+def document(
+    sections: list[str], command: str, threads: int, peaks: tuple[float, float], mode: str, loads: tuple[float, float]
+) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    head = (f"# tuneoff vs TRL on this machine\n\n"
-            f"- Date: {time.strftime('%Y-%m-%d %H:%M')}\n- Command: `{command}` ({mode})\n"
-            f"- Machine: {cores} cores, {cpu_model()}; {versions()}; {threads} torch threads per run\n"
-            f"- fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5): {peaks[0]:.1f} GFLOP/s before the runs, "
-            f"{peaks[1]:.1f} after (the FLOP/s shares use the higher)\n"
-            f"- 1-minute load average: {loads[0]:.2f} before the runs, {loads[1]:.2f} after (the runs add about {threads}; "
-            f"more means other processes shared the cores, which slows small-kernel code most and skews the ratios)\n\n"
-            f"## How it is measured\n\n{METHOD}")
+    head = (
+        f"# tuneoff vs TRL on this machine\n\n"
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M')}\n- Command: `{command}` ({mode})\n"
+        f"- Machine: {cores} cores, {cpu_model()}; {versions()}; {threads} torch threads per run\n"
+        f"- fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5): {peaks[0]:.1f} GFLOP/s before the runs, "
+        f"{peaks[1]:.1f} after (the FLOP/s shares use the higher)\n"
+        f"- 1-minute load average: {loads[0]:.2f} before the runs, {loads[1]:.2f} after (the runs add about {threads}; "
+        f"more means other processes shared the cores, which slows small-kernel code most and skews the ratios)\n\n"
+        f"## How it is measured\n\n{METHOD}"
+    )
     return head + "\n" + "\n\n".join(sections) + "\n"
 
 

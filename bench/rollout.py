@@ -43,8 +43,16 @@ def transformers_sampler(model, tokenizer, ids, mask, new_tokens: int):
 
     @torch.inference_mode()
     def sample() -> int:
-        g = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        g = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         return (g.shape[1] - ids.shape[1]) * ids.shape[0]
 
     return sample
@@ -64,8 +72,10 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     model.eval()
-    print(f"# rollout vs generate, {args.model}, {args.new_tokens} new tokens, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"# rollout vs generate, {args.model}, {args.new_tokens} new tokens, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| batch | tuneoff new tok/s (min/median/max) | generate new tok/s (min/median/max) | ratio of medians |")
     print("|---|---|---|---|")
     for batch in args.batches:

@@ -59,9 +59,16 @@ def matmul_peak(threads: int, n: int = 2048, tries: int = 5) -> float:
 
 
 def child_env(threads: int) -> dict:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads), "TRL_EXPERIMENTAL_SILENCE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    env = {
+        **os.environ,
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
@@ -72,8 +79,13 @@ def run_child(spec: dict, folder: Path, threads: int, timeout: int) -> dict:
     (folder / "spec.json").write_text(json.dumps(spec))
     with open(folder / "log.txt", "w") as log:
         start = time.perf_counter()
-        child = subprocess.Popen([sys.executable, "-m", "bench.child", str(folder / "spec.json")], cwd=ROOT,
-                                 stdout=log, stderr=subprocess.STDOUT, env=child_env(threads))
+        child = subprocess.Popen(
+            [sys.executable, "-m", "bench.child", str(folder / "spec.json")],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(threads),
+        )
         killer = threading.Timer(timeout, child.kill)
         killer.start()
         _, status, usage = os.wait4(child.pid, 0)  # ru_maxrss of this child alone, in KiB on Linux
@@ -88,10 +100,23 @@ def run_child(spec: dict, folder: Path, threads: int, timeout: int) -> dict:
 
 
 def spec_for(workload: Workload, side: str, units: int, data: dict, threads: int, out: Path, variant: dict) -> dict:
-    return {"name": workload.name, "kind": workload.kind, "model": workload.model, "units": units,
-            "batch_size": workload.batch_size, "max_length": workload.max_length, "lr": workload.lr,
-            "lora": workload.lora, "new_tokens": workload.new_tokens, "steps_per_unit": workload.steps_per_unit,
-            "threads": threads, "side": side, "variant": variant, "out": str(out), **data}
+    return {
+        "name": workload.name,
+        "kind": workload.kind,
+        "model": workload.model,
+        "units": units,
+        "batch_size": workload.batch_size,
+        "max_length": workload.max_length,
+        "lr": workload.lr,
+        "lora": workload.lora,
+        "new_tokens": workload.new_tokens,
+        "steps_per_unit": workload.steps_per_unit,
+        "threads": threads,
+        "side": side,
+        "variant": variant,
+        "out": str(out),
+        **data,
+    }
 
 
 def runs_of(workload: Workload, args, repeats: int, work: Path) -> dict[str, list[dict]]:
@@ -130,8 +155,10 @@ def progress_line(workload: Workload, result: dict) -> str:
 def section(workload: Workload, runs: dict[str, list[dict]], peak_flops: float) -> str:
     labels = list(runs)
     other = runs[labels[1]]
-    rows = [report.row(workload, label, results, other if label.startswith("tuneoff") else None, peak_flops)
-            for label, results in runs.items()]
+    rows = [
+        report.row(workload, label, results, other if label.startswith("tuneoff") else None, peak_flops)
+        for label, results in runs.items()
+    ]
     return "\n".join(rows)
 
 
@@ -153,11 +180,15 @@ def main() -> None:
     table = "\n".join([report.HEADER] + [section(w, all_runs[w.name], peak_flops) for w in workloads])
     notes = "\n".join(f"- **{w.name}**: {w.notes}" for w in workloads if w.notes)
     failures = report.failures(workloads, all_runs)
-    sections = ["## Results\n\n" + table, "## What is identical, and what is not\n\n" + notes] + ([failures] if failures else [])
-    mode = f"{'quick' if args.quick else 'full'}: {repeats} repeat(s); units per run: " + \
-           ", ".join(f"{w.name} {units_of(w, args)}" for w in workloads)
-    text = report.document(sections, command, args.threads, (peak_before, peak_after), mode,
-                           (load_before, os.getloadavg()[0]))
+    sections = ["## Results\n\n" + table, "## What is identical, and what is not\n\n" + notes] + (
+        [failures] if failures else []
+    )
+    mode = f"{'quick' if args.quick else 'full'}: {repeats} repeat(s); units per run: " + ", ".join(
+        f"{w.name} {units_of(w, args)}" for w in workloads
+    )
+    text = report.document(
+        sections, command, args.threads, (peak_before, peak_after), mode, (load_before, os.getloadavg()[0])
+    )
     Path(args.out).write_text(text)
     print("\n" + text)
     print(f"written to {args.out}")

@@ -30,8 +30,10 @@ class GoldReward(torch.nn.Module):
     def score_rows(self, query_responses: torch.Tensor, pad_token_id: int, context_length: int) -> torch.Tensor:
         queries, responses = query_responses[:, :context_length], query_responses[:, context_length:]  # (B, P), (B, R)
         prompts = [self.prompt_texts.get(tuple(q[q != pad_token_id].tolist())) for q in queries]
-        prompts = [p if p is not None else self.tokenizer.decode(q[q != pad_token_id], skip_special_tokens=True)
-                   for p, q in zip(prompts, queries)]
+        prompts = [
+            p if p is not None else self.tokenizer.decode(q[q != pad_token_id], skip_special_tokens=True)
+            for p, q in zip(prompts, queries)
+        ]
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)  # TRL has padded after EOS
         self.meter.add_episodes(len(texts), (responses != pad_token_id).sum())  # tokens up to and including EOS
         return self.judge.score(prompts, texts).to(query_responses.device)
@@ -81,16 +83,52 @@ def run(spec: dict, meter) -> None:
     dataset = Dataset.from_dict({"input_ids": ids})
     route_rewards(ppo_module)
     args = ppo_module.PPOConfig(
-        output_dir=spec["out"], per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1,
-        num_ppo_epochs=PPO_EPOCHS, total_episodes=spec["units"] * 8, response_length=spec["new_tokens"], temperature=1.0,
-        kl_coef=KL_COEF, kl_estimator="k1", vf_coef=0.1, cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
-        whiten_rewards=False, stop_token="eos", missing_eos_penalty=None, num_sample_generations=0,
-        local_rollout_forward_batch_size=8, learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
-        weight_decay=0.0, optim="adamw_torch", seed=0, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=spec["out"],
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=PPO_EPOCHS,
+        total_episodes=spec["units"] * 8,
+        response_length=spec["new_tokens"],
+        temperature=1.0,
+        kl_coef=KL_COEF,
+        kl_estimator="k1",
+        vf_coef=0.1,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        local_rollout_forward_batch_size=8,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        seed=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
         activation_checkpointing=False,
-        use_cpu=True, report_to=[], dataloader_num_workers=0, eval_strategy="no", save_strategy="no",
-        logging_steps=10**6, disable_tqdm=True)
-    trainer = ppo_module.PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=None,
-                                    reward_model=GoldReward(tokenizer, dict(zip(map(tuple, ids), prompts)), meter),
-                                    train_dataset=dataset, value_model=value, eval_dataset=dataset)
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+    )
+    trainer = ppo_module.PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=GoldReward(tokenizer, dict(zip(map(tuple, ids), prompts)), meter),
+        train_dataset=dataset,
+        value_model=value,
+        eval_dataset=dataset,
+    )
     trainer.train()

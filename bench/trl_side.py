@@ -18,12 +18,34 @@ from bench.workloads import KL_COEF
 def trl_args(config_class, spec: dict, **extra):
     """The TrainingArguments every TRL run shares: what tuneoff_side.training_fields sets, in TRL's names."""
     return config_class(
-        output_dir=spec["out"], max_steps=spec["units"], per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1, learning_rate=spec["lr"], weight_decay=0.0, lr_scheduler_type="constant",
-        warmup_steps=0, max_grad_norm=1.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        seed=0, data_seed=0, bf16=False, fp16=False, gradient_checkpointing=False, activation_checkpointing=False, use_cpu=True, report_to=[],
-        dataloader_num_workers=0, eval_strategy="no", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-        **extra)
+        output_dir=spec["out"],
+        max_steps=spec["units"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        learning_rate=spec["lr"],
+        weight_decay=0.0,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        seed=0,
+        data_seed=0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        activation_checkpointing=False,
+        use_cpu=True,
+        report_to=[],
+        dataloader_num_workers=0,
+        eval_strategy="no",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        **extra,
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -83,23 +105,39 @@ def run(spec: dict, meter) -> None:
 
         model, tokenizer = load(spec, meter)
         args = trl_args(SFTConfig, spec, max_length=spec["max_length"], packing=False, completion_only_loss=True)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([as_prompt_completion(r) for r in records]),
-                             processing_class=tokenizer, peft_config=lora_config(spec))
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([as_prompt_completion(r) for r in records]),
+            processing_class=tokenizer,
+            peft_config=lora_config(spec),
+        )
     elif kind == "rm":
         from trl import RewardConfig, RewardTrainer
 
         model, tokenizer = load(spec, meter, head="reward")
         args = trl_args(RewardConfig, spec, max_length=spec["max_length"], disable_dropout=True)
-        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        )
     elif kind == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         model, tokenizer = load(spec, meter)
         # Reference log-probs once, before training, as tuneoff computes them (see the workload's notes).
-        args = trl_args(DPOConfig, spec, max_length=spec["max_length"], beta=0.1, loss_type=["sigmoid"], disable_dropout=True,
-                        precompute_ref_log_probs=True, precompute_ref_batch_size=32)
-        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records),
-                             processing_class=tokenizer)
+        args = trl_args(
+            DPOConfig,
+            spec,
+            max_length=spec["max_length"],
+            beta=0.1,
+            loss_type=["sigmoid"],
+            disable_dropout=True,
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=32,
+        )
+        trainer = DPOTrainer(
+            model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+        )
     elif kind == "grpo":
         trainer = grpo_trainer(spec, meter, Dataset.from_list(records))
     else:
@@ -120,8 +158,22 @@ def grpo_trainer(spec: dict, meter, prompts):
         meter.add_episodes(len(completions), sum(len(ids) for ids in completion_ids))  # ids include the EOS
         return judge.score(prompts, completions).tolist()
 
-    args = trl_args(GRPOConfig, spec, num_generations=4, max_completion_length=spec["new_tokens"], temperature=1.0,
-                    top_p=1.0, top_k=0, beta=KL_COEF, loss_type="bnpo", epsilon=0.2, num_iterations=1,
-                    scale_rewards="group", disable_dropout=True, use_bias_correction_kl=False,
-                    mask_truncated_completions=False, log_completions=False)
+    args = trl_args(
+        GRPOConfig,
+        spec,
+        num_generations=4,
+        max_completion_length=spec["new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=KL_COEF,
+        loss_type="bnpo",
+        epsilon=0.2,
+        num_iterations=1,
+        scale_rewards="group",
+        disable_dropout=True,
+        use_bias_correction_kl=False,
+        mask_truncated_completions=False,
+        log_completions=False,
+    )
     return GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=prompts, processing_class=tokenizer)

@@ -13,18 +13,44 @@ from bench.workloads import KL_COEF, PPO_EPOCHS
 
 
 def training_fields(spec: dict) -> dict:
-    return dict(model=spec["model"], data=spec["data"], out=spec["out"], max_steps=spec["units"], seed=0,
-                batch_size=spec["batch_size"], lr=spec["lr"], weight_decay=0.0, warmup_ratio=0.0, schedule="constant",
-                max_grad_norm=1.0, max_length=spec["max_length"], eval_fraction=0.0, save_every=10**9, log_every=1,
-                lora=spec["lora"], lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target_modules="all-linear",
-                threads=spec["threads"])
+    return dict(
+        model=spec["model"],
+        data=spec["data"],
+        out=spec["out"],
+        max_steps=spec["units"],
+        seed=0,
+        batch_size=spec["batch_size"],
+        lr=spec["lr"],
+        weight_decay=0.0,
+        warmup_ratio=0.0,
+        schedule="constant",
+        max_grad_norm=1.0,
+        max_length=spec["max_length"],
+        eval_fraction=0.0,
+        save_every=10**9,
+        log_every=1,
+        lora=spec["lora"],
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        lora_target_modules="all-linear",
+        threads=spec["threads"],
+    )
 
 
 def rl_fields(spec: dict) -> dict:
     """What GRPO and PPO share: gold-judge reward, 8 episodes per iteration in one minibatch, ≤ 32 new tokens."""
     fields = training_fields(spec)
-    fields.update(reward_model="gold", rollout_batch=8, batch_size=8, max_new_tokens=spec["new_tokens"],
-                  temperature=1.0, top_p=1.0, kl_coef=KL_COEF, eval_every=10**9)
+    fields.update(
+        reward_model="gold",
+        rollout_batch=8,
+        batch_size=8,
+        max_new_tokens=spec["new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        kl_coef=KL_COEF,
+        eval_every=10**9,
+    )
     return fields
 
 
@@ -37,7 +63,9 @@ def run(spec: dict, meter) -> None:
     if kind == "sft":
         from tuneoff.train.sft import train
 
-        train(config.SFTConfig(**fields, packing=bool(spec.get("variant", {}).get("packing")), completion_only_loss=True))
+        train(
+            config.SFTConfig(**fields, packing=bool(spec.get("variant", {}).get("packing")), completion_only_loss=True)
+        )
     elif kind == "rm":
         from tuneoff.train.reward import train
 
@@ -49,14 +77,33 @@ def run(spec: dict, meter) -> None:
     elif kind == "grpo":
         from tuneoff.train.grpo import train
 
-        train(config.GRPOConfig(**rl_fields(spec), baseline="grpo", num_generations=4, scale_rewards=True,
-                                kl_estimator="k3", update_epochs=1))
+        train(
+            config.GRPOConfig(
+                **rl_fields(spec),
+                baseline="grpo",
+                num_generations=4,
+                scale_rewards=True,
+                kl_estimator="k3",
+                update_epochs=1,
+            )
+        )
     elif kind == "ppo":
         from tuneoff.train.ppo import train
 
         # TRL's PPO never clips gradients and keeps β fixed: do the same here.
-        train(config.PPOConfig(**{**rl_fields(spec), "max_grad_norm": 0.0}, update_epochs=PPO_EPOCHS, adaptive_kl=False,
-                               kl_estimator="k1", gamma=1.0, lam=0.95, clip_range=0.2, clip_range_value=0.2, vf_coef=0.1))
+        train(
+            config.PPOConfig(
+                **{**rl_fields(spec), "max_grad_norm": 0.0},
+                update_epochs=PPO_EPOCHS,
+                adaptive_kl=False,
+                kl_estimator="k1",
+                gamma=1.0,
+                lam=0.95,
+                clip_range=0.2,
+                clip_range_value=0.2,
+                vf_coef=0.1,
+            )
+        )
     else:
         raise ValueError(f"no tuneoff adapter for {kind}")
     meter.losses = logged_losses(Path(spec["out"]) / "metrics.jsonl")

@@ -40,8 +40,14 @@ class Workload:
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return {"sft": ("tokens/s",), "rm": ("pairs/s",), "dpo": ("pairs/s",), "grpo": ("episodes/s", "new tokens/s"),
-                "ppo": ("episodes/s", "new tokens/s"), "sampling": ("new tokens/s",)}[self.kind]
+        return {
+            "sft": ("tokens/s",),
+            "rm": ("pairs/s",),
+            "dpo": ("pairs/s",),
+            "grpo": ("episodes/s", "new tokens/s"),
+            "ppo": ("episodes/s", "new tokens/s"),
+            "sampling": ("new tokens/s",),
+        }[self.kind]
 
     @property
     def steps_per_unit(self) -> int:
@@ -54,49 +60,112 @@ KL_COEF = 0.05
 """β of the KL term in GRPO (k3, in the loss) and PPO (k1, in the reward): tuneoff's default, passed to TRL."""
 
 WORKLOADS = [
-    Workload("sft-review-gpt", "sft", "review-gpt", (8, 40), lr=1e-4, data="examples/sst2_positive_sft.jsonl",
-             tuneoff_variant={"packing": True},
-             notes="TRL's SFTTrainer also computes entropy and top-1 accuracy over the vocabulary every step (its fused "
-                   "LM head); that is part of its cost. tuneoff runs its LM head on completion positions only. "
-                   "The packing row is tuneoff with --packing against the same (unpacked) TRL run."),
-    Workload("sft-smollm2-lora", "sft", "smollm2-135m", (3, 8), lr=1e-4, lora=True,
-             data="examples/self_instruct_messages.jsonl",
-             notes="tuneoff reads the messages; TRL reads the same conversations as conversational prompt/completion "
-                   "records (user turn = prompt, assistant turn = completion) so that its completion-only loss "
-                   "applies; both render them with SmolLM2's chat template. Records whose prompt alone fills "
-                   "max_length are left out of the file for both (tuneoff would drop them, TRL would keep them)."),
-    Workload("sft-smollm2-full", "sft", "smollm2-135m", (3, 6), lr=1e-5, data="examples/self_instruct_messages.jsonl",
-             notes="Full fine-tuning of all 134.5 M parameters, float32, same data and conversion as sft-smollm2-lora; "
-                   "the workload of the issue's matmul-peak target."),
-    Workload("rm-review-gpt", "rm", "review-gpt", (8, 40), data="pairs",
-             notes="TRL tokenizes prompt+response as one string, tuneoff prompt and response separately (the same "
-                   "ids wherever the response starts with a space). tuneoff's head has a bias, TRL's "
-                   "(GPT2ForSequenceClassification.score) has none; both read the last real token. tuneoff packs each pair's "
-                   "prompt once (the rejected response attends to it, not to the chosen one) and runs the last block's "
-                   "query, MLP and final norm only where the reward is read: the same rewards, tested."),
-    Workload("dpo-review-gpt", "dpo", "review-gpt", (8, 40), max_length=64, data="pairs",
-             notes="Reference log-probs are computed once before training in both (tuneoff always does; TRL with "
-                   "precompute_ref_log_probs=True, batch 32): outside the timed steps. TRL's default (a reference "
-                   "forward every step) would cost it one more no-grad forward per step. max_length 64 truncates "
-                   "no pair of this data."),
-    Workload("grpo-review-gpt", "grpo", "review-gpt", (4, 20), data="examples/sst2_prompts.jsonl",
-             notes="2 prompts × 4 samples per step, ≤ 32 new tokens, temperature 1, β = 0.05 k3 KL in the loss, one "
-                   "update per rollout, group-std scaled advantages, reward = the gold judge (tuneoff's GoldScorer "
-                   "in both). TRL: loss_type=bnpo (token mean over the batch, which is tuneoff's normalisation), "
-                   "use_bias_correction_kl=False, disable_dropout=True. tuneoff's π_old is the sampling "
-                   "log-prob (ratio ≈ 1), TRL's the detached current log-prob (ratio = 1)."),
-    Workload("ppo-review-gpt", "ppo", "review-gpt", (3, 10), data="examples/sst2_prompts.jsonl", comparison="trl-1.12",
-             notes="TRL 1.16 has no PPOTrainer: TRL 1.12.0's trl.experimental.ppo (installed with --no-deps into "
-                   "bench/.trl112, first on sys.path in its child). Rollout 8, 4 epochs, minibatch 8, fixed β = 0.05 "
-                   "k1 KL in the reward, γ 1, λ 0.95, clip 0.2/0.2, vf_coef 0.1; gradient clipping off in both (TRL's "
-                   "PPO never clips); stop at EOS in both. The gold judge is the reward in both: TRL's get_reward is "
-                   "routed to it for the reward model. The critic's head starts at zero in tuneoff, random in TRL."),
-    Workload("sampling-b8", "sampling", "review-gpt", (3, 4), batch_size=8, new_tokens=64, comparison="transformers",
-             notes="tuneoff.rollout.generate vs transformers' generate (KV cache, do_sample, temperature 1, top_k 0), "
-                   "exactly 64 new tokens per sequence (EOS never stops either), from bench/rollout.py. A unit is "
-                   "one generate call."),
-    Workload("sampling-b32", "sampling", "review-gpt", (3, 4), batch_size=32, new_tokens=64, comparison="transformers",
-             notes="as sampling-b8, 32 sequences per call."),
+    Workload(
+        "sft-review-gpt",
+        "sft",
+        "review-gpt",
+        (8, 40),
+        lr=1e-4,
+        data="examples/sst2_positive_sft.jsonl",
+        tuneoff_variant={"packing": True},
+        notes="TRL's SFTTrainer also computes entropy and top-1 accuracy over the vocabulary every step (its fused "
+        "LM head); that is part of its cost. tuneoff runs its LM head on completion positions only. "
+        "The packing row is tuneoff with --packing against the same (unpacked) TRL run.",
+    ),
+    Workload(
+        "sft-smollm2-lora",
+        "sft",
+        "smollm2-135m",
+        (3, 8),
+        lr=1e-4,
+        lora=True,
+        data="examples/self_instruct_messages.jsonl",
+        notes="tuneoff reads the messages; TRL reads the same conversations as conversational prompt/completion "
+        "records (user turn = prompt, assistant turn = completion) so that its completion-only loss "
+        "applies; both render them with SmolLM2's chat template. Records whose prompt alone fills "
+        "max_length are left out of the file for both (tuneoff would drop them, TRL would keep them).",
+    ),
+    Workload(
+        "sft-smollm2-full",
+        "sft",
+        "smollm2-135m",
+        (3, 6),
+        lr=1e-5,
+        data="examples/self_instruct_messages.jsonl",
+        notes="Full fine-tuning of all 134.5 M parameters, float32, same data and conversion as sft-smollm2-lora; "
+        "the workload of the issue's matmul-peak target.",
+    ),
+    Workload(
+        "rm-review-gpt",
+        "rm",
+        "review-gpt",
+        (8, 40),
+        data="pairs",
+        notes="TRL tokenizes prompt+response as one string, tuneoff prompt and response separately (the same "
+        "ids wherever the response starts with a space). tuneoff's head has a bias, TRL's "
+        "(GPT2ForSequenceClassification.score) has none; both read the last real token. tuneoff packs each pair's "
+        "prompt once (the rejected response attends to it, not to the chosen one) and runs the last block's "
+        "query, MLP and final norm only where the reward is read: the same rewards, tested.",
+    ),
+    Workload(
+        "dpo-review-gpt",
+        "dpo",
+        "review-gpt",
+        (8, 40),
+        max_length=64,
+        data="pairs",
+        notes="Reference log-probs are computed once before training in both (tuneoff always does; TRL with "
+        "precompute_ref_log_probs=True, batch 32): outside the timed steps. TRL's default (a reference "
+        "forward every step) would cost it one more no-grad forward per step. max_length 64 truncates "
+        "no pair of this data.",
+    ),
+    Workload(
+        "grpo-review-gpt",
+        "grpo",
+        "review-gpt",
+        (4, 20),
+        data="examples/sst2_prompts.jsonl",
+        notes="2 prompts × 4 samples per step, ≤ 32 new tokens, temperature 1, β = 0.05 k3 KL in the loss, one "
+        "update per rollout, group-std scaled advantages, reward = the gold judge (tuneoff's GoldScorer "
+        "in both). TRL: loss_type=bnpo (token mean over the batch, which is tuneoff's normalisation), "
+        "use_bias_correction_kl=False, disable_dropout=True. tuneoff's π_old is the sampling "
+        "log-prob (ratio ≈ 1), TRL's the detached current log-prob (ratio = 1).",
+    ),
+    Workload(
+        "ppo-review-gpt",
+        "ppo",
+        "review-gpt",
+        (3, 10),
+        data="examples/sst2_prompts.jsonl",
+        comparison="trl-1.12",
+        notes="TRL 1.16 has no PPOTrainer: TRL 1.12.0's trl.experimental.ppo (installed with --no-deps into "
+        "bench/.trl112, first on sys.path in its child). Rollout 8, 4 epochs, minibatch 8, fixed β = 0.05 "
+        "k1 KL in the reward, γ 1, λ 0.95, clip 0.2/0.2, vf_coef 0.1; gradient clipping off in both (TRL's "
+        "PPO never clips); stop at EOS in both. The gold judge is the reward in both: TRL's get_reward is "
+        "routed to it for the reward model. The critic's head starts at zero in tuneoff, random in TRL.",
+    ),
+    Workload(
+        "sampling-b8",
+        "sampling",
+        "review-gpt",
+        (3, 4),
+        batch_size=8,
+        new_tokens=64,
+        comparison="transformers",
+        notes="tuneoff.rollout.generate vs transformers' generate (KV cache, do_sample, temperature 1, top_k 0), "
+        "exactly 64 new tokens per sequence (EOS never stops either), from bench/rollout.py. A unit is "
+        "one generate call.",
+    ),
+    Workload(
+        "sampling-b32",
+        "sampling",
+        "review-gpt",
+        (3, 4),
+        batch_size=32,
+        new_tokens=64,
+        comparison="transformers",
+        notes="as sampling-b8, 32 sequences per call.",
+    ),
 ]
 
 
@@ -123,7 +192,9 @@ def prepare(workload: Workload, units: int, folder: Path) -> dict:
     source = ROOT / workload.data
     if workload.kind == "sft" and "messages" in json.loads(source.read_text().splitlines()[0]):
         convert_once(workload.model)
-        return {"data": str(fitting_conversations(source, workload.model, workload.max_length, folder / "messages.jsonl"))}
+        return {
+            "data": str(fitting_conversations(source, workload.model, workload.max_length, folder / "messages.jsonl"))
+        }
     return {"data": str(source)}
 
 
@@ -139,8 +210,8 @@ def convert_once(model: str) -> None:
 
 def default_pairs_file() -> Path | None:
     """The default task's training pairs when they are already built (building them takes minutes)."""
-    from tuneoff.tasks.default_task import INFO_FILE, TRAIN_FILE, DefaultTaskConfig, cache_key
     from tuneoff.models.load import cache_dir
+    from tuneoff.tasks.default_task import INFO_FILE, TRAIN_FILE, DefaultTaskConfig, cache_key
 
     folder = cache_dir() / "default-task" / cache_key(DefaultTaskConfig())
     return folder / TRAIN_FILE if (folder / INFO_FILE).exists() else None
@@ -157,8 +228,10 @@ def write_pairs(path: Path, count: int) -> Path:
         records = [json.loads(line) for line in source.read_text().splitlines()[:count]]
     else:
         sft = [json.loads(line) for line in (ROOT / "examples/sst2_positive_sft.jsonl").read_text().splitlines()]
-        records = [{"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
-                   for a, b in zip(sft, sft[1:] + sft[:1])][:count]
+        records = [
+            {"prompt": a["prompt"], "chosen": a["completion"], "rejected": b["completion"]}
+            for a, b in zip(sft, sft[1:] + sft[:1])
+        ][:count]
     path.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in records))
     return path
 
@@ -171,7 +244,9 @@ def fitting_conversations(source: Path, model: str, max_length: int, path: Path)
     kept = []
     for line in source.read_text().splitlines():
         messages = json.loads(line)["messages"]
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True)
+        prompt = tokenizer.apply_chat_template(
+            messages[:-1], add_generation_prompt=True, tokenize=True, return_dict=True
+        )
         if len(prompt["input_ids"]) < max_length:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))

@@ -20,8 +20,14 @@ def run_cli(*args: str, cwd=None, env=None, timeout=600):
     import subprocess
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tuneoff.cli", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tuneoff.cli", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def kill_after_checkpoint(verb: str, args: list, out, checkpoint: str, final: str) -> list[str]:
@@ -31,8 +37,12 @@ def kill_after_checkpoint(verb: str, args: list, out, checkpoint: str, final: st
     import subprocess
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "tuneoff.cli", verb, *args, "--out", str(out)],
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tuneoff.cli", verb, *args, "--out", str(out)],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / checkpoint).exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)

@@ -33,7 +33,9 @@ def test_whiten_and_masked_mean():
     assert masked_mean(x, mask).item() == 2.0
     std = math.sqrt(2 / 3)  # population variance of 1, 2, 3
     assert torch.allclose(whiten(x, mask), torch.tensor([-1 / std, 0.0, 1 / std, 0.0]), atol=1e-5)
-    assert torch.allclose(whiten(x, mask, shift_mean=False), torch.tensor([-1 / std + 2, 2.0, 1 / std + 2, 0.0]), atol=1e-5)
+    assert torch.allclose(
+        whiten(x, mask, shift_mean=False), torch.tensor([-1 / std + 2, 2.0, 1 / std + 2, 0.0]), atol=1e-5
+    )
 
 
 def test_rloo_baseline_hand_computed():

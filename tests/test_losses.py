@@ -94,8 +94,9 @@ def test_sequence_logprobs_hand_computed():
 
     # Vocabulary of 2. Row 0 labels [-, 1, 0]: position 0 (logits 0, 0) predicts 1 -> log 1/2; position 1
     # (logits ln 3, 0) predicts 0 -> log 3/4. Row 1 labels [-, -, 1]: position 1 (logits 0, ln 3) predicts 1 -> log 3/4.
-    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [9.0, -9.0]],
-                           [[7.0, -7.0], [0.0, math.log(3.0)], [9.0, -9.0]]])
+    logits = torch.tensor(
+        [[[0.0, 0.0], [math.log(3.0), 0.0], [9.0, -9.0]], [[7.0, -7.0], [0.0, math.log(3.0)], [9.0, -9.0]]]
+    )
     labels = torch.tensor([[IGNORE, 1, 0], [IGNORE, IGNORE, 1]])
     logps, counts = sequence_logprobs(logits, labels)
     assert torch.allclose(logps, torch.tensor([math.log(0.5 * 0.75), math.log(0.75)]), atol=1e-6)
@@ -199,8 +200,9 @@ def test_kto_loss_hand_computed():
     policy = torch.tensor([-1.0, -2.0, -3.0], requires_grad=True)
     reference = torch.tensor([-1.5, -2.2, -2.6])
     labels = torch.tensor([True, True, False])
-    losses, rewards = kto_loss(policy, reference, labels, torch.tensor(0.2), beta=0.5, desirable_weight=2.0,
-                               undesirable_weight=0.5)
+    losses, rewards = kto_loss(
+        policy, reference, labels, torch.tensor(0.2), beta=0.5, desirable_weight=2.0, undesirable_weight=0.5
+    )
     sigmoid = lambda x: 1.0 / (1.0 + math.exp(-x))
     expected = [2.0 * (1.0 - sigmoid(0.15)), 1.0, 0.5 * (1.0 - sigmoid(0.3))]
     assert torch.allclose(losses, torch.tensor(expected), atol=1e-6)
@@ -252,8 +254,7 @@ class _CatRecorder(torch.overrides.TorchFunctionMode):
         return out
 
 
-def _trl_kto(loss_type, policy, reference, labels, policy_kl, reference_kl, beta, desirable_weight,
-             undesirable_weight):
+def _trl_kto(loss_type, policy, reference, labels, policy_kl, reference_kl, beta, desirable_weight, undesirable_weight):
     """TRL 1.16's ``KTOTrainer._compute_loss`` on given sequence log-probs, with a stand-in trainer and model.
 
     The stand-in model returns one completion position per row (inputs are 2 tokens wide), whose log-prob is the
@@ -275,9 +276,14 @@ def _trl_kto(loss_type, policy, reference, labels, policy_kl, reference_kl, beta
     }
     calculate_kl = loss_type == "kto"
     if calculate_kl:
-        batch.update({"KL_input_ids": torch.ones(batch_size, 2, dtype=torch.long),
-                      "KL_attention_mask": torch.ones(batch_size, 2, dtype=torch.long),
-                      "KL_completion_mask": torch.tensor([[0, 1]] * batch_size), "ref_KL_logps": reference_kl})
+        batch.update(
+            {
+                "KL_input_ids": torch.ones(batch_size, 2, dtype=torch.long),
+                "KL_attention_mask": torch.ones(batch_size, 2, dtype=torch.long),
+                "KL_completion_mask": torch.tensor([[0, 1]] * batch_size),
+                "ref_KL_logps": reference_kl,
+            }
+        )
 
     def model(*, input_ids, labels, fused_lm_head, **kwargs):
         assert fused_lm_head and input_ids.shape == (batch_size, 2)
@@ -286,11 +292,19 @@ def _trl_kto(loss_type, policy, reference, labels, policy_kl, reference_kl, beta
         return types.SimpleNamespace(log_probs=logps[:, None], entropy=zeros, mean_logits=zeros)
 
     trainer = types.SimpleNamespace(
-        beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight, loss_type=loss_type,
-        calculate_KL=calculate_kl, precompute_ref_logps=True, aux_loss_enabled=False,
+        beta=beta,
+        desirable_weight=desirable_weight,
+        undesirable_weight=undesirable_weight,
+        loss_type=loss_type,
+        calculate_KL=calculate_kl,
+        precompute_ref_logps=True,
+        aux_loss_enabled=False,
         model=types.SimpleNamespace(training=True),
         accelerator=types.SimpleNamespace(device=torch.device("cpu"), gather_for_metrics=lambda t: t),  # 1 process
-        _metrics={"train": collections.defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+        _metrics={"train": collections.defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
     trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
     with _CatRecorder() as recorder:
         loss = KTOTrainer._compute_loss(trainer, model, batch, return_outputs=False)
@@ -313,8 +327,9 @@ def test_kto_loss_matches_trl(loss_type, kl_shift):
     noise = torch.randn(5)
     policy_kl = reference_kl + kl_shift + noise - noise.mean()  # pairs of either sign, with a mean of kl_shift
     trl_policy = policy.detach().clone().requires_grad_(True)
-    trl_loss, trl_losses, metrics = _trl_kto(loss_type, trl_policy, reference, labels, policy_kl, reference_kl, beta,
-                                             desirable_weight, undesirable_weight)
+    trl_loss, trl_losses, metrics = _trl_kto(
+        loss_type, trl_policy, reference, labels, policy_kl, reference_kl, beta, desirable_weight, undesirable_weight
+    )
     trl_loss.backward()
 
     kl = kto_kl(policy_kl, reference_kl) if loss_type == "kto" else torch.tensor(0.0)

@@ -27,12 +27,25 @@ def test_greedy_matches_transformers_generate():
     model.eval()
     prompts = ["the film is", "a dull , lifeless", "i loved every minute of this"]
     ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
-    ours = generate(model, ids, mask, max_new_tokens=20, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, temperature=0.0)
+    ours = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=20,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=0.0,
+    )
     with torch.inference_mode():
-        reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=20,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    reference = reference[:, ids.shape[1]:]
+        reference = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=20,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    reference = reference[:, ids.shape[1] :]
     width = min(reference.shape[1], ours.response_ids.shape[1])
     masked_ours = ours.response_ids.masked_fill(ours.response_mask == 0, tokenizer.pad_token_id)
     assert torch.equal(masked_ours[:, :width], reference[:, :width])
@@ -47,8 +60,16 @@ def test_masks_and_logprobs_match_a_full_forward():
     model.eval()
     prompts = ["the film is", "a dull , lifeless mess", "it 's a", "the acting"]
     ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
-    r = generate(model, ids, mask, max_new_tokens=40, eos_token_id=tokenizer.eos_token_id,
-                 pad_token_id=tokenizer.pad_token_id, temperature=0.9, generator=torch.Generator().manual_seed(1))
+    r = generate(
+        model,
+        ids,
+        mask,
+        max_new_tokens=40,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        temperature=0.9,
+        generator=torch.Generator().manual_seed(1),
+    )
     for row in range(len(prompts)):
         n = int(r.response_mask[row].sum())
         tokens = r.response_ids[row, :n].tolist()
@@ -93,8 +114,16 @@ def test_lean_gpt2_decode_equals_transformers_forward():
     ids, mask = left_pad([tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts], tokenizer.pad_token_id)
 
     def run(temperature):
-        return generate(model, ids, mask, 24, tokenizer.eos_token_id, tokenizer.pad_token_id, temperature,
-                        generator=torch.Generator().manual_seed(3))
+        return generate(
+            model,
+            ids,
+            mask,
+            24,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            temperature,
+            generator=torch.Generator().manual_seed(3),
+        )
 
     lean_greedy, lean_sampled = run(0.0), run(1.0)
     with mock.patch("tuneoff.rollout.supports", return_value=False):

@@ -62,7 +62,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
 
 def _coerce(cls, key: str, value, source: str):
     kind = field_types(cls)[key]
-    if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+    if (
+        value is None
+        or isinstance(value, kind)
+        or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+    ):
         return float(value) if kind is float and value is not None else value
     raise TuneoffError(f"{source}: field '{key}': expected {kind.__name__}, got {value!r}")
 
@@ -298,7 +302,9 @@ class DPOConfig(OfflineConfig):
         if self.max_prompt_length == 0:
             self.max_prompt_length = max(1, self.max_length // 2)
         if not 1 <= self.max_prompt_length < self.max_length:
-            raise TuneoffError(f"max_prompt_length must be in [1, max_length = {self.max_length}), got {self.max_prompt_length}")
+            raise TuneoffError(
+                f"max_prompt_length must be in [1, max_length = {self.max_length}), got {self.max_prompt_length}"
+            )
         if self.ref_batch_size < 1:
             raise TuneoffError(f"ref_batch_size must be at least 1, got {self.ref_batch_size}")
 
@@ -349,8 +355,9 @@ class KTOConfig(OfflineConfig):
         if self.max_prompt_length == 0:
             self.max_prompt_length = max(1, self.max_length // 2)
         if not 1 <= self.max_prompt_length < self.max_length:
-            raise TuneoffError(f"max_prompt_length must be in [1, max_length = {self.max_length}), "
-                               f"got {self.max_prompt_length}")
+            raise TuneoffError(
+                f"max_prompt_length must be in [1, max_length = {self.max_length}), got {self.max_prompt_length}"
+            )
 
 
 @dataclasses.dataclass
@@ -400,7 +407,9 @@ class RLConfig(TrainConfig):
         if self.kl_estimator not in ("k1", "k3"):
             raise TuneoffError(f"kl_estimator must be k1 or k3, got '{self.kl_estimator}'")
         if self.rollout_batch % self.batch_size:
-            raise TuneoffError(f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size ({self.batch_size})")
+            raise TuneoffError(
+                f"rollout_batch ({self.rollout_batch}) must be a multiple of batch_size ({self.batch_size})"
+            )
 
 
 @dataclasses.dataclass
@@ -476,4 +485,6 @@ class GRPOConfig(RLConfig):
         if self.baseline not in ("grpo", "rloo"):
             raise TuneoffError(f"baseline must be grpo or rloo, got '{self.baseline}'")
         if self.num_generations < 2 or self.rollout_batch % self.num_generations:
-            raise TuneoffError(f"num_generations must be ≥ 2 and divide rollout_batch ({self.rollout_batch}), got {self.num_generations}")
+            raise TuneoffError(
+                f"num_generations must be ≥ 2 and divide rollout_batch ({self.rollout_batch}), got {self.num_generations}"
+            )

@@ -64,7 +64,9 @@ def sft_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return sft_loss_sum(logits, targets) / count
 
 
-def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float | None = None) -> torch.Tensor:
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float | None = None
+) -> torch.Tensor:
     """Mean Bradley–Terry loss of a reward model, ``-log σ(r_w − r_l − m)`` (Bradley & Terry 1952; Ouyang 2022).
 
     r_chosen, r_rejected: (B,) rewards of the preferred (w) and dispreferred (l) responses; margin m: None, a
@@ -118,8 +120,14 @@ def _log_ratio_gap(pi_chosen, pi_rejected, ref_chosen, ref_rejected) -> torch.Te
     return (pi_chosen.float() - ref_chosen.float()) - (pi_rejected.float() - ref_rejected.float())
 
 
-def dpo_sigmoid_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-                     ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def dpo_sigmoid_loss(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-pair DPO loss −log σ(β h) (Rafailov et al. 2023, arXiv:2305.18290, Eq. 7): (B,) x 4 -> (B,).
 
     label_smoothing ε > 0 gives conservative DPO (cDPO; Mitchell 2023): the label is taken to be flipped with
@@ -129,8 +137,14 @@ def dpo_sigmoid_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_cho
     return -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
 
 
-def ipo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+def ipo_loss(
+    pi_chosen: torch.Tensor,
+    pi_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-pair IPO loss (h − 1/(2β))² (Azar et al. 2023, arXiv:2310.12036, Eq. 17, with τ = β): (B,) x 4 -> (B,).
 
     IPO regresses the log-ratio gap h to a finite target instead of pushing it to infinity, so it does not
@@ -181,9 +195,15 @@ def kto_kl(policy_kl_logps: torch.Tensor, reference_kl_logps: torch.Tensor) -> t
     return kto_kl_from_sum(kto_kl_sum(policy_kl_logps, reference_kl_logps))
 
 
-def kto_loss(policy_logps: torch.Tensor, reference_logps: torch.Tensor, labels: torch.Tensor, kl: torch.Tensor | float,
-             beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor | float,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example KTO loss λ_y − v(x, y) (Ethayarajh et al. 2024, arXiv:2402.01306): (B,) x 3 -> (B,), (B,).
 
     With r_θ = log π(y|x) − log π_ref(y|x) and z_0 = ``kl`` (see :func:`kto_kl`, detached):

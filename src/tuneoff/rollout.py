@@ -52,7 +52,9 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V) -> sampled token (B,) and its log-prob under softmax(logits / T) (B,). T = 0 is greedy."""
     if temperature == 0:
         token = logits.argmax(-1)  # (B,)
@@ -87,8 +89,17 @@ def cache_argument(model) -> str:
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int, eos_token_id: int,
-             pad_token_id: int, temperature: float = 1.0, top_p: float = 1.0, generator=None) -> Rollout:
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator=None,
+) -> Rollout:
     """Sample up to ``max_new_tokens`` per prompt with a KV cache; see the module docstring."""
     from transformers import DynamicCache
 
@@ -99,8 +110,14 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
         logits = lean.prefill(prompt_ids, position_ids)  # (B, V)
     else:
         cache = {cache_argument(model): DynamicCache()}
-        logits = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
-                       logits_to_keep=1, **cache).logits[:, -1]  # (B, V)
+        logits = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **cache,
+        ).logits[:, -1]  # (B, V)
     mask = prompt_mask
     next_position = position_ids[:, -1:] + 1  # (B, 1)
     tokens, logprobs = [], []
@@ -117,8 +134,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
             logits = lean.step(token, next_position[:, 0])
         else:
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], 1)
-            logits = model(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True,
-                           **cache).logits[:, -1]
+            logits = model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=next_position, use_cache=True, **cache
+            ).logits[:, -1]
         next_position = next_position + 1
     response_ids = torch.stack(tokens, 1)  # (B, R)
     is_eos = response_ids == eos_token_id
@@ -126,12 +144,22 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new
     # 1 up to and including the first EOS; all ones for sequences that never ended
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # (B, R)
     response_mask = (~after_eos).long()
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logprobs, 1) * response_mask, ended)
+    return Rollout(
+        prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logprobs, 1) * response_mask, ended
+    )
 
 
 @torch.inference_mode()
-def sample_responses(model, tokenizer, ids: list[list[int]], max_new_tokens: int, temperature: float, generator,
-                     batch: int = 64, top_p: float = 1.0):
+def sample_responses(
+    model,
+    tokenizer,
+    ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    generator,
+    batch: int = 64,
+    top_p: float = 1.0,
+):
     """Sampled responses to prompt token ids (:func:`generate`), ``batch`` prompts per call, on the model's device.
 
     Returns (response token ids without EOS, decoded texts without special tokens, per batch the (full ids, full
@@ -141,8 +169,17 @@ def sample_responses(model, tokenizer, ids: list[list[int]], max_new_tokens: int
     device = next(model.parameters()).device
     for i in range(0, len(ids), batch):
         prompt_ids, prompt_mask = (t.to(device) for t in left_pad(ids[i : i + batch], tokenizer.pad_token_id))
-        r = generate(model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                     temperature, top_p, generator=generator)
+        r = generate(
+            model,
+            prompt_ids,
+            prompt_mask,
+            max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            temperature,
+            top_p,
+            generator=generator,
+        )
         rows = [row[m.bool()].tolist() for row, m in zip(r.response_ids.cpu(), r.response_mask.cpu())]
         ends = [row[:-1] if ended and row else row for row, ended in zip(rows, r.ended.tolist())]  # EOS is not text
         tokens += ends

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from tests.conftest import run_cli
+
 from tuneoff.compare.experiment import load_experiment, plan, preset_path
 from tuneoff.errors import TuneoffError
 
@@ -37,23 +37,28 @@ def test_demo_preset_has_the_five_arms_and_three_seeds():
 
 
 def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
-    config = load_experiment(write(tmp_path, "extends: demo\nseeds: [4]\nfeedback: {length_bias: 1.0}\narms: {sft: {lr: 0.1}}\n"))
+    config = load_experiment(
+        write(tmp_path, "extends: demo\nseeds: [4]\nfeedback: {length_bias: 1.0}\narms: {sft: {lr: 0.1}}\n")
+    )
     assert config.seeds == [4]
     assert config.feedback["length_bias"] == 1.0 and config.feedback["pairs"] == 4000  # merged, not replaced
     assert config.arms["sft"]["lr"] == 0.1 and config.arms["sft"]["method"] == "sft" and "grpo" in config.arms
 
 
-@pytest.mark.parametrize("text, message", [
-    ("extends: demo\narms: {sft: {method: sft, lr_typo: 1}}\n", "unknown field(s) lr_typo"),
-    ("extends: demo\narms: {x: {method: ppo, init: nowhere}}\n", "init 'nowhere' is not an arm"),
-    ("extends: demo\narms: {a: {method: sft, init: b}, b: {method: sft, init: a}}\n", "loops"),
-    ("extends: demo\narms: {x: {method: magic}}\n", "needs `method`"),
-    ("extends: demo\nseeds: []\n", "seeds must be"),
-    ("extends: demo\nbogus: 1\n", "unknown field(s) bogus"),
-    ("extends: nowhere\n", "no such preset"),
-    ("extends: demo\neval: {promptz: 3}\n", "eval: unknown field(s) promptz"),
-    ("extends: demo\njudge: rm\n", "judge_data"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("extends: demo\narms: {sft: {method: sft, lr_typo: 1}}\n", "unknown field(s) lr_typo"),
+        ("extends: demo\narms: {x: {method: ppo, init: nowhere}}\n", "init 'nowhere' is not an arm"),
+        ("extends: demo\narms: {a: {method: sft, init: b}, b: {method: sft, init: a}}\n", "loops"),
+        ("extends: demo\narms: {x: {method: magic}}\n", "needs `method`"),
+        ("extends: demo\nseeds: []\n", "seeds must be"),
+        ("extends: demo\nbogus: 1\n", "unknown field(s) bogus"),
+        ("extends: nowhere\n", "no such preset"),
+        ("extends: demo\neval: {promptz: 3}\n", "eval: unknown field(s) promptz"),
+        ("extends: demo\njudge: rm\n", "judge_data"),
+    ],
+)
 def test_bad_experiment_configs_are_clear_errors(tmp_path, text, message):
     with pytest.raises(TuneoffError, match=None) as error:
         config = load_experiment(write(tmp_path, text))
@@ -101,20 +106,33 @@ def test_compare_smoke_on_tiny_and_rerun_reuses_every_job(tmp_path):
 
 def test_demo_verb_runs_a_given_config(tmp_path):
     # a standalone config (no extends): base and SFT only, so no pairs, no reward model
-    config = write(tmp_path, "name: two-arms\nbase: tiny\nseeds: [0]\nsft_records: 32\n"
-                   "eval: {prompts: 6, diversity_prompts: 2, samples_per_prompt: 2, max_new_tokens: 6}\n"
-                   "arms: {base: {method: base}, sft: {method: sft, max_steps: 2, batch_size: 4}}\n")
+    config = write(
+        tmp_path,
+        "name: two-arms\nbase: tiny\nseeds: [0]\nsft_records: 32\n"
+        "eval: {prompts: 6, diversity_prompts: 2, samples_per_prompt: 2, max_new_tokens: 6}\n"
+        "arms: {base: {method: base}, sft: {method: sft, max_steps: 2, batch_size: 4}}\n",
+    )
     result = run_cli("demo", "--config", str(config), "--out", str(tmp_path / "demo"), "--workers", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert list(results["arms"]) == ["base", "sft"] and set(results["jobs"]) == {"judge", "eval:base/seed-0", "train:sft/seed-0", "eval:sft/seed-0"}
-    assert results["arms"]["base"]["win_rate_vs_base"] is None and results["arms"]["sft"]["win_rate_vs_base"]["mean"] is not None
+    assert list(results["arms"]) == ["base", "sft"] and set(results["jobs"]) == {
+        "judge",
+        "eval:base/seed-0",
+        "train:sft/seed-0",
+        "eval:sft/seed-0",
+    }
+    assert (
+        results["arms"]["base"]["win_rate_vs_base"] is None
+        and results["arms"]["sft"]["win_rate_vs_base"]["mean"] is not None
+    )
 
 
 def test_feedback_from_preference_files(tmp_path):
     from tuneoff.compare.jobs import run_pair_files
 
-    train = write(tmp_path, '{"prompt": "the film", "chosen": " is great", "rejected": " is dull"}\n' * 3, "train.jsonl")
+    train = write(
+        tmp_path, '{"prompt": "the film", "chosen": " is great", "rejected": " is dull"}\n' * 3, "train.jsonl"
+    )
     config = load_experiment(write(tmp_path, f"extends: demo\nfeedback: {{train: {train}, eval: {train}}}\n"))
     jobs = {j.name: j for j in plan(config, tmp_path / "out")}
     assert jobs["pairs"].kind == "pair_files" and jobs["pairs"].deps == [] and jobs["rm"].deps == ["pairs"]

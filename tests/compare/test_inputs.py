@@ -25,9 +25,12 @@ def jsonl(path, *records):
 def files(tmp_path, monkeypatch):
     """Valid files of every kind, and the working directory the jobs resolve paths from."""
     monkeypatch.chdir(tmp_path)
-    return {"pairs": jsonl(tmp_path / "pairs.jsonl", PAIR), "sft": jsonl(tmp_path / "sft.jsonl", SFT),
-            "prompts": jsonl(tmp_path / "prompts.jsonl", {"prompt": "the film"}),
-            "text": jsonl(tmp_path / "text.jsonl", {"text": "a review, no prompt"})}
+    return {
+        "pairs": jsonl(tmp_path / "pairs.jsonl", PAIR),
+        "sft": jsonl(tmp_path / "sft.jsonl", SFT),
+        "prompts": jsonl(tmp_path / "prompts.jsonl", {"prompt": "the film"}),
+        "text": jsonl(tmp_path / "text.jsonl", {"text": "a review, no prompt"}),
+    }
 
 
 def experiment(tmp_path, text: str):
@@ -37,14 +40,24 @@ def experiment(tmp_path, text: str):
 
 
 def test_a_config_whose_files_all_parse_passes(tmp_path, files):
-    config = experiment(tmp_path, f"feedback: {{train: {files['pairs']}, eval: {files['pairs']}}}\n"
-                                  f"sft_data: {files['sft']}\nprompts: {files['prompts']}\n"
-                                  f"eval_prompts: prompts.jsonl\n"
-                                  f"judge: rm\njudge_data: {files['pairs']}\n"
-                                  f"arms: {{sft: {{sft_data: {files['sft']}}}}}\n")
+    config = experiment(
+        tmp_path,
+        f"feedback: {{train: {files['pairs']}, eval: {files['pairs']}}}\n"
+        f"sft_data: {files['sft']}\nprompts: {files['prompts']}\n"
+        f"eval_prompts: prompts.jsonl\n"
+        f"judge: rm\njudge_data: {files['pairs']}\n"
+        f"arms: {{sft: {{sft_data: {files['sft']}}}}}\n",
+    )
     check_inputs(config)
     assert {field for field, _, _ in named_files(config)} == {
-        "feedback.train", "feedback.eval", "judge_data", "sft_data", "arms.sft.sft_data", "prompts", "eval_prompts"}
+        "feedback.train",
+        "feedback.eval",
+        "judge_data",
+        "sft_data",
+        "arms.sft.sft_data",
+        "prompts",
+        "eval_prompts",
+    }
 
 
 def test_the_shipped_choices_name_no_file(tmp_path, files):
@@ -53,29 +66,35 @@ def test_the_shipped_choices_name_no_file(tmp_path, files):
     check_inputs(config)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("feedback: {train: missing.jsonl}\n", "feedback.train"),
-    ("feedback: {train: pairs.jsonl, eval: missing.jsonl}\n", "feedback.eval"),
-    ("sft_data: missing.jsonl\n", "sft_data"),
-    ("arms: {sft: {sft_data: missing.jsonl}}\n", "arms.sft.sft_data"),
-    ("prompts: missing.jsonl\n", "prompts"),
-    ("eval_prompts: missing.jsonl\n", "eval_prompts"),
-    ("judge: rm\njudge_data: missing.jsonl\n", "judge_data"),
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("feedback: {train: missing.jsonl}\n", "feedback.train"),
+        ("feedback: {train: pairs.jsonl, eval: missing.jsonl}\n", "feedback.eval"),
+        ("sft_data: missing.jsonl\n", "sft_data"),
+        ("arms: {sft: {sft_data: missing.jsonl}}\n", "arms.sft.sft_data"),
+        ("prompts: missing.jsonl\n", "prompts"),
+        ("eval_prompts: missing.jsonl\n", "eval_prompts"),
+        ("judge: rm\njudge_data: missing.jsonl\n", "judge_data"),
+    ],
+)
 def test_a_missing_file_names_its_field_and_path(tmp_path, files, text, field):
     with pytest.raises(TuneoffError) as error:
         check_inputs(experiment(tmp_path, text))
     assert str(error.value).startswith(f"{field}: missing.jsonl: no such file")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("feedback: {train: sft.jsonl}\n", "feedback.train: not a usable preference file: sft.jsonl:1:"),
-    ("judge: rm\njudge_data: prompts.jsonl\n", "judge_data: not a usable preference file: prompts.jsonl:1:"),
-    ("prompts: text.jsonl\n", "prompts: not a usable prompt file: text.jsonl:1:"),
-    ("sft_data: prompts.jsonl\n", "sft_data: not a usable SFT file: prompts.jsonl:1:"),
-    ("eval_prompts: feedback\n", "eval_prompts: feedback means the prompts of real feedback splits"),
-    ("feedback: {eval: pairs.jsonl}\n", "feedback: eval names held-out pairs of a file; give the training pairs"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("feedback: {train: sft.jsonl}\n", "feedback.train: not a usable preference file: sft.jsonl:1:"),
+        ("judge: rm\njudge_data: prompts.jsonl\n", "judge_data: not a usable preference file: prompts.jsonl:1:"),
+        ("prompts: text.jsonl\n", "prompts: not a usable prompt file: text.jsonl:1:"),
+        ("sft_data: prompts.jsonl\n", "sft_data: not a usable SFT file: prompts.jsonl:1:"),
+        ("eval_prompts: feedback\n", "eval_prompts: feedback means the prompts of real feedback splits"),
+        ("feedback: {eval: pairs.jsonl}\n", "feedback: eval names held-out pairs of a file; give the training pairs"),
+    ],
+)
 def test_a_file_that_does_not_parse_as_its_kind_is_named(tmp_path, files, text, message):
     with pytest.raises(TuneoffError) as error:
         check_inputs(experiment(tmp_path, text))

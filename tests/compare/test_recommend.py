@@ -33,31 +33,44 @@ def arm(gold, low, high, diversity, wall, sd, events=0, method="sft"):
     """One arm whose six diversity components all equal ``diversity`` (self-BLEU = 1 − diversity), so its
     diversity axis score is simply the min–max of ``diversity``."""
     components = {"ead": ci(diversity), "embedding": ci(diversity), "self_bleu": ci(1 - diversity)}
-    return {"method": method, "gold_reward": ci(gold, low, high), "diversity": {"per_input": components, "across_input": components},
-            "cost": {"wall_s": ci(wall)}, "stability": {"seed_sd": sd, "divergence_events": events}}
+    return {
+        "method": method,
+        "gold_reward": ci(gold, low, high),
+        "diversity": {"per_input": components, "across_input": components},
+        "cost": {"wall_s": ci(wall)},
+        "stability": {"seed_sd": sd, "divergence_events": events},
+    }
 
 
 def three_arms(**changes) -> dict:
     """x: most aligned, least diverse, slowest, most stable; y: the opposite on alignment, diversity, stability;
     z: in the middle everywhere but the cheapest. Walls 1000/100/10 s are evenly spaced on the log scale."""
-    arms = {"x": dict(gold=0.80, low=0.78, high=0.82, diversity=0.2, wall=1000, sd=0.01),
-            "y": dict(gold=0.60, low=0.58, high=0.62, diversity=0.8, wall=100, sd=0.03),
-            "z": dict(gold=0.70, low=0.68, high=0.72, diversity=0.5, wall=10, sd=0.02)}
+    arms = {
+        "x": dict(gold=0.80, low=0.78, high=0.82, diversity=0.2, wall=1000, sd=0.01),
+        "y": dict(gold=0.60, low=0.58, high=0.62, diversity=0.8, wall=100, sd=0.03),
+        "z": dict(gold=0.70, low=0.68, high=0.72, diversity=0.5, wall=10, sd=0.02),
+    }
     for name, fields in changes.items():
         arms[name].update(fields)
     return {"arms": {name: arm(**fields) for name, fields in arms.items()}}
 
 
-AXIS_SCORES = {"x": {"alignment": 1.0, "diversity": 0.0, "cost": 0.0, "stability": 1.0},
-               "y": {"alignment": 0.0, "diversity": 1.0, "cost": 0.5, "stability": 0.0},
-               "z": {"alignment": 0.5, "diversity": 0.5, "cost": 1.0, "stability": 0.5}}
+AXIS_SCORES = {
+    "x": {"alignment": 1.0, "diversity": 0.0, "cost": 0.0, "stability": 1.0},
+    "y": {"alignment": 0.0, "diversity": 1.0, "cost": 0.5, "stability": 0.0},
+    "z": {"alignment": 0.5, "diversity": 0.5, "cost": 1.0, "stability": 0.5},
+}
 # Weighted sums of AXIS_SCORES under each preset, by hand:
 #   balanced          x (1+0+0+1)/4 = .5      y (0+1+.5+0)/4 = .375          z (.5+.5+1+.5)/4 = .625
 #   strict-alignment  x .6+.25 = .85          y .05+.05 = .1                 z .3+.025+.1+.125 = .55
 #   creative          x .25+.1 = .35          y .55+.05 = .6                 z .125+.275+.1+.05 = .55
 #   budget            x .25+.1 = .35          y .1+.275 = .375               z .125+.05+.55+.05 = .775
-EXPECTED = {"balanced": {"z": 0.625, "x": 0.5, "y": 0.375}, "strict-alignment": {"x": 0.85, "z": 0.55, "y": 0.1},
-            "creative": {"y": 0.6, "z": 0.55, "x": 0.35}, "budget": {"z": 0.775, "y": 0.375, "x": 0.35}}
+EXPECTED = {
+    "balanced": {"z": 0.625, "x": 0.5, "y": 0.375},
+    "strict-alignment": {"x": 0.85, "z": 0.55, "y": 0.1},
+    "creative": {"y": 0.6, "z": 0.55, "x": 0.35},
+    "budget": {"z": 0.775, "y": 0.375, "x": 0.35},
+}
 
 
 def test_axis_scores_by_hand():
@@ -115,8 +128,10 @@ def test_within_noise_prefers_an_arm_that_is_both_cheaper_and_more_stable():
     assert [row["arm"] for row in result["ranking"]] == ["x", "z", "y"]
     assert result["ranking"][0]["score"] == pytest.approx(0.8) and result["ranking"][1]["score"] == pytest.approx(0.675)
     assert result["within_noise"] is True
-    assert any("z is then preferable: it is cheaper (10.0 s vs 1,000 s of wall time) and more stable" in s
-               for s in result["explanation"])
+    assert any(
+        "z is then preferable: it is cheaper (10.0 s vs 1,000 s of wall time) and more stable" in s
+        for s in result["explanation"]
+    )
 
 
 @pytest.mark.parametrize("missing", [math.nan, None])  # NaN in memory, null in results.json
@@ -140,8 +155,10 @@ def test_missing_axis_is_skipped_and_the_weights_renormalised():
     result = recommend(results, "balanced")
     by_arm = {row["arm"]: row["score"] for row in result["ranking"]}
     assert by_arm["z"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)  # the three axes it has, equal weights
-    assert result["notes"] == ["No seed sd of gold reward (needs 2 or more seeds) for z: the stability axis is skipped "
-                               "for it and the weighted score uses the other axes."]
+    assert result["notes"] == [
+        "No seed sd of gold reward (needs 2 or more seeds) for z: the stability axis is skipped "
+        "for it and the weighted score uses the other axes."
+    ]
     assert result["notes"][0] in result["explanation"]
 
 
@@ -160,15 +177,25 @@ def test_all_equal_scores_one_half():
 def test_base_is_the_reference_not_a_candidate():
     # base would win the creative preset (more diverse, same cost and stability), but it is what the tuned
     # arms are measured against: only tuned arms are ranked, and the explanation compares the choice to base.
-    results = {"arms": {"base": arm(0.5, 0.45, 0.55, 0.9, 100, 0.02, method="base"),
-                        "tuned": arm(0.7, 0.65, 0.75, 0.3, 100, 0.02, method="dpo")}}
+    results = {
+        "arms": {
+            "base": arm(0.5, 0.45, 0.55, 0.9, 100, 0.02, method="base"),
+            "tuned": arm(0.7, 0.65, 0.75, 0.3, 100, 0.02, method="dpo"),
+        }
+    }
     creative = recommend(results, "creative")
     assert [row["arm"] for row in creative["ranking"]] == ["tuned"] and creative["choice"] == "tuned"
     # base's gold CI [0.45, 0.55] and tuned's [0.65, 0.75] do not overlap
     assert any("above base's beyond seed noise" in s for s in creative["explanation"])
-    close = {"arms": {"base": arm(0.6, 0.5, 0.7, 0.9, 100, 0.02, method="base"),
-                      "tuned": arm(0.65, 0.55, 0.75, 0.3, 100, 0.02, method="dpo")}}
-    assert any("the gain over the untuned model is not established" in s for s in recommend(close, "balanced")["explanation"])
+    close = {
+        "arms": {
+            "base": arm(0.6, 0.5, 0.7, 0.9, 100, 0.02, method="base"),
+            "tuned": arm(0.65, 0.55, 0.75, 0.3, 100, 0.02, method="dpo"),
+        }
+    }
+    assert any(
+        "the gain over the untuned model is not established" in s for s in recommend(close, "balanced")["explanation"]
+    )
     alone = recommend({"arms": {"base": arm(0.5, 0.45, 0.55, 0.9, 100, 0.02, method="base")}}, "balanced")
     assert alone["choice"] == "base"  # ranked only when it is the only arm
 
@@ -176,8 +203,14 @@ def test_base_is_the_reference_not_a_candidate():
 def test_resolve_priorities():
     assert resolve_priorities(None) == PRESETS["balanced"] == resolve_priorities({}) == resolve_priorities("balanced")
     assert resolve_priorities({"preset": "balanced", "cost": 0.75}) == pytest.approx(
-        {"alignment": 1 / 6, "diversity": 1 / 6, "cost": 0.5, "stability": 1 / 6})  # (.25, .25, .75, .25) / 1.5
-    assert resolve_priorities({"alignment": 3, "cost": 1}) == {"alignment": 0.75, "diversity": 0.0, "cost": 0.25, "stability": 0.0}
+        {"alignment": 1 / 6, "diversity": 1 / 6, "cost": 0.5, "stability": 1 / 6}
+    )  # (.25, .25, .75, .25) / 1.5
+    assert resolve_priorities({"alignment": 3, "cost": 1}) == {
+        "alignment": 0.75,
+        "diversity": 0.0,
+        "cost": 0.25,
+        "stability": 0.0,
+    }
     for name, weights in PRESETS.items():
         assert set(weights) == set(AXES) and sum(weights.values()) == pytest.approx(1), name
     assert max(PRESETS["strict-alignment"], key=PRESETS["strict-alignment"].get) == "alignment"
@@ -185,16 +218,19 @@ def test_resolve_priorities():
     assert max(PRESETS["budget"], key=PRESETS["budget"].get) == "cost"
 
 
-@pytest.mark.parametrize("priorities, message", [
-    ("cheap", "unknown preset 'cheap'; the presets are balanced, strict-alignment, creative, budget"),
-    ({"preset": "nope", "cost": 1}, "unknown preset 'nope'"),
-    ({"speed": 1}, "unknown axis 'speed'; the axes are alignment, diversity, cost, stability"),
-    ({"cost": -1}, "the weight of 'cost' must be a number >= 0"),
-    ({"cost": "high"}, "the weight of 'cost' must be a number >= 0"),
-    ({"cost": math.nan}, "the weight of 'cost' must be a number >= 0"),
-    ({"alignment": 0, "cost": 0}, "the weights sum to 0"),
-    (3, "expected a preset name or a dict of weights, got int"),
-])
+@pytest.mark.parametrize(
+    "priorities, message",
+    [
+        ("cheap", "unknown preset 'cheap'; the presets are balanced, strict-alignment, creative, budget"),
+        ({"preset": "nope", "cost": 1}, "unknown preset 'nope'"),
+        ({"speed": 1}, "unknown axis 'speed'; the axes are alignment, diversity, cost, stability"),
+        ({"cost": -1}, "the weight of 'cost' must be a number >= 0"),
+        ({"cost": "high"}, "the weight of 'cost' must be a number >= 0"),
+        ({"cost": math.nan}, "the weight of 'cost' must be a number >= 0"),
+        ({"alignment": 0, "cost": 0}, "the weights sum to 0"),
+        (3, "expected a preset name or a dict of weights, got int"),
+    ],
+)
 def test_bad_priorities_raise(priorities, message):
     with pytest.raises(TuneoffError, match="priorities: ") as error:
         resolve_priorities(priorities)
@@ -212,7 +248,14 @@ def test_formatting():
     assert format_ci(ci(0.7117, 0.6557, 0.7677)) == "0.712 [0.656, 0.768]"
     assert format_ci(ci(0.7117, math.nan, math.nan, n=1)) == "0.712"
     assert format_ci(None) == "n/a" and format_number(None) == "n/a" and format_number(math.nan) == "n/a"
-    assert [format_number(v) for v in (2000, 742.63, 27.3, 0.0252, 1.5e6, 0.0)] == ["2,000", "743", "27.3", "0.0252", "1.5e+06", "0"]
+    assert [format_number(v) for v in (2000, 742.63, 27.3, 0.0252, 1.5e6, 0.0)] == [
+        "2,000",
+        "743",
+        "27.3",
+        "0.0252",
+        "1.5e+06",
+        "0",
+    ]
 
 
 def test_the_fixture_under_strict_alignment():
@@ -221,11 +264,20 @@ def test_the_fixture_under_strict_alignment():
     # the means' CIs overlap, but the paired win rate (same prompts and seeds) 0.588 [0.568, 0.608] excludes 0.5
     assert result["choice"] == "sft+ppo" and result["within_noise"] is False
     assert [row["arm"] for row in result["ranking"]][:2] == ["sft+ppo", "dpo"]
-    assert any("sft+ppo beats dpo 0.588 [0.568, 0.608] of the time (ties half); the 95% CI excludes 0.5" in s for s in result["explanation"])
+    assert any(
+        "sft+ppo beats dpo 0.588 [0.568, 0.608] of the time (ties half); the 95% CI excludes 0.5" in s
+        for s in result["explanation"]
+    )
     without_pairs = recommend({**results, "win_rates": {}}, "strict-alignment")  # then the CIs of the means decide
     assert without_pairs["within_noise"] is True
-    assert any("dpo is then preferable: it is cheaper (289 s vs 743 s of wall time) and more stable" in s for s in without_pairs["explanation"])
-    assert "sft+ppo has the highest gold reward, 0.767 [0.704, 0.829], vs grpo 0.745 [0.633, 0.857]." in result["explanation"]
+    assert any(
+        "dpo is then preferable: it is cheaper (289 s vs 743 s of wall time) and more stable" in s
+        for s in without_pairs["explanation"]
+    )
+    assert (
+        "sft+ppo has the highest gold reward, 0.767 [0.704, 0.829], vs grpo 0.745 [0.633, 0.857]."
+        in result["explanation"]
+    )
 
 
 def test_differences_within_noise_are_not_stretched_to_the_full_range():
@@ -239,25 +291,41 @@ def test_differences_within_noise_are_not_stretched_to_the_full_range():
 
 def test_paired_win_rate_is_reported_as_the_sharper_test():
     results = three_arms()
-    results["win_rates"] = {"x": {"z": {"mean": 0.62, "ci_low": 0.55, "ci_high": 0.69, "n": 3}},
-                            "z": {"x": {"mean": 0.38, "ci_low": 0.31, "ci_high": 0.45, "n": 3}}}
+    results["win_rates"] = {
+        "x": {"z": {"mean": 0.62, "ci_low": 0.55, "ci_high": 0.69, "n": 3}},
+        "z": {"x": {"mean": 0.38, "ci_low": 0.31, "ci_high": 0.45, "n": 3}},
+    }
     text = " ".join(recommend(results, "strict-alignment")["explanation"])
-    assert "Paired on the same prompts and seeds, x beats z 0.620 [0.550, 0.690]" in text and "excludes 0.5: x is better" in text
+    assert (
+        "Paired on the same prompts and seeds, x beats z 0.620 [0.550, 0.690]" in text
+        and "excludes 0.5: x is better" in text
+    )
 
 
 # --- every comparison sentence agrees with the numbers it quotes ----------------------------------------------
 
 NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:e[+-]\d+)?"
-VERDICTS = {"more aligned": ("alignment", 1), "less aligned": ("alignment", -1),
-            "more diverse": ("diversity", 1), "less diverse": ("diversity", -1),
-            "cheaper": ("cost", 1), "more expensive": ("cost", -1),
-            "more stable": ("stability", 1), "less stable": ("stability", -1),
-            "when cost matters": ("cost", 1), "when stability does": ("stability", 1)}
-VERDICT = re.compile(r"(?P<word>" + "|".join(map(re.escape, VERDICTS)) + r")"
-                     r"(?: on (?:all (?P<all>\d+)|(?P<some>\d+) of (?P<of>\d+)) measures)? \(")
+VERDICTS = {
+    "more aligned": ("alignment", 1),
+    "less aligned": ("alignment", -1),
+    "more diverse": ("diversity", 1),
+    "less diverse": ("diversity", -1),
+    "cheaper": ("cost", 1),
+    "more expensive": ("cost", -1),
+    "more stable": ("stability", 1),
+    "less stable": ("stability", -1),
+    "when cost matters": ("cost", 1),
+    "when stability does": ("stability", 1),
+}
+VERDICT = re.compile(
+    r"(?P<word>" + "|".join(map(re.escape, VERDICTS)) + r")"
+    r"(?: on (?:all (?P<all>\d+)|(?P<some>\d+) of (?P<of>\d+)) measures)? \("
+)
 INTERVAL = r"(?: \[[^\]]*\])?"
-FACT = re.compile(rf"^(?P<label>.*?)\s*(?P<a>{NUMBER}){INTERVAL}(?: s)? vs (?P<b>{NUMBER}){INTERVAL}(?: s)?"
-                  rf"(?P<tail>.*)$")
+FACT = re.compile(
+    rf"^(?P<label>.*?)\s*(?P<a>{NUMBER}){INTERVAL}(?: s)? vs (?P<b>{NUMBER}){INTERVAL}(?: s)?"
+    rf"(?P<tail>.*)$"
+)
 DIVERSITY_LABEL = re.compile(r"^(per|across)-input (EAD|self-BLEU \(lower = more diverse\)|embedding diversity)$")
 
 
@@ -333,8 +401,9 @@ def check_verdicts(sentence: str, subjects, arms: dict) -> int:
             _, theirs, _ = measured(arms[other], label)
             a, b = number(parsed["a"]), number(parsed["b"])
             assert fact_axis == axis, f"{match['word']!r} quotes {label!r}: {sentence}"
-            assert a == pytest.approx(mine, rel=5e-3) and b == pytest.approx(theirs, rel=5e-3), \
+            assert a == pytest.approx(mine, rel=5e-3) and b == pytest.approx(theirs, rel=5e-3), (
                 f"{fact!r} is not {subject} vs {other}: {sentence}"
+            )
             assert a != b, f"{match['word']!r} before numbers that print the same ({fact}): {sentence}"
             favours_subject = (a < b) if lower_better else (a > b)
             assert favours_subject == (direction > 0), f"{match['word']!r} contradicts {fact!r}: {sentence}"
@@ -379,17 +448,23 @@ def check_explanation(result: dict, arms: dict) -> None:
         if tie:
             means = [format_ci(arms[tie[i]]["gold_reward"]).split(" [")[0] for i in (1, 2)]
             assert means[0] == means[1], sentence
-        for claim in re.finditer(rf"(do not overlap|overlap|is above|is below|is not above)[^(]*\(gold reward "
-                                 rf"(?P<a>{NUMBER}) \[(?P<la>{NUMBER}), (?P<ha>{NUMBER})\] vs "
-                                 rf"(?P<b>{NUMBER}) \[(?P<lb>{NUMBER}), (?P<hb>{NUMBER})\]\)", sentence):
+        for claim in re.finditer(
+            rf"(do not overlap|overlap|is above|is below|is not above)[^(]*\(gold reward "
+            rf"(?P<a>{NUMBER}) \[(?P<la>{NUMBER}), (?P<ha>{NUMBER})\] vs "
+            rf"(?P<b>{NUMBER}) \[(?P<lb>{NUMBER}), (?P<hb>{NUMBER})\]\)",
+            sentence,
+        ):
             a, la, ha, b, lb, hb = (number(claim[k]) for k in ("a", "la", "ha", "b", "lb", "hb"))
             apart = ha < lb or hb < la
             assert apart == (claim[1] in ("do not overlap", "is above", "is below")), sentence
             if claim[1] in ("is above", "is below"):
                 assert (a > b) == (claim[1] == "is above"), sentence
             checked += 1
-        paired = re.search(rf"beats \S+ {NUMBER} \[(?P<low>{NUMBER}), (?P<high>{NUMBER})\].*the 95% CI "
-                           rf"(?P<verdict>includes|excludes 0.5: (?P<better>\S+) is better)", sentence)
+        paired = re.search(
+            rf"beats \S+ {NUMBER} \[(?P<low>{NUMBER}), (?P<high>{NUMBER})\].*the 95% CI "
+            rf"(?P<verdict>includes|excludes 0.5: (?P<better>\S+) is better)",
+            sentence,
+        )
         if paired:
             low, high = number(paired["low"]), number(paired["high"])
             assert (low <= 0.5 <= high) == (paired["verdict"] == "includes"), sentence
@@ -402,10 +477,17 @@ def mixed_arm(gold, half, wall, sd, events=0, method="dpo", **diversity):
     """An arm with its own value for each diversity component (``per_ead``, ``across_self_bleu``, …; 0.5 unless
     given) and a symmetric gold CI of half-width ``half``."""
     metrics = ("ead", "self_bleu", "embedding")
-    components = {scope: {metric: ci(diversity.get(f"{scope.split('_')[0]}_{metric}", 0.5)) for metric in metrics}
-                  for scope in ("per_input", "across_input")}
-    return {"method": method, "gold_reward": ci(gold, gold - half, gold + half), "diversity": components,
-            "cost": {"wall_s": ci(wall)}, "stability": {"seed_sd": sd, "divergence_events": events}}
+    components = {
+        scope: {metric: ci(diversity.get(f"{scope.split('_')[0]}_{metric}", 0.5)) for metric in metrics}
+        for scope in ("per_input", "across_input")
+    }
+    return {
+        "method": method,
+        "gold_reward": ci(gold, gold - half, gold + half),
+        "diversity": components,
+        "cost": {"wall_s": ci(wall)},
+        "stability": {"seed_sd": sd, "divergence_events": events},
+    }
 
 
 def hand_made() -> dict[str, dict]:
@@ -414,31 +496,71 @@ def hand_made() -> dict[str, dict]:
     base = mixed_arm(0.55, 0.02, 60, 0.0, method="base")
     reported = {  # the reported contradiction: sft's diversity axis wins while its across-input embedding loses
         "base": base,
-        "sft": mixed_arm(0.64, 0.03, 180, 0.03, method="sft", per_ead=0.80, per_self_bleu=0.20, per_embedding=0.40,
-                         across_ead=0.90, across_self_bleu=0.10, across_embedding=0.733),
-        "dpo": mixed_arm(0.70, 0.03, 290, 0.02, per_ead=0.70, per_self_bleu=0.30, per_embedding=0.30,
-                         across_ead=0.80, across_self_bleu=0.15, across_embedding=0.802)}
+        "sft": mixed_arm(
+            0.64,
+            0.03,
+            180,
+            0.03,
+            method="sft",
+            per_ead=0.80,
+            per_self_bleu=0.20,
+            per_embedding=0.40,
+            across_ead=0.90,
+            across_self_bleu=0.10,
+            across_embedding=0.733,
+        ),
+        "dpo": mixed_arm(
+            0.70,
+            0.03,
+            290,
+            0.02,
+            per_ead=0.70,
+            per_self_bleu=0.30,
+            per_embedding=0.30,
+            across_ead=0.80,
+            across_self_bleu=0.15,
+            across_embedding=0.802,
+        ),
+    }
     unstable = {  # grpo: lowest seed sd but two divergence events; ppo: cheapest, worst diversity, below base
         "base": base,
         "grpo": mixed_arm(0.75, 0.10, 700, 0.005, events=2, method="grpo", per_ead=0.6, across_embedding=0.4),
         "sft": mixed_arm(0.72, 0.10, 150, 0.04, method="sft", per_ead=0.7, across_embedding=0.6),
-        "ppo": mixed_arm(0.45, 0.02, 40, 0.02, method="ppo", per_ead=0.3, across_embedding=0.3, per_self_bleu=0.9)}
+        "ppo": mixed_arm(0.45, 0.02, 40, 0.02, method="ppo", per_ead=0.3, across_embedding=0.3, per_self_bleu=0.9),
+    }
     level = {  # gold and wall that print the same, diversity and stability that do not
         "base": base,
         "a": mixed_arm(0.70001, 0.05, 100.01, 0.02, method="sft", per_ead=0.6),
-        "b": mixed_arm(0.70002, 0.05, 100.02, 0.03, method="sft", per_ead=0.4)}
+        "b": mixed_arm(0.70002, 0.05, 100.02, 0.03, method="sft", per_ead=0.4),
+    }
     within = {  # overlapping CIs: one arm cheaper, the other more stable (by seed sd), then by divergence events
         "base": base,
         "x": mixed_arm(0.80, 0.10, 1000, 0.01, method="ppo", across_embedding=0.2),
-        "z": mixed_arm(0.75, 0.10, 10, 0.02, method="sft", across_embedding=0.7)}
-    events = {"base": base, "x": mixed_arm(0.80, 0.10, 1000, 0.03, method="ppo"),
-              "z": mixed_arm(0.75, 0.10, 10, 0.01, events=1, method="grpo")}
-    return {"reported": reported, "unstable": unstable, "level": level, "within": within, "events": events,
-            "three": three_arms()["arms"], "fixture": json.loads(FIXTURE.read_text())["arms"]}
+        "z": mixed_arm(0.75, 0.10, 10, 0.02, method="sft", across_embedding=0.7),
+    }
+    events = {
+        "base": base,
+        "x": mixed_arm(0.80, 0.10, 1000, 0.03, method="ppo"),
+        "z": mixed_arm(0.75, 0.10, 10, 0.01, events=1, method="grpo"),
+    }
+    return {
+        "reported": reported,
+        "unstable": unstable,
+        "level": level,
+        "within": within,
+        "events": events,
+        "three": three_arms()["arms"],
+        "fixture": json.loads(FIXTURE.read_text())["arms"],
+    }
 
 
-PRIORITIES = [*PRESETS, {"diversity": 1}, {"stability": 1}, {"cost": 1, "stability": 1},
-              {"alignment": 1, "diversity": 1, "stability": 1}]
+PRIORITIES = [
+    *PRESETS,
+    {"diversity": 1},
+    {"stability": 1},
+    {"cost": 1, "stability": 1},
+    {"alignment": 1, "diversity": 1, "stability": 1},
+]
 
 
 @pytest.mark.parametrize("name", list(hand_made()))
@@ -469,8 +591,10 @@ def test_stability_words_follow_divergence_events_and_seed_sd():
     check_explanation(result, arms)
     assert "below base's beyond seed noise" not in text  # ppo is below base, but it is not the choice
     below = recommend({"arms": {"base": arms["base"], "ppo": arms["ppo"]}}, "balanced")
-    assert "ppo's gold reward is below base's beyond seed noise (gold reward 0.450 [0.430, 0.470] vs 0.550 [0.530, " \
+    assert (
+        "ppo's gold reward is below base's beyond seed noise (gold reward 0.450 [0.430, 0.470] vs 0.550 [0.530, "
         "0.570])." in below["explanation"]
+    )
     check_explanation(below, arms)
 
 
@@ -480,8 +604,10 @@ def test_ties_to_the_digits_shown_get_no_comparative():
     text = " ".join(result["explanation"])
     assert "b and a share the highest gold reward to the digits shown, 0.700 [0.650, 0.750] and 0.700" in text
     assert not re.search(r"more aligned|less aligned|cheaper|more expensive", text)
-    assert "more diverse on 1 of 6 measures (per-input EAD 0.600 vs 0.400)" in text or \
-        "less diverse on 1 of 6 measures (per-input EAD 0.400 vs 0.600)" in text
+    assert (
+        "more diverse on 1 of 6 measures (per-input EAD 0.600 vs 0.400)" in text
+        or "less diverse on 1 of 6 measures (per-input EAD 0.400 vs 0.600)" in text
+    )
 
 
 def test_within_noise_stability_is_decided_by_divergence_events_first():
@@ -501,8 +627,8 @@ def test_the_report_shows_only_sentences_that_agree_with_their_numbers(tmp_path)
     for name, arms in hand_made().items():
         path = write_report({"arms": arms, "priorities": {"preset": "creative"}}, tmp_path / f"{name}.html")
         html = path.read_text(encoding="utf-8")
-        block = html[html.index('<div class="recommendation">'):]
-        block = block[:block.index("</div>")]
+        block = html[html.index('<div class="recommendation">') :]
+        block = block[: block.index("</div>")]
         shown = [unescape(re.sub(r"<[^>]+>", "", item)) for item in re.findall(r"<li[^>]*>(.*?)</li>", block, re.S)]
         result = recommend({"arms": arms}, "creative")
         assert shown == result["explanation"]
@@ -511,8 +637,11 @@ def test_the_report_shows_only_sentences_that_agree_with_their_numbers(tmp_path)
 
 def test_an_arm_with_nothing_measured_is_not_ranked():
     # sft's jobs all failed: it has no value on any axis, so it is left out instead of winning on no evidence
-    arms = {"base": arm(0.5, 0.45, 0.55, 0.9, 100, 0.02, method="base"), "sft": {"method": "sft"},
-            "dpo": arm(0.7, 0.65, 0.75, 0.3, 100, 0.02, method="dpo")}
+    arms = {
+        "base": arm(0.5, 0.45, 0.55, 0.9, 100, 0.02, method="base"),
+        "sft": {"method": "sft"},
+        "dpo": arm(0.7, 0.65, 0.75, 0.3, 100, 0.02, method="dpo"),
+    }
     result = recommend({"arms": arms}, "balanced")
     assert [row["arm"] for row in result["ranking"]] == ["dpo"] and result["choice"] == "dpo"
     assert result["notes"][0].startswith("Not ranked, nothing measured: sft")

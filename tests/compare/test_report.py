@@ -15,8 +15,16 @@ from tuneoff.compare.report import frontier, write_report
 FIXTURE = Path(__file__).parent / "fixtures" / "results.json"
 CHROMIUM = Path("/usr/bin/chromium")
 # As in tests/feedback/test_browser.py: Debian's Chromium as root in a closed network.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 HOSTILE_ARM = "<script>alert(1)</script>"
 HOSTILE_TEXT = "<img src=x onerror=alert(1)>"
 PLOTS = ["gold-vs-kl", "hacking", "diversity", "cost", "training"]
@@ -30,11 +38,17 @@ def hostile() -> dict:
     """The fixture with the dpo arm renamed to a script tag and model text that is an <img> with an onerror."""
     results = fixture()
     results["arms"] = {HOSTILE_ARM if name == "dpo" else name: m for name, m in results["arms"].items()}
-    results["win_rates"] = {HOSTILE_ARM if a == "dpo" else a: {HOSTILE_ARM if b == "dpo" else b: r for b, r in row.items()}
-                            for a, row in results["win_rates"].items()}
+    results["win_rates"] = {
+        HOSTILE_ARM if a == "dpo" else a: {HOSTILE_ARM if b == "dpo" else b: r for b, r in row.items()}
+        for a, row in results["win_rates"].items()
+    }
     arm = results["arms"][HOSTILE_ARM]
     arm["description"] = HOSTILE_TEXT
-    arm["per_seed"]["0"]["samples"][0] = {"prompt": HOSTILE_TEXT, "response": f"nice film {HOSTILE_TEXT} & more", "gold": 0.5}
+    arm["per_seed"]["0"]["samples"][0] = {
+        "prompt": HOSTILE_TEXT,
+        "response": f"nice film {HOSTILE_TEXT} & more",
+        "gold": 0.5,
+    }
     results["notes"].append(f"note {HOSTILE_TEXT}")
     results["environment"]["cpu"] = HOSTILE_TEXT
     return results
@@ -44,7 +58,9 @@ def test_the_report_is_self_contained(tmp_path):
     path = write_report(fixture(), tmp_path / "report.html")
     assert path == tmp_path / "report.html"
     html = path.read_text(encoding="utf-8")
-    assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:[a-z]+:)?//""", html, re.I)  # no remote (or protocol-relative) URL
+    assert not re.search(
+        r"""(?:src|href)\s*=\s*["']?\s*(?:[a-z]+:)?//""", html, re.I
+    )  # no remote (or protocol-relative) URL
     assert not re.search(r"<(?:script|link|img|iframe|object|embed)\b|@import|url\(\s*['\"]?(?:https?:)?//", html, re.I)
     assert html.count("<svg") == len(PLOTS) and "<?xml" not in html and "<!DOCTYPE svg" not in html
     for name in fixture()["arms"]:
@@ -61,7 +77,9 @@ def test_hostile_text_is_escaped_in_html_and_svg(tmp_path):
     assert str(escape(HOSTILE_ARM)) in html and str(escape(HOSTILE_TEXT)) in html
     svgs = re.findall(r"<svg.*?</svg>", html, re.S)
     assert len(svgs) == len(PLOTS)
-    assert any("&lt;script&gt;alert(1)&lt;/script&gt;" in svg for svg in svgs)  # legend and tick labels, escaped by matplotlib
+    assert any(
+        "&lt;script&gt;alert(1)&lt;/script&gt;" in svg for svg in svgs
+    )  # legend and tick labels, escaped by matplotlib
 
 
 def test_missing_metrics_one_seed_and_no_curves(tmp_path):
@@ -69,7 +87,9 @@ def test_missing_metrics_one_seed_and_no_curves(tmp_path):
     for name, m in results["arms"].items():
         for key in ("gold_reward", "kl_per_token", "mean_length_tokens"):
             m[key].update(ci_low=math.nan, ci_high=math.nan, n=1)
-        m["proxy_reward"] = m["win_rate_vs_base"] = m["length_controlled_win_rate_vs_base"] = m["overoptimization"] = None
+        m["proxy_reward"] = m["win_rate_vs_base"] = m["length_controlled_win_rate_vs_base"] = m["overoptimization"] = (
+            None
+        )
         m["stability"] = {"seed_sd": math.nan, "seed_range": 0.0, "divergence_events": 0, "final_gold_proxy_gap": None}
         m["per_seed"] = {"0": {**m["per_seed"]["0"], "curve": []}}
     results["arms"]["sft"]["diversity"] = None
@@ -77,7 +97,10 @@ def test_missing_metrics_one_seed_and_no_curves(tmp_path):
     del results["arms"]["grpo"]["per_seed"]
     for key in ("win_rates", "environment", "notes", "seeds", "config", "priorities"):
         del results[key]
-    results["shared"] = {"gold_judge": {"dev_accuracy": 0.82, "test_accuracy": None}, "proxy_rm": None}  # as aggregate writes them
+    results["shared"] = {
+        "gold_judge": {"dev_accuracy": 0.82, "test_accuracy": None},
+        "proxy_rm": None,
+    }  # as aggregate writes them
     html = write_report(results, tmp_path / "report.html").read_text(encoding="utf-8")
     assert html.count("<svg") == 3  # gold vs KL (final points), diversity, cost; no curves for the other two
     assert html.count("No data for this plot in these results.") == 2
@@ -87,7 +110,9 @@ def test_missing_metrics_one_seed_and_no_curves(tmp_path):
 
 
 def test_nothing_but_arm_names(tmp_path):
-    html = write_report({"arms": {"a": {}, "b": {"method": "base"}}}, tmp_path / "report.html").read_text(encoding="utf-8")
+    html = write_report({"arms": {"a": {}, "b": {"method": "base"}}}, tmp_path / "report.html").read_text(
+        encoding="utf-8"
+    )
     assert html.count("No data for this plot in these results.") == len(PLOTS) and "<svg" not in html
 
 
@@ -104,7 +129,9 @@ def test_a_stored_recommendation_wins_and_bad_priorities_are_shown(tmp_path):
 
 def test_awkward_arm_names_are_drawn_as_written(tmp_path):
     results = fixture()
-    results["arms"] = {{"dpo": "$\\frac{a}{b}$", "grpo": "_grpo"}.get(name, name): m for name, m in results["arms"].items()}
+    results["arms"] = {
+        {"dpo": "$\\frac{a}{b}$", "grpo": "_grpo"}.get(name, name): m for name, m in results["arms"].items()
+    }
     html = write_report(results, tmp_path / "report.html").read_text(encoding="utf-8")
     svgs = re.findall(r"<svg.*?</svg>", html, re.S)
     assert any("$\\frac{a}{b}$</text>" in svg for svg in svgs)  # drawn as written, not as mathtext
@@ -116,7 +143,9 @@ def test_frontier_is_the_upper_envelope():
     assert frontier(points) == [(0.0, 0.5), (0.3, 0.7), (0.45, 0.745), (0.63, 0.767)]
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"
+)
 def test_the_report_in_headless_chromium(tmp_path):
     from PIL import Image
     from playwright.sync_api import sync_playwright
@@ -132,7 +161,10 @@ def test_the_report_in_headless_chromium(tmp_path):
         page.on("request", lambda request: requests.append(request.url))
         page.goto(path.as_uri())
         page.wait_for_load_state("load")
-        boxes = page.eval_on_selector_all("figure.plot svg", "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })")
+        boxes = page.eval_on_selector_all(
+            "figure.plot svg",
+            "els => els.map(e => { const r = e.getBoundingClientRect(); return [r.width, r.height]; })",
+        )
         texts = page.eval_on_selector_all("figure.plot svg text", "els => els.map(e => e.textContent)")
         shown = page.inner_text("body")
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)

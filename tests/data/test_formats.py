@@ -50,7 +50,13 @@ def error_of(call, *args) -> DataError:
 def test_sft_three_shapes(tmp_path):
     pc = load_sft(jsonl(tmp_path, [{"prompt": "2+2=", "completion": " 4", "id": 7}], "pc.jsonl"))
     assert pc == [SFTExample(prompt="2+2=", completion=" 4", where=f"{tmp_path / 'pc.jsonl'}:1")]
-    chat = load_sft(jsonl(tmp_path, [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}], "m.jsonl"))
+    chat = load_sft(
+        jsonl(
+            tmp_path,
+            [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}],
+            "m.jsonl",
+        )
+    )
     assert chat[0].messages == (Message("user", "hi"), Message("assistant", "hello"))
     assert load_sft(jsonl(tmp_path, [{"text": "a review"}], "t.jsonl"))[0].text == "a review"
 
@@ -80,8 +86,14 @@ def test_gzip_variants(tmp_path):
 
 def test_csv_lines_count_the_header_and_messages_cell_is_json(tmp_path):
     path = write(tmp_path, "d.csv", 'prompt,completion\nq1,a1\n"multi\nline",a2\nq3,a3\n')
-    assert [(e.prompt, e.where[len(str(path)) + 1:]) for e in load_sft(path)] == [("q1", "2"), ("multi\nline", "3"), ("q3", "5")]
-    messages = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]).replace('"', '""')
+    assert [(e.prompt, e.where[len(str(path)) + 1 :]) for e in load_sft(path)] == [
+        ("q1", "2"),
+        ("multi\nline", "3"),
+        ("q3", "5"),
+    ]
+    messages = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]).replace(
+        '"', '""'
+    )
     chat = write(tmp_path, "c.csv", f'messages,id\n"{messages}",1\n')
     assert load_sft(chat)[0].messages[1] == Message("assistant", "yo")
 
@@ -137,8 +149,17 @@ def test_unknown_suffix_lists_formats(tmp_path):
     assert "unsupported format '.txt'" in str(error) and ".jsonl" in str(error) and ".parquet" in str(error)
 
 
-@pytest.mark.parametrize("name, content", [("a.jsonl", ""), ("b.jsonl", "\n  \n\n"), ("c.json", "[]"), ("d.json", '{"data": []}'),
-                                           ("e.csv", "prompt,completion\n"), ("f.json", "")])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("a.jsonl", ""),
+        ("b.jsonl", "\n  \n\n"),
+        ("c.json", "[]"),
+        ("d.json", '{"data": []}'),
+        ("e.csv", "prompt,completion\n"),
+        ("f.json", ""),
+    ],
+)
 def test_empty_file(tmp_path, name, content):
     error = error_of(load_sft, write(tmp_path, name, content))
     assert str(error).endswith("file is empty: expected at least one record")
@@ -155,7 +176,9 @@ def test_non_utf8_names_line_and_byte(tmp_path):
 
 def test_invalid_json_line(tmp_path):
     error = error_of(load_sft, write(tmp_path, "d.jsonl", '{"text": "a"}\n{"text": "b",}\n'))
-    assert error.where == 2 and "invalid JSON: Expecting property name enclosed in double quotes (column 14)" in str(error)
+    assert error.where == 2 and "invalid JSON: Expecting property name enclosed in double quotes (column 14)" in str(
+        error
+    )
 
 
 def test_invalid_json_file_names_its_line(tmp_path):
@@ -163,7 +186,9 @@ def test_invalid_json_file_names_its_line(tmp_path):
     assert error.where == "line 3" and "invalid JSON: Expecting ':' delimiter" in str(error)
 
 
-@pytest.mark.parametrize("line, found", [("[1, 2]", "a list ([1, 2])"), ("3", "a number (3)"), ('"text"', 'a string ("text")')])
+@pytest.mark.parametrize(
+    "line, found", [("[1, 2]", "a list ([1, 2])"), ("3", "a number (3)"), ('"text"', 'a string ("text")')]
+)
 def test_line_that_is_not_an_object(tmp_path, line, found):
     error = error_of(load_sft, write(tmp_path, "d.jsonl", line + "\n"))
     assert str(error) == f"{tmp_path / 'd.jsonl'}:1: expected a JSON object {{...}}, got {found}"
@@ -201,9 +226,13 @@ def test_bad_gzip(tmp_path):
 
 def test_no_recognised_shape_names_keys_and_shapes(tmp_path):
     error = error_of(load_sft, jsonl(tmp_path, [{"prompt": "q", "answer": "a"}]))
-    assert str(error).endswith("expected one of {prompt, completion} | {messages} | {text}, found keys {prompt, answer}")
+    assert str(error).endswith(
+        "expected one of {prompt, completion} | {messages} | {text}, found keys {prompt, answer}"
+    )
     error = error_of(load_preferences, jsonl(tmp_path, [{"prompt": "q", "good": "a", "bad": "b"}]))
-    assert "expected one of {prompt, chosen, rejected} | {chosen, rejected}, found keys {prompt, good, bad}" in str(error)
+    assert "expected one of {prompt, chosen, rejected} | {chosen, rejected}, found keys {prompt, good, bad}" in str(
+        error
+    )
 
 
 def test_two_shapes_in_one_record_is_ambiguous(tmp_path):
@@ -212,52 +241,94 @@ def test_two_shapes_in_one_record_is_ambiguous(tmp_path):
 
 
 def test_mixed_shapes_fail_at_first_differing_record(tmp_path):
-    path = jsonl(tmp_path, [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "b"}, {"text": "t"}, {"text": "u"}])
+    path = jsonl(
+        tmp_path, [{"prompt": "q", "completion": "a"}, {"prompt": "q", "completion": "b"}, {"text": "t"}, {"text": "u"}]
+    )
     error = error_of(load_sft, path)
     assert error.where == "3" and "shape {text} but the first record (1) has {prompt, completion}" in str(error)
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": "q", "completion": 4}, "completion", "expected a string, got a number (4)"),
-    ({"prompt": ["q"], "completion": "a"}, "prompt[0]",
-     'expected an object with keys {role, content}, got a string ("q")'),
-    ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "prompt",
-     'expected a list of messages before a conversational completion, got a string ("q")'),
-    ({"messages": "hi"}, "messages", 'expected a list of {role, content} objects, got a string ("hi")'),
-    ({"messages": []}, "messages", "expected at least one message, got an empty list"),
-    ({"messages": ["hi"]}, "messages[0]", 'expected an object with keys {role, content}, got a string ("hi")'),
-    ({"messages": [{"role": "user", "text": "hi"}]}, "messages[0]", "expected keys {role, content}, found keys {role, text}"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role",
-     'expected one of system, developer, user, assistant, tool, got a string ("bot")'),
-    ({"messages": [{"role": "assistant", "content": ["x"]}]}, "messages[0].content", 'expected a string, got a list (["x"])'),
-    ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "expected a string, got null"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "expected at least one assistant message to learn from, found roles [user]"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"prompt": "q", "completion": 4}, "completion", "expected a string, got a number (4)"),
+        (
+            {"prompt": ["q"], "completion": "a"},
+            "prompt[0]",
+            'expected an object with keys {role, content}, got a string ("q")',
+        ),
+        (
+            {"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]},
+            "prompt",
+            'expected a list of messages before a conversational completion, got a string ("q")',
+        ),
+        ({"messages": "hi"}, "messages", 'expected a list of {role, content} objects, got a string ("hi")'),
+        ({"messages": []}, "messages", "expected at least one message, got an empty list"),
+        ({"messages": ["hi"]}, "messages[0]", 'expected an object with keys {role, content}, got a string ("hi")'),
+        (
+            {"messages": [{"role": "user", "text": "hi"}]},
+            "messages[0]",
+            "expected keys {role, content}, found keys {role, text}",
+        ),
+        (
+            {"messages": [{"role": "bot", "content": "hi"}]},
+            "messages[0].role",
+            'expected one of system, developer, user, assistant, tool, got a string ("bot")',
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": ["x"]}]},
+            "messages[0].content",
+            'expected a string, got a list (["x"])',
+        ),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "expected a string, got null"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            "messages",
+            "expected at least one assistant message to learn from, found roles [user]",
+        ),
+    ],
+)
 def test_mistyped_sft_fields(tmp_path, row, field, problem):
     error = error_of(load_sft, jsonl(tmp_path, [row]))
     assert (error.where, error.field, error.problem) == ("1", field, problem)
 
 
-@pytest.mark.parametrize("row, field", [
-    ({"prompt": "q", "completion": "  \n"}, "completion"),
-    ({"text": ""}, "text"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}, "messages[1].content"),
-])
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ({"prompt": "q", "completion": "  \n"}, "completion"),
+        ({"text": ""}, "text"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+            "messages[1].content",
+        ),
+    ],
+)
 def test_empty_targets(tmp_path, row, field):
     error = error_of(load_sft, jsonl(tmp_path, [row]))
-    assert error.field == field and error.problem.startswith(f"empty {'assistant message' if 'messages' in field else field}: expected non-empty text")
+    assert error.field == field and error.problem.startswith(
+        f"empty {'assistant message' if 'messages' in field else field}: expected non-empty text"
+    )
 
 
 def test_error_message_reads_as_one_line(tmp_path):
-    path = jsonl(tmp_path, [{"prompt": "q", "completion": "a"}] * 2 + [{"prompt": "q", "completion": ""}], "train.jsonl")
-    assert str(error_of(load_sft, path)) == f"{path}:3: field 'completion': empty completion: expected non-empty text, got ''"
+    path = jsonl(
+        tmp_path, [{"prompt": "q", "completion": "a"}] * 2 + [{"prompt": "q", "completion": ""}], "train.jsonl"
+    )
+    assert (
+        str(error_of(load_sft, path))
+        == f"{path}:3: field 'completion': empty completion: expected non-empty text, got ''"
+    )
 
 
 # ---------------------------------------------------------------- conversational SFT, tools and roles
 
 USER = {"role": "user", "content": "Weather in Paris?"}
-CALL = {"role": "assistant", "content": "", "tool_calls": [
-    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+}
 TOOL = {"role": "tool", "name": "get_weather", "tool_call_id": "c1", "content": "18 C, sunny"}
 ANSWER = {"role": "assistant", "content": "It is sunny, 18 C."}
 
@@ -281,52 +352,96 @@ def test_tool_calls_tool_and_developer_roles_are_kept_for_the_template(tmp_path)
     assert call.as_dict() == CALL and tool.as_dict() == TOOL and example.tools == tuple(tools)
     assert example.messages[1].as_dict() == USER  # no optional keys when the file has none
     # A tool-calling turn may omit content (or give null); a null tool_calls or name means absent.
-    row = {"prompt": [USER], "completion": [{"role": "assistant", "tool_calls": CALL["tool_calls"]}, TOOL,
-                                            {**ANSWER, "tool_calls": None, "name": None}]}
+    row = {
+        "prompt": [USER],
+        "completion": [
+            {"role": "assistant", "tool_calls": CALL["tool_calls"]},
+            TOOL,
+            {**ANSWER, "tool_calls": None, "name": None},
+        ],
+    }
     example = load_sft(jsonl(tmp_path, [row], "pc.jsonl"))[0]
     assert example.completion[0].content == "" and example.completion[2] == Message("assistant", ANSWER["content"])
 
 
-@pytest.mark.parametrize("message, field, problem", [
-    ({"role": "user", "content": "x", "tool_calls": CALL["tool_calls"]}, "messages[0].tool_calls",
-     "only assistant messages call tools, got role 'user'"),
-    ({"role": "assistant", "content": "", "tool_calls": "get_weather()"}, "messages[0].tool_calls",
-     'expected a list of tool calls, got a string ("get_weather()")'),
-    ({"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}, "messages[0].tool_calls[0]",
-     'expected {"type": "function", "function": {"name": ..., "arguments": {...}}}, got an object'),
-    ({"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}, "messages[0].tool_calls[0].function.name",
-     'expected the function\'s name, a non-empty string, got a string ("")'),
-    ({"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]},
-     "messages[0].tool_calls[0].function.arguments", "expected an object (or a JSON string), got a number (3)"),
-    ({"role": "assistant", "content": ""}, "messages[0].content", "empty assistant message"),
-    ({"role": "assistant"}, "messages[0]", "expected keys {role, content}, found keys {role}"),
-    ({"role": "tool", "content": "x", "tool_call_id": 7}, "messages[0].tool_call_id", "expected a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "message, field, problem",
+    [
+        (
+            {"role": "user", "content": "x", "tool_calls": CALL["tool_calls"]},
+            "messages[0].tool_calls",
+            "only assistant messages call tools, got role 'user'",
+        ),
+        (
+            {"role": "assistant", "content": "", "tool_calls": "get_weather()"},
+            "messages[0].tool_calls",
+            'expected a list of tool calls, got a string ("get_weather()")',
+        ),
+        (
+            {"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]},
+            "messages[0].tool_calls[0]",
+            'expected {"type": "function", "function": {"name": ..., "arguments": {...}}}, got an object',
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": ""}}]},
+            "messages[0].tool_calls[0].function.name",
+            'expected the function\'s name, a non-empty string, got a string ("")',
+        ),
+        (
+            {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 3}}]},
+            "messages[0].tool_calls[0].function.arguments",
+            "expected an object (or a JSON string), got a number (3)",
+        ),
+        ({"role": "assistant", "content": ""}, "messages[0].content", "empty assistant message"),
+        ({"role": "assistant"}, "messages[0]", "expected keys {role, content}, found keys {role}"),
+        (
+            {"role": "tool", "content": "x", "tool_call_id": 7},
+            "messages[0].tool_call_id",
+            "expected a non-empty string",
+        ),
+    ],
+)
 def test_bad_tool_messages(tmp_path, message, field, problem):
     error = error_of(load_sft, jsonl(tmp_path, [{"messages": [message, ANSWER]}]))
     assert (error.where, error.field) == ("1", field) and error.problem.startswith(problem)
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": [USER], "completion": [USER]}, "completion[0].role",
-     "expected 'assistant' or 'tool' in a completion (the model writes it), got 'user'"),
-    ({"prompt": [USER], "completion": [TOOL, ANSWER]}, "completion[0].role",
-     "a completion starts with the assistant's turn, got 'tool'"),
-    ({"prompt": [USER, ANSWER], "completion": [ANSWER]}, "prompt[1].role", "a prompt must not end with an assistant"),
-    ({"prompt": [USER], "completion": 3}, "completion", "expected a list of assistant messages or a string"),
-    ({"messages": [USER, ANSWER], "tools": {"name": "f"}}, "tools", "expected a list of tool schemas (objects)"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        (
+            {"prompt": [USER], "completion": [USER]},
+            "completion[0].role",
+            "expected 'assistant' or 'tool' in a completion (the model writes it), got 'user'",
+        ),
+        (
+            {"prompt": [USER], "completion": [TOOL, ANSWER]},
+            "completion[0].role",
+            "a completion starts with the assistant's turn, got 'tool'",
+        ),
+        (
+            {"prompt": [USER, ANSWER], "completion": [ANSWER]},
+            "prompt[1].role",
+            "a prompt must not end with an assistant",
+        ),
+        ({"prompt": [USER], "completion": 3}, "completion", "expected a list of assistant messages or a string"),
+        ({"messages": [USER, ANSWER], "tools": {"name": "f"}}, "tools", "expected a list of tool schemas (objects)"),
+    ],
+)
 def test_bad_conversational_sft(tmp_path, row, field, problem):
     error = error_of(load_sft, jsonl(tmp_path, [row]))
     assert error.field == field and error.problem.startswith(problem)
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "q", "completion": "a bad answer", "label": False},
-    {"prompt": "q", "completion": "a good answer", "label": True},
-    {"messages": [USER, ANSWER], "label": False},
-    {"text": "some text", "label": "false"},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "q", "completion": "a bad answer", "label": False},
+        {"prompt": "q", "completion": "a good answer", "label": True},
+        {"messages": [USER, ANSWER], "label": False},
+        {"text": "some text", "label": "false"},
+    ],
+)
 def test_sft_refuses_records_with_a_label(tmp_path, row):
     """A label false marks an undesirable completion: SFT would learn it, so KTO data is refused, not ignored."""
     path = jsonl(tmp_path, [row], "kto.jsonl")
@@ -350,13 +465,19 @@ def test_preference_reply_that_calls_tools_is_refused(tmp_path):
 
 
 def test_unpaired_standard_and_conversational(tmp_path):
-    rows = [{"prompt": "The sky is", "completion": " blue.", "label": True},
-            {"prompt": "", "completion": "green", "label": False, "id": 3}]
+    rows = [
+        {"prompt": "The sky is", "completion": " blue.", "label": True},
+        {"prompt": "", "completion": "green", "label": False, "id": 3},
+    ]
     path = jsonl(tmp_path, rows)
-    assert load_unpaired(path) == [UnpairedExample("The sky is", " blue.", True, f"{path}:1"),
-                                   UnpairedExample("", "green", False, f"{path}:2")]
-    conversational = [{"prompt": [USER], "completion": [ANSWER], "label": False},
-                      {"prompt": [USER], "completion": "Rainy.", "label": True}]
+    assert load_unpaired(path) == [
+        UnpairedExample("The sky is", " blue.", True, f"{path}:1"),
+        UnpairedExample("", "green", False, f"{path}:2"),
+    ]
+    conversational = [
+        {"prompt": [USER], "completion": [ANSWER], "label": False},
+        {"prompt": [USER], "completion": "Rainy.", "label": True},
+    ]
     first, second = load_unpaired(jsonl(tmp_path, conversational, "c.jsonl"))
     assert first.prompt == (Message("user", USER["content"]),)
     assert first.completion == (Message("assistant", ANSWER["content"]),)
@@ -364,20 +485,35 @@ def test_unpaired_standard_and_conversational(tmp_path):
     assert parse_unpaired({"prompt": "p", "completion": "c", "label": True}).where == "<record>"
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": "q", "completion": "a", "label": 1}, "label",
-     "expected a boolean (true: a desirable completion, false: an undesirable one), got a number (1)"),
-    ({"prompt": "q", "completion": "a", "label": "true"}, "label", 'got a string ("true")'),
-    ({"prompt": "q", "completion": "a", "label": None}, "label", "got null"),
-    ({"prompt": "q", "completion": " ", "label": True}, "completion", "empty completion"),
-    ({"prompt": "q", "completion": [ANSWER], "label": True}, "prompt",
-     "expected a list of messages before a conversational completion"),
-    ({"prompt": [USER], "completion": [CALL, TOOL, ANSWER], "label": True}, "completion[1].role",
-     "expected 'assistant' in a completion"),
-    ({"prompt": 4, "completion": "a", "label": True}, "prompt", "expected a string or a list of messages"),
-    ({"prompt": "q", "completion": "a"}, None,
-     "expected one of {prompt, completion, label}, found keys {prompt, completion}"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        (
+            {"prompt": "q", "completion": "a", "label": 1},
+            "label",
+            "expected a boolean (true: a desirable completion, false: an undesirable one), got a number (1)",
+        ),
+        ({"prompt": "q", "completion": "a", "label": "true"}, "label", 'got a string ("true")'),
+        ({"prompt": "q", "completion": "a", "label": None}, "label", "got null"),
+        ({"prompt": "q", "completion": " ", "label": True}, "completion", "empty completion"),
+        (
+            {"prompt": "q", "completion": [ANSWER], "label": True},
+            "prompt",
+            "expected a list of messages before a conversational completion",
+        ),
+        (
+            {"prompt": [USER], "completion": [CALL, TOOL, ANSWER], "label": True},
+            "completion[1].role",
+            "expected 'assistant' in a completion",
+        ),
+        ({"prompt": 4, "completion": "a", "label": True}, "prompt", "expected a string or a list of messages"),
+        (
+            {"prompt": "q", "completion": "a"},
+            None,
+            "expected one of {prompt, completion, label}, found keys {prompt, completion}",
+        ),
+    ],
+)
 def test_bad_unpaired(tmp_path, row, field, problem):
     error = error_of(load_unpaired, jsonl(tmp_path, [row]))
     assert (error.where, error.field) == ("1", field) and problem in error.problem
@@ -406,16 +542,28 @@ def test_validate_file_kto_kind(tmp_path):
 
 
 def test_explicit_preference_strings_and_annotator(tmp_path):
-    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "annotator": 3}, {"prompt": "", "chosen": "a", "rejected": "b", "annotator": "ann"}]
+    rows = [
+        {"prompt": "q", "chosen": "a", "rejected": "b", "annotator": 3},
+        {"prompt": "", "chosen": "a", "rejected": "b", "annotator": "ann"},
+    ]
     pairs = load_preferences(jsonl(tmp_path, rows))
-    assert [(p.prompt, p.chosen, p.rejected, p.annotator) for p in pairs] == [("q", "a", "b", "3"), ("", "a", "b", "ann")]
+    assert [(p.prompt, p.chosen, p.rejected, p.annotator) for p in pairs] == [
+        ("q", "a", "b", "3"),
+        ("", "a", "b", "ann"),
+    ]
 
 
 def test_explicit_preference_conversational(tmp_path):
-    row = {"prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
-           "chosen": [{"role": "assistant", "content": "hello"}], "rejected": "go away"}
+    row = {
+        "prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "hello"}],
+        "rejected": "go away",
+    }
     pair = load_preferences(jsonl(tmp_path, [row]))[0]
-    assert pair.prompt == (Message("system", "be kind"), Message("user", "hi")) and (pair.chosen, pair.rejected) == ("hello", "go away")
+    assert pair.prompt == (Message("system", "be kind"), Message("user", "hi")) and (pair.chosen, pair.rejected) == (
+        "hello",
+        "go away",
+    )
 
 
 def test_implicit_prompt_strings_split_at_assistant_marker(tmp_path):
@@ -431,7 +579,10 @@ def test_split_shared_prompt_word_boundaries():
     assert split_shared_prompt("The sky is blue.", "The sky is green.") == ("The sky is", " blue.", " green.")
     assert split_shared_prompt("Answer:\n\nYes", "Answer:\n\nNo") == ("Answer:", "\n\nYes", "\n\nNo")
     assert split_shared_prompt("Q?\nYes", "Q? No") == ("Q?", "\nYes", " No")
-    assert split_shared_prompt("<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nA b", "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nA c")[0].endswith("assistant\n")
+    assert split_shared_prompt(
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nA b",
+        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\nA c",
+    )[0].endswith("assistant\n")
     assert split_shared_prompt("yes", "no") == ("", "yes", "no")
 
 
@@ -451,30 +602,76 @@ def test_implicit_prompt_reply_keeps_its_leading_space_token(tmp_path, tiny_toke
 
 def test_implicit_prompt_messages(tmp_path):
     user = {"role": "user", "content": "hi"}
-    row = {"chosen": [user, {"role": "assistant", "content": "hello"}], "rejected": [user, {"role": "assistant", "content": "no"}]}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "hello"}],
+        "rejected": [user, {"role": "assistant", "content": "no"}],
+    }
     pair = load_preferences(jsonl(tmp_path, [row]))[0]
     assert (pair.prompt, pair.chosen, pair.rejected) == ((Message("user", "hi"),), "hello", "no")
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": "q", "chosen": "same", "rejected": "same "}, "rejected", "chosen and rejected are the same text"),
-    ({"chosen": "Q: x A: same", "rejected": "Q: x A: same"}, "rejected", "chosen and rejected are the same text"),
-    ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "empty chosen"),
-    ({"prompt": "q", "chosen": "a", "rejected": " "}, "rejected", "empty rejected"),
-    ({"prompt": "q", "chosen": 1, "rejected": "b"}, "chosen", "expected a string or a list of messages, got a number (1)"),
-    ({"prompt": 5, "chosen": "a", "rejected": "b"}, "prompt", "expected a string or a list of messages, got a number (5)"),
-    ({"prompt": "q", "chosen": "a", "rejected": "b", "annotator": True}, "annotator", "expected a non-empty string or an integer"),
-    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "chosen", "expected a string or one assistant message"),
-    ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "a", "rejected": "b"},
-     "prompt[1].role", "a prompt must not end with an assistant message"),
-    ({"chosen": "Q: x A: yes", "rejected": [{"role": "assistant", "content": "no"}]}, "rejected", "expected the same type as chosen (a string), got a list"),
-    ({"chosen": "Q: x A: ", "rejected": "Q: x A: no"}, "chosen", "empty chosen: expected a non-empty reply after the shared prompt"),
-    ({"chosen": "yes", "rejected": "no"}, None, "chosen and rejected share no prompt"),
-    ({"chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
-      "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}]}, None, "they differ at message 0"),
-    ({"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
-     "chosen[0].role", "expected the conversation to end with an assistant message"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same "}, "rejected", "chosen and rejected are the same text"),
+        ({"chosen": "Q: x A: same", "rejected": "Q: x A: same"}, "rejected", "chosen and rejected are the same text"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "empty chosen"),
+        ({"prompt": "q", "chosen": "a", "rejected": " "}, "rejected", "empty rejected"),
+        (
+            {"prompt": "q", "chosen": 1, "rejected": "b"},
+            "chosen",
+            "expected a string or a list of messages, got a number (1)",
+        ),
+        (
+            {"prompt": 5, "chosen": "a", "rejected": "b"},
+            "prompt",
+            "expected a string or a list of messages, got a number (5)",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": "b", "annotator": True},
+            "annotator",
+            "expected a non-empty string or an integer",
+        ),
+        (
+            {"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"},
+            "chosen",
+            "expected a string or one assistant message",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "chosen": "a",
+                "rejected": "b",
+            },
+            "prompt[1].role",
+            "a prompt must not end with an assistant message",
+        ),
+        (
+            {"chosen": "Q: x A: yes", "rejected": [{"role": "assistant", "content": "no"}]},
+            "rejected",
+            "expected the same type as chosen (a string), got a list",
+        ),
+        (
+            {"chosen": "Q: x A: ", "rejected": "Q: x A: no"},
+            "chosen",
+            "empty chosen: expected a non-empty reply after the shared prompt",
+        ),
+        ({"chosen": "yes", "rejected": "no"}, None, "chosen and rejected share no prompt"),
+        (
+            {
+                "chosen": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}],
+                "rejected": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "y"}],
+            },
+            None,
+            "they differ at message 0",
+        ),
+        (
+            {"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+            "chosen[0].role",
+            "expected the conversation to end with an assistant message",
+        ),
+    ],
+)
 def test_bad_preferences(tmp_path, row, field, problem):
     error = error_of(load_preferences, jsonl(tmp_path, [row]))
     assert error.field == field and problem in error.problem
@@ -494,12 +691,18 @@ def test_prompts(tmp_path):
     assert prompts[0].messages == (Message("user", "hi"),) and prompts[1].prompt == "The movie was"
 
 
-@pytest.mark.parametrize("row, field, problem", [
-    ({"prompt": " "}, "prompt", "empty prompt"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, "messages[1].role",
-     "a prompt must not end with an assistant message"),
-    ({"question": "hi"}, None, "expected one of {prompt} | {messages}, found keys {question}"),
-])
+@pytest.mark.parametrize(
+    "row, field, problem",
+    [
+        ({"prompt": " "}, "prompt", "empty prompt"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            "messages[1].role",
+            "a prompt must not end with an assistant message",
+        ),
+        ({"question": "hi"}, None, "expected one of {prompt} | {messages}, found keys {question}"),
+    ],
+)
 def test_bad_prompts(tmp_path, row, field, problem):
     error = error_of(load_prompts, jsonl(tmp_path, [row]))
     assert error.field == field and problem in error.problem
@@ -541,7 +744,10 @@ def test_validate_verb_prints_count_and_exits_2_on_bad_data(tmp_path, capsys, mo
     assert capsys.readouterr().err.startswith(f"error: {kto}:1: field 'label': records with a `label` field")
     bad = jsonl(tmp_path, [{"prompt": "q", "completion": ""}], "bad.jsonl")
     assert cli.main(["validate", str(bad), "--kind", "sft"]) == 2
-    assert capsys.readouterr().err == f"error: {bad}:1: field 'completion': empty completion: expected non-empty text, got ''\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: {bad}:1: field 'completion': empty completion: expected non-empty text, got ''\n"
+    )
 
 
 def test_write_jsonl_round_trips_through_the_reader(tmp_path):

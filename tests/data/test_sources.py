@@ -86,8 +86,12 @@ def test_hh_pairs_on_small_file(tmp_path):
     ]
     pairs, skipped = hh_rlhf_pairs(gz_jsonl(tmp_path, rows))
     assert pairs == [PreferencePair(h, " good", " bad", None, f"{tmp_path / 'hh.jsonl.gz'}:1")]
-    assert skipped == ["record 2: rejected does not share the chosen prompt", "record 3: chosen reply is empty",
-                       "record 4: chosen has no '\\n\\nAssistant:' turn", "record 5: chosen and rejected replies are the same"]
+    assert skipped == [
+        "record 2: rejected does not share the chosen prompt",
+        "record 3: chosen reply is empty",
+        "record 4: chosen has no '\\n\\nAssistant:' turn",
+        "record 5: chosen and rejected replies are the same",
+    ]
 
 
 def test_hh_pairs_reject_a_file_that_is_not_hh(tmp_path):
@@ -104,7 +108,12 @@ def test_hh_real_file_counts():
     # The README's 4 foreign rejected transcripts, plus 4 whose chosen transcript stops at "Assistant:"
     # (an empty chosen reply, which a PreferencePair may not hold).
     assert reasons == {"rejected does not share the chosen prompt": 4, "chosen reply is empty": 4}
-    assert [r.split(":")[0] for r in skipped if "share" in r] == ["record 1255", "record 1689", "record 1953", "record 2037"]
+    assert [r.split(":")[0] for r in skipped if "share" in r] == [
+        "record 1255",
+        "record 1689",
+        "record 1953",
+        "record 2037",
+    ]
     assert len(pairs) == 2304 and len(pairs) + len(skipped) == 2312
     assert all(p.prompt.endswith("\n\nAssistant:") and p.chosen.strip() and p.rejected.strip() for p in pairs)
     rows = dict(read_rows(path))
@@ -119,7 +128,13 @@ def test_hh_implicit_prompt_reading_agrees_with_adapter(tmp_path):
     path = real(HH_RLHF_HARMLESS_TEST)
     rows = [row for _, row in read_rows(path)][:200]
     kept, _ = hh_rlhf_pairs(gz_jsonl(tmp_path, rows, "first200.jsonl.gz"))
-    generic = load_preferences(gz_jsonl(tmp_path, [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in kept], "kept.jsonl.gz"))
+    generic = load_preferences(
+        gz_jsonl(
+            tmp_path,
+            [{"chosen": p.prompt + p.chosen, "rejected": p.prompt + p.rejected} for p in kept],
+            "kept.jsonl.gz",
+        )
+    )
     assert [(p.prompt, p.chosen, p.rejected) for p in generic] == [(p.prompt, p.chosen, p.rejected) for p in kept]
 
 
@@ -127,8 +142,17 @@ def test_hh_implicit_prompt_reading_agrees_with_adapter(tmp_path):
 
 
 def pandalm_row(idx, r1, r2, labels, instruction="Rewrite", extra=""):
-    return {"idx": idx, "instruction": instruction, "input": extra, "response1": r1, "response2": r2,
-            "annotator1": labels[0], "annotator2": labels[1], "annotator3": labels[2], "cmp_key": "a_b"}
+    return {
+        "idx": idx,
+        "instruction": instruction,
+        "input": extra,
+        "response1": r1,
+        "response2": r2,
+        "annotator1": labels[0],
+        "annotator2": labels[1],
+        "annotator3": labels[2],
+        "cmp_key": "a_b",
+    }
 
 
 def test_majority_label():
@@ -152,7 +176,10 @@ def test_pandalm_small_file(tmp_path):
     assert [r.idx for r in data.records] == [0, 1, 4]
     assert data.records[0].prompt == "Rewrite\n\nthe input" and data.records[2].prompt == "Truthfulness"
     assert data.records[0].labels == (2, 2, 1) and [r.majority for r in data.records] == [2, 0, 1]
-    assert data.skipped == ("record 3 (idx 2): response1 is not a string (JSON true)", "record 4 (idx 3): response2 is empty")
+    assert data.skipped == (
+        "record 3 (idx 2): response1 is not a string (JSON true)",
+        "record 4 (idx 3): response2 is empty",
+    )
 
     majority = data.to_preference_pairs()
     assert [(p.chosen, p.rejected, p.annotator) for p in majority] == [("long answer", "short", None), ("a", "b", None)]
@@ -160,7 +187,11 @@ def test_pandalm_small_file(tmp_path):
     assert [(p.chosen, p.rejected) for p in with_ties][1:3] == [("x", "y"), ("y", "x")]  # a tie: both orders
 
     per_annotator = data.to_preference_pairs(majority=False)
-    assert [(p.chosen, p.annotator) for p in per_annotator[:3]] == [("long answer", "annotator1"), ("long answer", "annotator2"), ("short", "annotator3")]
+    assert [(p.chosen, p.annotator) for p in per_annotator[:3]] == [
+        ("long answer", "annotator1"),
+        ("long answer", "annotator2"),
+        ("short", "annotator3"),
+    ]
     assert len(per_annotator) == 3 + 2 + 2  # record 1 has one tie label, record 4 one
     assert len(data.to_preference_pairs(majority=False, drop_ties=False)) == 3 + 4 + 4
 
@@ -186,6 +217,10 @@ def test_pandalm_real_file_counts():
     assert Counter(r.majority for r in data.records) == {2: 442, 1: 394, 0: 103}
     assert len(data.to_preference_pairs()) == 836
     per_annotator = data.to_preference_pairs(majority=False)
-    assert len(per_annotator) == 2501 and Counter(p.annotator for p in per_annotator).keys() == {"annotator1", "annotator2", "annotator3"}
+    assert len(per_annotator) == 2501 and Counter(p.annotator for p in per_annotator).keys() == {
+        "annotator1",
+        "annotator2",
+        "annotator3",
+    }
     assert len({r.prompt for r in data.records}) == 164  # README: only 170 distinct instructions in all 999
     assert all(isinstance(p.chosen, str) and p.chosen.strip() and p.chosen != p.rejected for p in per_annotator)

@@ -41,7 +41,12 @@ def test_text_trains_on_everything_but_first_token(tiny_tokenizer):
 
 def test_messages_label_only_assistant_turns(tiny_tokenizer):
     tok = tiny_tokenizer
-    messages = (Message("user", "rate it"), Message("assistant", "great"), Message("user", "why"), Message("assistant", "fun"))
+    messages = (
+        Message("user", "rate it"),
+        Message("assistant", "great"),
+        Message("user", "why"),
+        Message("assistant", "fun"),
+    )
     out = tokenize_sft(SFTExample(messages=messages), tok)
     trained = tok.decode([i for i, l in zip(out.input_ids, out.labels) if l != IGNORE])
     # ChatML: each assistant turn's text and its end-of-turn marker and newline, nothing of the user turns.
@@ -136,8 +141,11 @@ TOOL_TEMPLATE = (  # a ChatML template that renders tools, tool calls and the to
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 USER = {"role": "user", "content": "Weather in Paris?"}
-CALL = {"role": "assistant", "content": "", "tool_calls": [
-    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]}
+CALL = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+}
 TOOL = {"role": "tool", "name": "get_weather", "tool_call_id": "c1", "content": "18 C, sunny"}
 ANSWER = {"role": "assistant", "content": "It is sunny, 18 C."}
 SCHEMA = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -163,9 +171,14 @@ def jsonl(tmp_path, rows, name="data.jsonl"):
 
 def test_conversational_prompt_completion_trains_on_the_completion_only(tiny_tokenizer):
     tok = tiny_tokenizer
-    row = {"prompt": [{"role": "user", "content": "rate it"}, {"role": "assistant", "content": "great"},
-                      {"role": "user", "content": "why"}],
-           "completion": [{"role": "assistant", "content": "fun"}]}
+    row = {
+        "prompt": [
+            {"role": "user", "content": "rate it"},
+            {"role": "assistant", "content": "great"},
+            {"role": "user", "content": "why"},
+        ],
+        "completion": [{"role": "assistant", "content": "fun"}],
+    }
     out = tokenize_sft(parse_sft(row), tok)
     assert trained_text(tok, out) == "fun<|im_end|>\n"  # the prompt's assistant turn is context, not a target
     rendered = tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
@@ -198,21 +211,29 @@ def test_template_without_tool_support_is_a_clear_error(tmp_path, tiny_tokenizer
     assert str(caught.value).startswith(f"{path}:1: the chat template leaves out the tool_calls of message 1")
     # The tool and developer roles themselves it renders (ChatML prints any role).
     path = jsonl(tmp_path, [{"messages": [{"role": "developer", "content": "be brief"}, USER, ANSWER]}], "d.jsonl")
-    assert trained_text(tiny_tokenizer, tokenize_dataset(load_sft(path), tiny_tokenizer, 512)[0][0]) == \
-        "It is sunny, 18 C.<|im_end|>\n"
+    assert (
+        trained_text(tiny_tokenizer, tokenize_dataset(load_sft(path), tiny_tokenizer, 512)[0][0])
+        == "It is sunny, 18 C.<|im_end|>\n"
+    )
 
 
 def test_template_that_rejects_or_drops_a_role_is_a_clear_error(tmp_path):
-    strict = with_template("{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
-                           "{{ raise_exception('Conversation roles must be system, user or assistant') }}{% endif %}"
-                           "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}")
+    strict = with_template(
+        "{% for m in messages %}{% if m.role not in ['system', 'user', 'assistant'] %}"
+        "{{ raise_exception('Conversation roles must be system, user or assistant') }}{% endif %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
     path = jsonl(tmp_path, [{"messages": [{"role": "developer", "content": "be brief"}, USER, ANSWER]}])
     with pytest.raises(DataError) as caught:
         tokenize_dataset(load_sft(path), strict, max_length=512)
-    assert str(caught.value) == (f"{path}:1: the chat template cannot render this conversation (roles [developer, "
-                                 "user, assistant]): TemplateError: Conversation roles must be system, user or assistant")
-    silent = with_template("{% for m in messages %}{% if m.role != 'tool' %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-                           "<|im_end|>\n{% endif %}{% endfor %}")
+    assert str(caught.value) == (
+        f"{path}:1: the chat template cannot render this conversation (roles [developer, "
+        "user, assistant]): TemplateError: Conversation roles must be system, user or assistant"
+    )
+    silent = with_template(
+        "{% for m in messages %}{% if m.role != 'tool' %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endif %}{% endfor %}"
+    )
     path = jsonl(tmp_path, [{"prompt": [USER, {"role": "tool", "content": "18 C"}], "completion": [ANSWER]}], "t.jsonl")
     with pytest.raises(DataError, match=r"t\.jsonl:1: the chat template leaves out message 1 \(role 'tool'\)"):
         tokenize_dataset(load_sft(path), silent, max_length=512)
@@ -238,14 +259,17 @@ def test_unpaired_encoding_matches_dpo(tiny_tokenizer):
 
 def test_tokenize_unpaired_labels_and_overlong_policies(tmp_path, tiny_tokenizer):
     tok = tiny_tokenizer
-    rows = [{"prompt": "the film is", "completion": " a charming delight .", "label": True},
-            {"prompt": "the film is " + "very " * 30, "completion": " dull .", "label": False}]
+    rows = [
+        {"prompt": "the film is", "completion": " a charming delight .", "label": True},
+        {"prompt": "the film is " + "very " * 30, "completion": " dull .", "label": False},
+    ]
     examples = load_unpaired(jsonl(tmp_path, rows))
     n_prompt = len(tok(rows[1]["prompt"], add_special_tokens=False)["input_ids"])
     n_long = n_prompt + len(tok(" dull .", add_special_tokens=False)["input_ids"]) + 1
     report = TokenizeReport()
-    short, cut = tokenize_unpaired(examples, tok, max_length=20, max_prompt_length=16, overlong="truncate",
-                                   report=report)
+    short, cut = tokenize_unpaired(
+        examples, tok, max_length=20, max_prompt_length=16, overlong="truncate", report=report
+    )
     assert isinstance(short, UnpairedIds) and short.label is True and cut.label is False
     assert (short.prompt, short.completion) == encode_unpaired(tok, examples[0])
     full_prompt, full_completion = encode_unpaired(tok, examples[1])
@@ -268,8 +292,10 @@ def test_tokenize_unpaired_labels_and_overlong_policies(tmp_path, tiny_tokenizer
 
 
 def test_tokenize_unpaired_conversations_with_tools(tmp_path, tiny_tokenizer):
-    rows = [{"prompt": [USER], "completion": [CALL], "label": True, "tools": [SCHEMA]},
-            {"prompt": [USER], "completion": "It is raining.", "label": False}]
+    rows = [
+        {"prompt": [USER], "completion": [CALL], "label": True, "tools": [SCHEMA]},
+        {"prompt": [USER], "completion": "It is raining.", "label": False},
+    ]
     examples = load_unpaired(jsonl(tmp_path, rows))
     tok = with_template(TOOL_TEMPLATE)
     good, bad = tokenize_unpaired(examples, tok, max_length=512, max_prompt_length=256)

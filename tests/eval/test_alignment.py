@@ -42,7 +42,9 @@ def test_eval_verb_smoke_on_tiny(tmp_path):
     from tests.conftest import run_cli
 
     out = tmp_path / "eval.json"
-    result = run_cli("eval", "--model", "tiny", "--reference", "tiny", "--prompts", "6", "--max-new-tokens", "5", "--out", str(out))
+    result = run_cli(
+        "eval", "--model", "tiny", "--reference", "tiny", "--prompts", "6", "--max-new-tokens", "5", "--out", str(out)
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads(out.read_text())
     assert summary["gold_reward"]["n"] == 6 and 0 <= summary["gold_reward"]["mean"] <= 1
@@ -134,7 +136,11 @@ def test_paired_win_rates_every_ordered_pair():
 
     # sft vs rlhf: 1, 0.5, 0 -> 0.5; sft vs base: 1, 1, 0 -> 2/3; rlhf vs base: 1, 1, 1 -> 1
     rates = paired_win_rates({"sft": [2, 1, 0], "rlhf": [1, 1, 3], "base": [0, 0, 1]})
-    assert rates == {"sft": {"rlhf": 0.5, "base": 2 / 3}, "rlhf": {"sft": 0.5, "base": 1.0}, "base": {"sft": 1 / 3, "rlhf": 0.0}}
+    assert rates == {
+        "sft": {"rlhf": 0.5, "base": 2 / 3},
+        "rlhf": {"sft": 0.5, "base": 1.0},
+        "base": {"sft": 1 / 3, "rlhf": 0.0},
+    }
 
 
 def test_exact_kl_is_zero_against_itself_and_positive_against_another_model():

@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from tuneoff.eval.diversity import diversity_report, ead, embedding_diversity, embedding_diversity_from_vectors, self_bleu
+from tuneoff.eval.diversity import (
+    diversity_report,
+    ead,
+    embedding_diversity,
+    embedding_diversity_from_vectors,
+    self_bleu,
+)
 
 
 def test_ead_hand_computed():
@@ -38,7 +44,7 @@ def test_self_bleu_hand_computed():
     assert self_bleu(["a b c d", "a b c e"]) == pytest.approx((1 / 8) ** 0.25, rel=1e-9)
     # "a b" vs "a b c d": effective order 2, precisions 1, 1; brevity penalty exp(1 − 4/2) = e^-1
     # "a b c d" vs "a b": precisions 2/4, 1/3, then 0/2 -> 1/(2·2) and 0/1 -> 1/(4·1); BP 1 -> (1/96)^(1/4)
-    assert self_bleu(["a b", "a b c d"]) == pytest.approx((math.exp(-1) + 96 ** -0.25) / 2, rel=1e-9)
+    assert self_bleu(["a b", "a b c d"]) == pytest.approx((math.exp(-1) + 96**-0.25) / 2, rel=1e-9)
     # each of the two copies matches a reference exactly (1, 1); the third shares nothing (0) -> 2/3
     assert self_bleu(["a b c d", "a b c d", "x y z w"]) == pytest.approx(2 / 3, rel=1e-9)
     # tokenize='none': "c." is one token, not "c" + "."
@@ -49,7 +55,9 @@ def test_self_bleu_hand_computed():
 
 def test_embedding_diversity_from_vectors_hand_computed():
     # cosines: (e1, e2) = 0, (e1, e1+e2) = 1/√2, (e2, e1+e2) = 1/√2 -> mean √2/3
-    assert embedding_diversity_from_vectors(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(1 - math.sqrt(2) / 3)
+    assert embedding_diversity_from_vectors(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])) == pytest.approx(
+        1 - math.sqrt(2) / 3
+    )
     assert embedding_diversity_from_vectors(np.array([[2.0, 0.0], [0.0, 3.0]])) == pytest.approx(1.0)  # scale-free
     assert embedding_diversity_from_vectors(np.array([[1.0, 2.0]] * 3)) == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
@@ -98,6 +106,7 @@ def test_embedding_diversity_with_minilm(minilm):
 
     assert load_embedder("cpu") is minilm  # cached: loads once per process
     same = embedding_diversity(["the film was wonderful"] * 3, embedder=minilm)
-    different = embedding_diversity(["the film was wonderful", "stock prices fell sharply today", "a recipe for bread"],
-                                    embedder=minilm)
+    different = embedding_diversity(
+        ["the film was wonderful", "stock prices fell sharply today", "a recipe for bread"], embedder=minilm
+    )
     assert abs(same) < 1e-5 and different > 0.5

@@ -30,7 +30,10 @@ def test_kl_blowup_events_once_per_episode():
     # 0.2 ends it; 9 starts a second one. The NaN at step 7 is a "nan" event, not a KL one.
     kls = [0.1, 5.0, 6.0, None, 7.0, 0.2, 9.0, float("nan")]
     events = divergence_events([{"step": i, "kl": k} for i, k in enumerate(kls)], kl_bound=1.0)
-    assert events[:2] == [{"step": 1, "kind": "kl_blowup", "value": 5.0}, {"step": 6, "kind": "kl_blowup", "value": 9.0}]
+    assert events[:2] == [
+        {"step": 1, "kind": "kl_blowup", "value": 5.0},
+        {"step": 6, "kind": "kl_blowup", "value": 9.0},
+    ]
     assert len(events) == 3 and events[2]["step"] == 7 and events[2]["kind"] == "nan" and math.isnan(events[2]["value"])
 
 
@@ -39,8 +42,10 @@ def test_reward_collapse_after_a_rise():
     # 0.9 < 1 at step 3 (collapse), 0.8 at step 4 same episode, 1.5 ≥ 1 ends it, 0.5 < 1 at step 6 again
     proxies = [0.0, 1.0, 2.0, 0.9, 0.8, 1.5, 0.5]
     events = divergence_events([{"step": 10 * i, "proxy": p} for i, p in enumerate(proxies)], kl_bound=1.0)
-    assert events == [{"step": 30, "kind": "reward_collapse", "value": 0.9},
-                      {"step": 60, "kind": "reward_collapse", "value": 0.5}]
+    assert events == [
+        {"step": 30, "kind": "reward_collapse", "value": 0.9},
+        {"step": 60, "kind": "reward_collapse", "value": 0.5},
+    ]
     # a proxy that only falls from its start never "collapses": the rise is 0
     assert divergence_events([{"step": i, "proxy": p} for i, p in enumerate([1.0, 0.5, 0.0])], kl_bound=1.0) == []
     # collapse_drop 0.9: 0.9 and 0.8 are above 2 − 0.9·2 = 0.2, so nothing

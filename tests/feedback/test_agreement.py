@@ -11,9 +11,21 @@ from pathlib import Path
 import pytest
 
 from tuneoff.feedback.agreement import (
-    Rate, agreement_with_majority, binomial_two_sided_p, cohen_kappa, fleiss_kappa, fleiss_kappa_of,
-    format_summary, krippendorff_alpha_nominal, krippendorff_alpha_of, length_bias, majority, median_seconds,
-    pairwise_cohen_kappa, position_bias, summarize,
+    Rate,
+    agreement_with_majority,
+    binomial_two_sided_p,
+    cohen_kappa,
+    fleiss_kappa,
+    fleiss_kappa_of,
+    format_summary,
+    krippendorff_alpha_nominal,
+    krippendorff_alpha_of,
+    length_bias,
+    majority,
+    median_seconds,
+    pairwise_cohen_kappa,
+    position_bias,
+    summarize,
 )
 
 PANDALM = Path("/work/shared/data/pandalm/testset-v1.json.gz")
@@ -74,8 +86,20 @@ def test_krippendorff_alpha_by_hand():
 def test_krippendorff_alpha_published_example():
     # Krippendorff (2011), "Computing Krippendorff's alpha-reliability": 4 coders, 12 units with
     # missing values; nominal alpha = 0.743. Unit 12 holds one value and is not pairable.
-    units = [[1, 1, 1], [2, 2, 3, 2], [3, 3, 3, 3], [3, 3, 3, 3], [2, 2, 2, 2], [1, 2, 3, 4], [4, 4, 4, 4],
-             [1, 1, 2, 1], [2, 2, 2, 2], [5, 5, 5], [1, 1], [3]]
+    units = [
+        [1, 1, 1],
+        [2, 2, 3, 2],
+        [3, 3, 3, 3],
+        [3, 3, 3, 3],
+        [2, 2, 2, 2],
+        [1, 2, 3, 4],
+        [4, 4, 4, 4],
+        [1, 1, 2, 1],
+        [2, 2, 2, 2],
+        [5, 5, 5],
+        [1, 1],
+        [3],
+    ]
     assert krippendorff_alpha_nominal(units) == pytest.approx(0.743, abs=5e-4)
 
 
@@ -154,12 +178,18 @@ class J:
 
 
 def test_summarize_counts_and_formats():
-    judgments = [J("t1", "x", "a", seconds=4.0), J("t1", "y", "a", a_on_left=False, seconds=2.0),
-                 J("t2", "x", "b", seconds=1.0), J("t2", "y", None, choice="skip", seconds=9.0)]
+    judgments = [
+        J("t1", "x", "a", seconds=4.0),
+        J("t1", "y", "a", a_on_left=False, seconds=2.0),
+        J("t2", "x", "b", seconds=1.0),
+        J("t2", "y", None, choice="skip", seconds=9.0),
+    ]
     summary = summarize(judgments)
     assert summary["judgments"] == 4 and summary["skips"] == 1 and summary["tasks_labelled"] == 2
     assert summary["labels"] == {"a": 2, "b": 1}
-    assert summary["cohen_kappa"] == [{"annotators": ["x", "y"], "kappa": pytest.approx(float("nan"), nan_ok=True), "n": 1}]
+    assert summary["cohen_kappa"] == [
+        {"annotators": ["x", "y"], "kappa": pytest.approx(float("nan"), nan_ok=True), "n": 1}
+    ]
     # left chosen: x t1 (a on left, a) yes ; y t1 (a on right, a) no ; x t2 (b on right) no -> 1 of 3
     assert summary["position_bias"]["overall"]["hits"] == 1 and summary["position_bias"]["overall"]["n"] == 3
     assert summary["length_bias"]["overall"]["hits"] == 1  # b (longer) chosen once of 3

@@ -48,9 +48,17 @@ def count_judgments(db: Path) -> int:
 def test_every_route_but_login_answers_401_without_a_valid_token(db):
     token = annotator(db, "ann")
     client = TestClient(create_app(db))
-    for method, path in [("GET", "/"), ("POST", "/judge"), ("POST", "/logout"), ("GET", "/api/next"),
-                         ("POST", "/api/judgments"), ("GET", "/api/progress"), ("GET", "/docs"),
-                         ("GET", "/openapi.json"), ("GET", "/no/such/page")]:
+    for method, path in [
+        ("GET", "/"),
+        ("POST", "/judge"),
+        ("POST", "/logout"),
+        ("GET", "/api/next"),
+        ("POST", "/api/judgments"),
+        ("GET", "/api/progress"),
+        ("GET", "/docs"),
+        ("GET", "/openapi.json"),
+        ("GET", "/no/such/page"),
+    ]:
         assert client.request(method, path).status_code == 401, path
         assert client.request(method, path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
     # the API takes the bearer header only, the page the cookie only
@@ -69,7 +77,10 @@ def test_unauthenticated_posts_record_nothing(db):
     for headers in ({}, {"Authorization": "Bearer " + token[:-1]}, {"Authorization": "Basic " + token}):
         response = client.post("/api/judgments", json={"task_id": task["task_id"], "choice": "left"}, headers=headers)
         assert response.status_code == 401
-        assert client.post("/judge", data={"task_id": task["task_id"], "choice": "left"}, headers=headers).status_code == 401
+        assert (
+            client.post("/judge", data={"task_id": task["task_id"], "choice": "left"}, headers=headers).status_code
+            == 401
+        )
     assert count_judgments(db) == 0
 
 
@@ -87,7 +98,7 @@ def test_login_sets_a_strict_http_only_cookie_and_the_page_escapes_model_text(db
     assert "line one\nline two" in page.text  # line breaks reach the page (shown by white-space: pre-wrap)
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'nonce-" in csp
-    assert "done <span id=\"done\">0</span> · remaining <span id=\"remaining\">5</span>" in page.text
+    assert 'done <span id="done">0</span> · remaining <span id="remaining">5</span>' in page.text
 
 
 def test_api_flow_records_order_choice_and_progress(db):
@@ -141,7 +152,9 @@ def test_form_flow_redirects_to_the_next_task(db):
     client.post("/login", data={"token": token})
     first = client.get("/")
     task_id = first.text.split('name="task_id" id="task_id" value="')[1].split('"')[0]
-    response = client.post("/judge", data={"task_id": task_id, "choice": "skip", "seconds": "0.8"}, follow_redirects=False)
+    response = client.post(
+        "/judge", data={"task_id": task_id, "choice": "skip", "seconds": "0.8"}, follow_redirects=False
+    )
     assert response.status_code == 303
     assert 'id="done">1<' in client.get("/").text
     assert client.post("/logout", follow_redirects=False).status_code == 303
@@ -161,9 +174,22 @@ def start_server(db: Path, port: int) -> subprocess.Popen:
     src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tuneoff.feedback.label_cli", "label", "serve", "--db", str(db), "--port", str(port),
-         "--annotators-per-task", str(PER_TASK)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "tuneoff.feedback.label_cli",
+            "label",
+            "serve",
+            "--db",
+            str(db),
+            "--port",
+            str(port),
+            "--annotators-per-task",
+            str(PER_TASK),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -198,8 +224,10 @@ class RawClient:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         data = b"" if body is None else json.dumps(body).encode()
-        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {self.token}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {self.token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
         self.writer.write(head.encode() + data)
         await self.writer.drain()
         lines = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
@@ -262,9 +290,12 @@ def test_concurrent_load_and_a_killed_server_lose_no_acknowledged_judgment(tmp_p
     assert at_kill, "the server was never killed"
     assert at_kill["stored"] >= len(at_kill["acked"])  # everything acknowledged before the kill was on disk
     with sqlite3.connect(db) as conn:
-        rows = conn.execute("SELECT a.token_sha256, j.task_id, j.choice FROM judgments j JOIN annotators a"
-                            " ON a.id = j.annotator_id").fetchall()
-        per_task = conn.execute("SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM judgments GROUP BY task_id)").fetchone()[0]
+        rows = conn.execute(
+            "SELECT a.token_sha256, j.task_id, j.choice FROM judgments j JOIN annotators a ON a.id = j.annotator_id"
+        ).fetchall()
+        per_task = conn.execute("SELECT MAX(n) FROM (SELECT COUNT(*) AS n FROM judgments GROUP BY task_id)").fetchone()[
+            0
+        ]
     expected = sorted((hash_token(token), task, choice) for token, task, choice in acked)
     assert len(acked) == JUDGMENTS and sorted(rows) == expected  # each acknowledged judgment once; nothing else
     assert per_task <= PER_TASK

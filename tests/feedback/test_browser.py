@@ -22,10 +22,20 @@ from tuneoff.feedback.store import NewTask, Store, export_preferences  # noqa: E
 
 # Debian's Chromium run as root in a closed network (see the machine notes): no sandbox, no GPU, and no
 # background connections, which would otherwise be refused by the dozen at every start.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
-HOSTILE = ('<script>alert("script")</script>\n<img src=x onerror="alert(\'img\')">\n'
-           '<a href="javascript:alert(\'link\')">click me</a>')
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+HOSTILE = (
+    '<script>alert("script")</script>\n<img src=x onerror="alert(\'img\')">\n'
+    "<a href=\"javascript:alert('link')\">click me</a>"
+)
 KEYS = {"1": "left", "2": "right", "3": "tie", "s": "skip"}
 
 

@@ -17,20 +17,28 @@ from tuneoff.feedback.gold import GoldConfig, normalize_like_sst2
 # ---------------------------------------------------------------- normalisation (hand-written expectations)
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ('I didn\'t like it. It\'s "boring" (really)!', "i did n't like it . it 's `` boring '' -lrb- really -rrb- !"),
-    ("The U.S. release, by Mr. Smith, cost $2,500... Wow!", "the u.s. release , by mr. smith , cost $ 2,500 ... wow !"),
-    ("We're gonna love the 'best' writer/director's film; they'll cannot.",
-     "we 're gon na love the ` best ' writer\\/director 's film ; they 'll can not ."),
-    ("Rock 'n' roll -- it won't stop\u2014ever\u2026", "rock 'n' roll -- it wo n't stop -- ever ..."),
-    ("CAN'T WAIT!!", "ca n't wait ! !"),
-    ("the actors' work [sic]", "the actors ' work -lsb- sic -rsb-"),
-    ("r&b & soul", "r&b & soul"),
-    ("It ran 1:30, at 3.5 stars.", "it ran 1:30 , at 3.5 stars ."),
-    ("\u2018Great\u2019 film, I\u2019d say", "` great ' film , i 'd say"),
-    ("  multiple   spaces\tand\nnewlines ", "multiple spaces and newlines"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("I didn't like it. It's \"boring\" (really)!", "i did n't like it . it 's `` boring '' -lrb- really -rrb- !"),
+        (
+            "The U.S. release, by Mr. Smith, cost $2,500... Wow!",
+            "the u.s. release , by mr. smith , cost $ 2,500 ... wow !",
+        ),
+        (
+            "We're gonna love the 'best' writer/director's film; they'll cannot.",
+            "we 're gon na love the ` best ' writer\\/director 's film ; they 'll can not .",
+        ),
+        ("Rock 'n' roll -- it won't stop\u2014ever\u2026", "rock 'n' roll -- it wo n't stop -- ever ..."),
+        ("CAN'T WAIT!!", "ca n't wait ! !"),
+        ("the actors' work [sic]", "the actors ' work -lsb- sic -rsb-"),
+        ("r&b & soul", "r&b & soul"),
+        ("It ran 1:30, at 3.5 stars.", "it ran 1:30 , at 3.5 stars ."),
+        ("\u2018Great\u2019 film, I\u2019d say", "` great ' film , i 'd say"),
+        ("  multiple   spaces\tand\nnewlines ", "multiple spaces and newlines"),
+        ("", ""),
+    ],
+)
 def test_normalize_like_sst2(raw, expected):
     assert normalize_like_sst2(raw) == expected
 
@@ -41,7 +49,7 @@ def test_normalize_keeps_sst2_dev_unchanged():
 
 
 def test_normalize_is_idempotent():
-    raw = 'He said: "It\'s (sort of) great... isn\'t it?" I\'d say 9/10.'
+    raw = "He said: \"It's (sort of) great... isn't it?\" I'd say 9/10."
     once = normalize_like_sst2(raw)
     assert normalize_like_sst2(once) == once
 

@@ -28,7 +28,12 @@ def test_parser_has_every_sub_verb():
     parser = argparse.ArgumentParser()
     label_cli.add_parser(parser.add_subparsers(dest="verb"))
     serve = parser.parse_args(["label", "serve", "--db", "x.sqlite", "--port", "9000"])
-    assert (serve.func, serve.host, serve.port, serve.annotators_per_task) == (label_cli.run_serve, "127.0.0.1", 9000, 3)
+    assert (serve.func, serve.host, serve.port, serve.annotators_per_task) == (
+        label_cli.run_serve,
+        "127.0.0.1",
+        9000,
+        3,
+    )
     assert parser.parse_args(["label", "annotators", "add", "ann", "--db", "x"]).func is label_cli.run_annotators_add
     assert parser.parse_args(["label", "add", "--db", "x", "--pandalm", "p"]).func is label_cli.run_add
     export = parser.parse_args(["label", "export", "--db", "x", "--out", "o"])
@@ -105,7 +110,9 @@ def test_preference_file_import_keeps_its_labels(tmp_path, capsys):
 def test_two_samples_per_prompt_from_a_model(tmp_path, capsys):
     db = tmp_path / "fb.sqlite"
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "the movie was"}, {"prompt": "a dull"}])
-    assert run("add", "--db", db, "--prompts", prompts, "--model-a", "tiny", "--max-new-tokens", "4", "--seed", "1") == 0
+    assert (
+        run("add", "--db", db, "--prompts", prompts, "--model-a", "tiny", "--max-new-tokens", "4", "--seed", "1") == 0
+    )
     with Store(db) as store:
         tasks = store.tasks()
     assert [t.prompt for t in tasks] == ["the movie was", "a dull"]
@@ -117,7 +124,9 @@ def test_registered_in_the_tuneoff_cli(tmp_path, capsys):
 
     assert cli.main(["label", "annotators", "add", "ann", "--db", str(tmp_path / "fb.sqlite")]) == 0
     assert capsys.readouterr().out.startswith("annotator ann: token ")
-    assert cli.main(["label", "export", "--db", str(tmp_path / "absent.sqlite"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert (
+        cli.main(["label", "export", "--db", str(tmp_path / "absent.sqlite"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    )
     assert "no feedback database" in capsys.readouterr().err
 
 
@@ -125,15 +134,18 @@ def serve(tmp_path, *argv) -> int:
     return run("serve", "--db", tmp_path / "fb.sqlite", *argv)
 
 
-@pytest.mark.parametrize("argv, message", [
-    ((), "error: no feedback database at "),
-    (("--host", "0.0.0.0"), "error: no feedback database at "),  # and no plain-HTTP warning before it
-    (("--port", "0"), "error: --port must be between 1 and 65535, got 0"),
-    (("--port", "70000"), "error: --port must be between 1 and 65535, got 70000"),
-    (("--annotators-per-task", "0"), "error: --annotators-per-task must be at least 1"),
-    (("--lease-minutes", "-1"), "error: --lease-minutes must be a positive number, got -1.0"),
-    (("--lease-minutes", "nan"), "error: --lease-minutes must be a positive number, got nan"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ((), "error: no feedback database at "),
+        (("--host", "0.0.0.0"), "error: no feedback database at "),  # and no plain-HTTP warning before it
+        (("--port", "0"), "error: --port must be between 1 and 65535, got 0"),
+        (("--port", "70000"), "error: --port must be between 1 and 65535, got 70000"),
+        (("--annotators-per-task", "0"), "error: --annotators-per-task must be at least 1"),
+        (("--lease-minutes", "-1"), "error: --lease-minutes must be a positive number, got -1.0"),
+        (("--lease-minutes", "nan"), "error: --lease-minutes must be a positive number, got nan"),
+    ],
+)
 def test_serve_checks_every_input_before_printing_anything(tmp_path, capsys, monkeypatch, argv, message):
     import uvicorn
 

@@ -8,8 +8,17 @@ import warnings
 import numpy as np
 import pytest
 
-from tuneoff.feedback.simulate import (Annotator, ResponsePair, bias_logit, bradley_terry_probability, make_annotators,
-                                       mixed_panel, probability_first, sigmoid, simulate_preferences)
+from tuneoff.feedback.simulate import (
+    Annotator,
+    ResponsePair,
+    bias_logit,
+    bradley_terry_probability,
+    make_annotators,
+    mixed_panel,
+    probability_first,
+    sigmoid,
+    simulate_preferences,
+)
 
 
 def by_word(scores: dict[str, float]):
@@ -34,8 +43,9 @@ def test_bradley_terry_hand_values():
     assert bradley_terry_probability(2.0, 1.0, 0.5, 0.5) == pytest.approx(0.9241418199787566, abs=1e-15)
     # symmetric: P(1 ≻ 2) + P(2 ≻ 1) = 1 without bias
     assert bradley_terry_probability(0.3, -1.2, 0.7) + bradley_terry_probability(-1.2, 0.3, 0.7) == pytest.approx(1.0)
-    np.testing.assert_allclose(bradley_terry_probability([0.0, 1.0], [0.0, 3.0], 1.0, [0.0, 1.0]),
-                               [0.5, 1 / (1 + math.e)])
+    np.testing.assert_allclose(
+        bradley_terry_probability([0.0, 1.0], [0.0, 3.0], 1.0, [0.0, 1.0]), [0.5, 1 / (1 + math.e)]
+    )
 
 
 def test_zero_temperature_is_deterministic():
@@ -81,8 +91,9 @@ def test_empirical_first_rate_matches_probability():
 
 def test_zero_temperature_always_picks_the_higher_score():
     pairs = [(f"p{i} ", "good", "bad") if i % 2 else (f"p{i} ", "bad", "good") for i in range(200)]
-    records = simulate_preferences(pairs, make_annotators(3, temperature=0.0, position_bias=2.0, seed=1),
-                                   by_word({"good": 0.6, "bad": 0.5}))
+    records = simulate_preferences(
+        pairs, make_annotators(3, temperature=0.0, position_bias=2.0, seed=1), by_word({"good": 0.6, "bad": 0.5})
+    )
     assert len(records) == 200 and all(record["chosen"] == "good" for record in records)
 
 
@@ -118,8 +129,13 @@ def test_shuffled_order_turns_position_bias_into_noise():
 
 
 def test_records_assignment_and_skips():
-    pairs = [("p0 ", "good", "bad"), ("p1 ", "good", "good"), ("p2 ", "", "bad"),
-             ResponsePair("p3 ", "bad", "good"), ("p4 ", "good", "bad")]
+    pairs = [
+        ("p0 ", "good", "bad"),
+        ("p1 ", "good", "good"),
+        ("p2 ", "", "bad"),
+        ResponsePair("p3 ", "bad", "good"),
+        ("p4 ", "good", "bad"),
+    ]
     calls = []
 
     def scorer(texts):
@@ -130,12 +146,16 @@ def test_records_assignment_and_skips():
     records = simulate_preferences(pairs, panel, scorer)
     assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) == 6  # p0, p3, p4 x good/bad, scored once
     assert [(record["prompt"], record["annotator"]) for record in records] == [
-        ("p0 ", "sim-0"), ("p3 ", "sim-1"), ("p4 ", "sim-0")]  # round-robin over pair index; p1, p2 skipped
+        ("p0 ", "sim-0"),
+        ("p3 ", "sim-1"),
+        ("p4 ", "sim-0"),
+    ]  # round-robin over pair index; p1, p2 skipped
     assert all(set(record) == {"prompt", "chosen", "rejected", "annotator", "p_first"} for record in records)
     assert all({record["chosen"], record["rejected"]} == {"good", "bad"} for record in records)
     everyone = simulate_preferences(pairs, panel, scorer, every_annotator=True)
     assert [(record["prompt"], record["annotator"]) for record in everyone] == [
-        (prompt, annotator.id) for prompt in ("p0 ", "p3 ", "p4 ") for annotator in panel]
+        (prompt, annotator.id) for prompt in ("p0 ", "p3 ", "p4 ") for annotator in panel
+    ]
 
 
 def test_panels():

@@ -10,8 +10,18 @@ import pytest
 
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.feedback.store import (
-    ConflictingJudgment, NewTask, NotAssigned, Store, export_preferences, hash_token, import_pandalm,
-    import_preferences, preferred_from_choice, read_pandalm, task_id, tasks_from_generations,
+    ConflictingJudgment,
+    NewTask,
+    NotAssigned,
+    Store,
+    export_preferences,
+    hash_token,
+    import_pandalm,
+    import_preferences,
+    preferred_from_choice,
+    read_pandalm,
+    task_id,
+    tasks_from_generations,
 )
 
 PANDALM = Path("/work/shared/data/pandalm/testset-v1.json.gz")
@@ -26,10 +36,14 @@ def make_store(tmp_path, n_tasks=3, name="fb.sqlite") -> Store:
 
 def assert_slot_counts(store: Store) -> None:
     """tasks.taken equals its definition: open assignments plus labels other than skips."""
-    rows = store._conn().execute(
-        "SELECT t.id, t.taken, (SELECT COUNT(*) FROM assignments s WHERE s.task_id = t.id AND s.state = 'open')"
-        " + (SELECT COUNT(*) FROM judgments j WHERE j.task_id = t.id AND j.preferred IS NOT NULL) FROM tasks t"
-    ).fetchall()
+    rows = (
+        store._conn()
+        .execute(
+            "SELECT t.id, t.taken, (SELECT COUNT(*) FROM assignments s WHERE s.task_id = t.id AND s.state = 'open')"
+            " + (SELECT COUNT(*) FROM judgments j WHERE j.task_id = t.id AND j.preferred IS NOT NULL) FROM tasks t"
+        )
+        .fetchall()
+    )
     assert [(r[0], r[1]) for r in rows] == [(r[0], r[2]) for r in rows]
 
 
@@ -226,7 +240,8 @@ def judge_all(store: Store, labels: dict[str, list[str]], k: int) -> None:
         for preferred in wanted:
             assignment = store.next_task(annotator, annotators_per_task=k)
             choice = {"tie": "tie", "skip": "skip"}.get(preferred) or (
-                "left" if (preferred == "a") == assignment.a_on_left else "right")
+                "left" if (preferred == "a") == assignment.a_on_left else "right"
+            )
             store.record_judgment(annotator, assignment.task.id, choice)
 
 
@@ -263,7 +278,9 @@ def test_preference_file_round_trip_through_the_store(tmp_path):
     assert {t.response_a.startswith("good") for t in store.tasks()} == {True, False}  # a is not always the winner
     export_preferences(store, tmp_path / "back.jsonl")
     back = read_jsonl(tmp_path / "back.jsonl")
-    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in back] == [(p["prompt"], p["chosen"], p["rejected"]) for p in pairs]
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in back] == [
+        (p["prompt"], p["chosen"], p["rejected"]) for p in pairs
+    ]
 
 
 def test_conversational_prompts_export_in_messages_form(tmp_path):

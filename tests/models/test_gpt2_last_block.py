@@ -18,7 +18,9 @@ def test_last_block_at_positions_equals_the_full_forward(name):
     positions = torch.arange(10).repeat(3, 1)
     mask = torch.ones((10, 10), dtype=torch.bool).tril().expand(3, 1, 10, 10)
     read = torch.tensor([9, 13, 20, 29])  # flat positions in the (3, 10) rows
-    full = model.transformer(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False).last_hidden_state
+    full = model.transformer(
+        input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False
+    ).last_hidden_state
     expected = full.reshape(-1, full.shape[-1])[read]
     weights = torch.randn_like(expected)
     (expected * weights).sum().backward()
@@ -35,8 +37,8 @@ def test_last_block_at_positions_equals_the_full_forward(name):
 
 def test_reward_model_takes_the_short_path_only_when_it_is_exact(monkeypatch):
     """Last-token pooling of a plain GPT-2 uses it; mean pooling, live dropout and LoRA take the full forward."""
-    from tuneoff.models.load import apply_lora, load_model
     from tuneoff.data.grouped import pair_pack
+    from tuneoff.models.load import apply_lora, load_model
 
     calls = []
     original = gpt2_last_block.at_positions
@@ -44,7 +46,14 @@ def test_reward_model_takes_the_short_path_only_when_it_is_exact(monkeypatch):
     torch.manual_seed(0)
     chosen, rejected = [[5, 6, 7, 8], [9, 10]], [[5, 6, 11], [9, 12, 13]]
     batch = pair_pack(chosen, rejected, pad_id=1)
-    args = (batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], 4, batch["packed_mask"])
+    args = (
+        batch["packed_ids"],
+        batch["packed_positions"],
+        batch["token_index"],
+        batch["segments"],
+        4,
+        batch["packed_mask"],
+    )
     plain = RewardModel(load_model("tiny"), pooling="last").eval()
     assert torch.allclose(plain.forward_packed(*args), plain(*pad_right(chosen + rejected, pad_id=1)), atol=1e-5)
     assert calls == [1]

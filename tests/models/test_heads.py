@@ -5,8 +5,16 @@ import torch
 
 from tuneoff.errors import TuneoffError
 from tuneoff.feedback.judges import load_reward_model
-from tuneoff.models.heads import (RewardModel, encode_response, gather_last, last_token_index, masked_mean_pool,
-                                  pad_right, position_ids_from_mask, save_reward_model)
+from tuneoff.models.heads import (
+    RewardModel,
+    encode_response,
+    gather_last,
+    last_token_index,
+    masked_mean_pool,
+    pad_right,
+    position_ids_from_mask,
+    save_reward_model,
+)
 
 
 def test_last_token_index_right_and_left_padding():
@@ -41,7 +49,9 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
     ids, mask = pad_right(sequences, pad_id=1)
     left_ids = torch.stack([torch.cat([torch.full((6 - len(s),), 1), torch.tensor(s)]) for s in sequences])
     left_mask = (left_ids != 1).long()
-    assert torch.allclose(model(ids, mask), alone, atol=1e-5) and torch.allclose(model(left_ids, left_mask), alone, atol=1e-5)
+    assert torch.allclose(model(ids, mask), alone, atol=1e-5) and torch.allclose(
+        model(left_ids, left_mask), alone, atol=1e-5
+    )
     scorer = load_reward_model(save_reward_model(tmp_path / "rm", model, tiny_tokenizer, {"max_length": 32}))
     assert scorer.model.pooling == "mean"
     assert torch.allclose(scorer.score_ids(ids, mask), alone, atol=1e-5)
@@ -52,8 +62,8 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_packed_forward_equals_padded_forward(pooling):
     """Pairs packed with their shared prefix once (rejected's tail blind to chosen's) give the padded batch's rewards."""
-    from tuneoff.models.load import load_model
     from tuneoff.data.grouped import pair_pack
+    from tuneoff.models.load import load_model
 
     torch.manual_seed(0)
     model = RewardModel(load_model("tiny"), pooling=pooling).eval()
@@ -70,27 +80,44 @@ def test_packed_forward_equals_padded_forward(pooling):
     assert batch["token_index"].tolist() == [0, 1, 2, 3, 4, 8, 9, 0, 1, 2, 5, 8, 10, 11, 12]
     assert batch["segments"].tolist() == [0] * 5 + [1] * 2 + [2] * 4 + [3] * 4
     rows = chosen + rejected
-    packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
-                                  len(rows), batch["packed_mask"])
+    packed = model.forward_packed(
+        batch["packed_ids"],
+        batch["packed_positions"],
+        batch["token_index"],
+        batch["segments"],
+        len(rows),
+        batch["packed_mask"],
+    )
     assert torch.allclose(packed, model(*pad_right(rows, pad_id=1)), atol=1e-5)
     wide = pair_pack(chosen, rejected, pad_id=1, width=32)  # both groups in one row, filler at its end
     assert wide["packed_ids"].shape == (1, 32)
-    assert torch.allclose(model.forward_packed(wide["packed_ids"], wide["packed_positions"], wide["token_index"],
-                                               wide["segments"], 4, wide["packed_mask"]), packed, atol=1e-5)
+    assert torch.allclose(
+        model.forward_packed(
+            wide["packed_ids"], wide["packed_positions"], wide["token_index"], wide["segments"], 4, wide["packed_mask"]
+        ),
+        packed,
+        atol=1e-5,
+    )
 
 
 def test_packed_pairs_on_a_llama_backbone():
     """SmolLM2 (Llama: rotary positions, its own mask path) reads the shared-prefix layout the same way."""
-    from tuneoff.models.load import load_model
     from tuneoff.data.grouped import pair_pack
+    from tuneoff.models.load import load_model
 
     torch.manual_seed(0)
     model = RewardModel(load_model("smollm2-135m"), pooling="last").eval()
     chosen, rejected = [[5, 6, 7, 8, 9], [11, 12]], [[5, 6, 7, 20], [11, 12, 21, 22]]
     batch = pair_pack(chosen, rejected, pad_id=2)
     with torch.no_grad():
-        packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
-                                      4, batch["packed_mask"])
+        packed = model.forward_packed(
+            batch["packed_ids"],
+            batch["packed_positions"],
+            batch["token_index"],
+            batch["segments"],
+            4,
+            batch["packed_mask"],
+        )
         padded = model(*pad_right(chosen + rejected, pad_id=2))
     assert torch.allclose(packed, padded, atol=1e-4)
 
@@ -98,8 +125,8 @@ def test_packed_pairs_on_a_llama_backbone():
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_a_group_of_three_responses_packs_its_prompt_once(pooling):
     """K responses of one prompt: the prefix once, then each tail, every tail blind to the others' tails."""
-    from tuneoff.models.load import load_model
     from tuneoff.data.grouped import pack
+    from tuneoff.models.load import load_model
 
     torch.manual_seed(0)
     model = RewardModel(load_model("tiny"), pooling=pooling).eval()
@@ -114,8 +141,9 @@ def test_a_group_of_three_responses_packs_its_prompt_once(pooling):
     assert mask[9] == [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0]  # the lone sequence: plain causal within itself
     assert batch["token_index"].tolist() == [0, 1, 2, 3, 0, 1, 4, 0, 1, 5, 6, 7, 8, 9]
     assert batch["segments"].tolist() == [0] * 4 + [1] * 3 + [2] * 5 + [3] * 2
-    packed = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"],
-                                  4, batch["packed_mask"])
+    packed = model.forward_packed(
+        batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], 4, batch["packed_mask"]
+    )
     assert torch.allclose(packed, model(*pad_right(sequences, pad_id=1)), atol=1e-5)
 
 
@@ -155,7 +183,9 @@ def tiny_reward_model():
 def test_reward_does_not_depend_on_padding(tiny_reward_model):
     """The same sequences alone, right-padded and left-padded in one batch give the same rewards."""
     sequences = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
-    alone = torch.cat([tiny_reward_model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in sequences])
+    alone = torch.cat(
+        [tiny_reward_model(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long)) for s in sequences]
+    )
     ids, mask = pad_right(sequences, pad_id=1)
     right = tiny_reward_model(ids, mask)
     width = ids.shape[1]
@@ -190,8 +220,9 @@ def test_encode_response_string_and_messages(tiny_tokenizer):
 def test_save_and_load_back_as_scorer(tmp_path, tiny_tokenizer, tiny_reward_model):
     torch.manual_seed(1)
     torch.nn.init.normal_(tiny_reward_model.head.weight)
-    folder = save_reward_model(tmp_path / "rm", tiny_reward_model, tiny_tokenizer,
-                               {"max_length": 64, "reward_mean": 1.0, "reward_std": 2.0})
+    folder = save_reward_model(
+        tmp_path / "rm", tiny_reward_model, tiny_tokenizer, {"max_length": 64, "reward_mean": 1.0, "reward_std": 2.0}
+    )
     assert (folder / "reward_head.safetensors").exists() and (folder / "model.safetensors").exists()
     scorer = load_reward_model(folder)
     prompts, responses = ["the movie is", "a film"], [" great fun", " that never ends , and it is dull"]

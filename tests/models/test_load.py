@@ -52,7 +52,9 @@ def test_smollm2_from_gguf_converts_once_and_loads():
     model, tokenizer = load_model_and_tokenizer("smollm2-135m")
     assert abs(sum(p.numel() for p in model.parameters()) - 134_515_008) < 1_000_000
     assert tokenizer.chat_template and tokenizer.eos_token == "<|im_end|>"
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_dict=True
+    )["input_ids"]
     out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert out.shape[1] > len(ids)
 

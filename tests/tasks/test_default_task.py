@@ -29,11 +29,13 @@ def test_the_knob_is_part_of_the_cache_key():
 def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_path):
     import pytest
 
-    from tuneoff.tasks import default_task
     from tuneoff.errors import TuneoffError
+    from tuneoff.tasks import default_task
 
     asked = []
-    monkeypatch.setattr(default_task, "default_task_files", lambda config=DefaultTaskConfig(): asked.append(config.pairs) or tmp_path)
+    monkeypatch.setattr(
+        default_task, "default_task_files", lambda config=DefaultTaskConfig(): asked.append(config.pairs) or tmp_path
+    )
     assert default_task.pair_files("default", "") == (str(tmp_path / "train.jsonl"), str(tmp_path / "eval_gold.jsonl"))
     assert default_task.pair_files("default:22000", "mine.jsonl") == (str(tmp_path / "train.jsonl"), "mine.jsonl")
     assert asked == [4000, 22000]
@@ -44,17 +46,23 @@ def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_pat
 
 
 def test_task_config_reads_key_value_settings():
-    from tuneoff.tasks.default_task import task_config
     from tuneoff.errors import TuneoffError
+    from tuneoff.tasks.default_task import task_config
 
     assert task_config("default") == DefaultTaskConfig()
     assert task_config("default:123") == DefaultTaskConfig(pairs=123)
     assert task_config("default:pairs=60000,responses=4") == DefaultTaskConfig(pairs=60000, responses=4)
     assert task_config("default:temperature=0.5, flip_rate=0.1") == DefaultTaskConfig(temperature=0.5, flip_rate=0.1)
-    for bad, message in [("default:colour=red", "unknown setting 'colour'"), ("default:pairs=many", "not a whole number"),
-                         ("default:responses=1", "responses must be at least 2"), ("default:eval_pairs=-3", "eval_pairs must be"),
-                         ("default:flip_rate=1.5", r"flip_rate must be in \[0, 1\]"), ("default:temperature=nan", "temperature must be"),
-                         ("default:pairs=5,pairs=6", "set twice"), ("default:temperature=hot", "not a number")]:
+    for bad, message in [
+        ("default:colour=red", "unknown setting 'colour'"),
+        ("default:pairs=many", "not a whole number"),
+        ("default:responses=1", "responses must be at least 2"),
+        ("default:eval_pairs=-3", "eval_pairs must be"),
+        ("default:flip_rate=1.5", r"flip_rate must be in \[0, 1\]"),
+        ("default:temperature=nan", "temperature must be"),
+        ("default:pairs=5,pairs=6", "set twice"),
+        ("default:temperature=hot", "not a number"),
+    ]:
         with pytest.raises(TuneoffError, match=message):
             task_config(bad)
 
@@ -64,8 +72,8 @@ def test_responses_two_keeps_the_cache_key_the_recipe_had_before_the_knob():
     import hashlib
     import json
 
-    from tuneoff.tasks.default_task import FORMAT_VERSION
     from tuneoff.models.load import resolve
+    from tuneoff.tasks.default_task import FORMAT_VERSION
 
     config = DefaultTaskConfig(pairs=32000)
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "responses"}
@@ -80,8 +88,16 @@ def test_all_pairs_takes_every_pair_of_a_prompts_responses():
     from tuneoff.tasks.default_task import all_pairs
 
     groups = [("p", ["a", "b", "c", "d"]), ("q", ["x", "x", " ", "y"])]
-    assert all_pairs(groups) == [("p", "a", "b"), ("p", "a", "c"), ("p", "a", "d"), ("p", "b", "c"), ("p", "b", "d"),
-                                 ("p", "c", "d"), ("q", "x", "y"), ("q", "x", "y")]  # equal and empty pairs skipped
+    assert all_pairs(groups) == [
+        ("p", "a", "b"),
+        ("p", "a", "c"),
+        ("p", "a", "d"),
+        ("p", "b", "c"),
+        ("p", "b", "d"),
+        ("p", "c", "d"),
+        ("q", "x", "y"),
+        ("q", "x", "y"),
+    ]  # equal and empty pairs skipped
 
 
 def _fake_build(monkeypatch, tmp_path, config, prompts):
@@ -101,7 +117,9 @@ def _fake_build(monkeypatch, tmp_path, config, prompts):
         for start in range(0, len(chosen_prompts), batch_size):
             chunk = chosen_prompts[start : start + batch_size]
             for i, p in enumerate(chunk):
-                draw = [int(hashlib.sha256(f"{seed}|{chunk}|{i}|{k}".encode()).hexdigest(), 16) % 1000 for k in range(count)]
+                draw = [
+                    int(hashlib.sha256(f"{seed}|{chunk}|{i}|{k}".encode()).hexdigest(), 16) % 1000 for k in range(count)
+                ]
                 out.append((p, [f"{p} reply {d} " + "good " * (d % 5) for d in draw]))
         return out
 
@@ -123,10 +141,14 @@ def test_build_with_k_responses_holds_out_the_k2_samples(monkeypatch, tmp_path):
     """K = 4: the held-out pairs are those the K = 2 build draws (a K = 2 call over the first generate batches,
     here 2 × 256 prompts); training pairs are all six pairs of each later prompt, up to ``pairs``."""
     prompts = [f"prompt {i}" for i in range(1200)]
-    calls, train, held, info = _fake_build(monkeypatch, tmp_path / "k4", DefaultTaskConfig(pairs=600, responses=4, eval_pairs=300), prompts)
+    calls, train, held, info = _fake_build(
+        monkeypatch, tmp_path / "k4", DefaultTaskConfig(pairs=600, responses=4, eval_pairs=300), prompts
+    )
     assert calls == [(512, 2), (100, 4)]  # held-out span capped at two generate batches; ⌈600 / 6⌉ = 100 prompts
     assert len(train) <= 600 and {r["prompt"] for r in train} <= set(prompts[300:400])
     assert all(r["chosen"] != r["rejected"] for r in train) and len(train) >= 590  # few equal draws skipped
     assert len({r["annotator"] for r in train}) == 4 and info["train_pairs"] == len(train)
     _, _, held_k2, _ = _fake_build(monkeypatch, tmp_path / "k2", DefaultTaskConfig(pairs=600, eval_pairs=300), prompts)
-    assert held == held_k2 and [r["prompt"] for r in held] == [p for p in prompts[:300] if p in {r["prompt"] for r in held}]
+    assert held == held_k2 and [r["prompt"] for r in held] == [
+        p for p in prompts[:300] if p in {r["prompt"] for r in held}
+    ]

@@ -9,13 +9,36 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import kill_after_checkpoint, run_cli
 
-FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--max-prompt-length", "16", "--lr", "1e-3",
-        "--log-every", "1", "--threads", "1"]
-KEYS = ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-        "logps/rejected", "train/grad_norm", "eval/loss", "eval/rewards/accuracies")
+FAST = [
+    "--model",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "64",
+    "--max-prompt-length",
+    "16",
+    "--lr",
+    "1e-3",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
+KEYS = (
+    "train/loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "train/grad_norm",
+    "eval/loss",
+    "eval/rewards/accuracies",
+)
 
 
 def run(*args: str) -> int:
@@ -41,8 +64,16 @@ def pairs(tmp_path_factory) -> Path:
     with path.open("w") as f:
         for good, bad in zip(positive[:200], negative[:200]):
             good, bad = good.split(), bad.split()
-            f.write(json.dumps({"prompt": " ".join(good[:4]), "chosen": " " + " ".join(good[4:12]),
-                                "rejected": " " + " ".join(bad[4:12])}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": " ".join(good[:4]),
+                        "chosen": " " + " ".join(good[4:12]),
+                        "rejected": " " + " ".join(bad[4:12]),
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -76,8 +107,19 @@ def test_reference_logps_are_computed_once_and_reused(tmp_path, pairs, monkeypat
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(dpo.SequenceLogProbs, "forward", counting)
-    config = dict(model="tiny", data=str(pairs), out=str(tmp_path / "run"), batch_size=8, max_length=64, max_prompt_length=16,
-                  eval_fraction=0.0, ref_batch_size=64, save_every=3, log_every=1, threads=1)
+    config = dict(
+        model="tiny",
+        data=str(pairs),
+        out=str(tmp_path / "run"),
+        batch_size=8,
+        max_length=64,
+        max_prompt_length=16,
+        eval_fraction=0.0,
+        ref_batch_size=64,
+        save_every=3,
+        log_every=1,
+        threads=1,
+    )
     dpo.train(DPOConfig(**config, max_steps=3))
     assert forwards == {"reference": math.ceil(200 / 64), "train": 3}
     cache = list((tmp_path / "run").glob("reference-logps-*.safetensors"))
@@ -102,19 +144,38 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path, pairs, capsys):
 
 def test_bad_preference_data_exits_2_and_writes_nothing(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "same", "rejected": "same"}\n')
+    bad.write_text(
+        '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "d", "chosen": "same", "rejected": "same"}\n'
+    )
     out = tmp_path / "run"
     assert run(*FAST, "--data", str(bad), "--out", str(out)) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {bad}:2: field 'rejected': chosen and rejected are the same text: a preference needs two different responses"]
+        f"error: {bad}:2: field 'rejected': chosen and rejected are the same text: a preference needs two different responses"
+    ]
     assert not out.exists()
 
 
 def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
     """30 steps on tiny: the implicit reward ranks chosen above rejected on most of the pairs it trained on."""
     out = tmp_path / "run"
-    assert run(*FAST, "--data", str(pairs), "--eval-data", str(pairs), "--out", str(out), "--max-steps", "30",
-               "--eval-every", "30", "--save-every", "30") == 0
+    assert (
+        run(
+            *FAST,
+            "--data",
+            str(pairs),
+            "--eval-data",
+            str(pairs),
+            "--out",
+            str(out),
+            "--max-steps",
+            "30",
+            "--eval-every",
+            "30",
+            "--save-every",
+            "30",
+        )
+        == 0
+    )
     final = [v for _, k, v in metrics(out) if k == "eval/rewards/accuracies"]
     margin = [v for _, k, v in metrics(out, ("eval/rewards/margins",))]
     assert final[-1] > 0.7 and margin[-1] > 0, (final, margin)
@@ -122,8 +183,25 @@ def test_dpo_raises_reward_accuracy_on_its_training_pairs(tmp_path, pairs):
 
 def test_ipo_with_lora_uses_the_base_as_reference(tmp_path, pairs):
     out = tmp_path / "run"
-    assert run(*FAST, "--data", str(pairs), "--out", str(out), "--max-steps", "3", "--loss-type", "ipo",
-               "--beta", "0.5", "--lora", "--lora-r", "4") == 0
+    assert (
+        run(
+            *FAST,
+            "--data",
+            str(pairs),
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--loss-type",
+            "ipo",
+            "--beta",
+            "0.5",
+            "--lora",
+            "--lora-r",
+            "4",
+        )
+        == 0
+    )
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     # π = base at step 0 (LoRA's B starts at 0), so h = 0 and the IPO loss is (0 - 1/(2β))² = 1.
     assert abs(first["train/loss"] - 1.0) < 1e-5 and abs(first["rewards/margins"]) < 1e-6
@@ -161,7 +239,9 @@ def test_overlong_pairs_keep_the_prompt_end_and_cut_responses(tmp_path, tiny_tok
     from tuneoff.errors import DataError, TuneoffError
 
     path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"prompt": "one two three four five six", "chosen": " a b c d e f g", "rejected": " yes"}) + "\n")
+    path.write_text(
+        json.dumps({"prompt": "one two three four five six", "chosen": " a b c d e f g", "rejected": " yes"}) + "\n"
+    )
     ids = lambda text: tiny_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     (pair,), summary = tokenize_pairs(str(path), tiny_tokenizer, max_length=8, max_prompt_length=3, overlong="truncate")
     assert pair.prompt == ids("one two three four five six")[-3:]

@@ -3,20 +3,40 @@
 import json
 
 import torch
-
 from tests.conftest import ROOT, run_cli
+
 from tuneoff.train.grpo import sequence_advantages
 
 PROMPTS = str(ROOT / "examples" / "sst2_prompts.jsonl")
-FAST = ["--model", "tiny", "--data", PROMPTS, "--reward-model", "gold", "--rollout-batch", "8", "--batch-size", "4",
-        "--num-generations", "4", "--max-new-tokens", "8", "--log-every", "1", "--threads", "1", "--max-steps", "2"]
+FAST = [
+    "--model",
+    "tiny",
+    "--data",
+    PROMPTS,
+    "--reward-model",
+    "gold",
+    "--rollout-batch",
+    "8",
+    "--batch-size",
+    "4",
+    "--num-generations",
+    "4",
+    "--max-new-tokens",
+    "8",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+    "--max-steps",
+    "2",
+]
 
 
 def test_sequence_advantages_per_baseline():
     scores = torch.tensor([1.0, 3.0, 0.0, 0.0])
     assert torch.allclose(sequence_advantages(scores, 2, "rloo", True), torch.tensor([-2.0, 2.0, 0.0, 0.0]))
     # group std of (1, 3) is sqrt(2); a group of equal scores gives 0, not a division by zero
-    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (2 ** 0.5 + 1e-4)
+    expected = torch.tensor([-1.0, 1.0, 0.0, 0.0]) / (2**0.5 + 1e-4)
     assert torch.allclose(sequence_advantages(scores, 2, "grpo", True), expected)
     assert torch.allclose(sequence_advantages(scores, 2, "grpo", False), torch.tensor([-1.0, 1.0, 0.0, 0.0]))
 

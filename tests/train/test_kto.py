@@ -4,11 +4,22 @@ import json
 from pathlib import Path
 
 import pytest
-
 from tests.conftest import kill_after_checkpoint, run_cli
 
-FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3", "--log-every", "1",
-        "--threads", "1"]
+FAST = [
+    "--model",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "64",
+    "--lr",
+    "1e-3",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def rows(out: Path) -> list[dict]:
@@ -21,8 +32,11 @@ def unpaired(tmp_path_factory) -> Path:
     from tuneoff.data.sources import sst2_sft_records
 
     positive, negative = sst2_sft_records(label=1)[:120], sst2_sft_records(label=0)[:120]
-    records = [{"prompt": r["prompt"], "completion": r["completion"], "label": label}
-               for pair in zip(positive, negative) for r, label in zip(pair, (True, False))]
+    records = [
+        {"prompt": r["prompt"], "completion": r["completion"], "label": label}
+        for pair in zip(positive, negative)
+        for r, label in zip(pair, (True, False))
+    ]
     path = tmp_path_factory.mktemp("kto") / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -45,8 +59,24 @@ def test_kto_smoke_saves_loadable_model_with_trl_metrics(tmp_path, unpaired):
 def test_kto_separates_desirable_from_undesirable(tmp_path, unpaired):
     """Trained on its own examples, the implied reward of desirable completions rises above the undesirable ones."""
     out = tmp_path / "run"
-    args = ["--data", str(unpaired), "--eval-data", str(unpaired), "--out", str(out), "--max-steps", "30",
-            "--eval-every", "30", "--beta", "0.5", "--lr", "3e-3", "--warmup-ratio", "0"]
+    args = [
+        "--data",
+        str(unpaired),
+        "--eval-data",
+        str(unpaired),
+        "--out",
+        str(out),
+        "--max-steps",
+        "30",
+        "--eval-every",
+        "30",
+        "--beta",
+        "0.5",
+        "--lr",
+        "3e-3",
+        "--warmup-ratio",
+        "0",
+    ]
     result = run_cli("kto", *FAST, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     final = [r for r in rows(out) if "eval/loss" in r][-1]
@@ -60,8 +90,10 @@ def test_preference_pairs_are_unpaired(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text('{"prompt": "The film", "chosen": " is fine.", "rejected": " is bad."}\n')
     examples = load_examples(str(path))
-    assert [(e.prompt, e.completion, e.label) for e in examples] == [("The film", " is fine.", True),
-                                                                      ("The film", " is bad.", False)]
+    assert [(e.prompt, e.completion, e.label) for e in examples] == [
+        ("The film", " is fine.", True),
+        ("The film", " is bad.", False),
+    ]
 
 
 def test_resume_after_kill_gives_identical_metrics(tmp_path, unpaired):
@@ -78,7 +110,9 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path, unpaired):
 
 def test_bad_label_exits_2_naming_the_field(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a", "completion": " b", "label": true}\n{"prompt": "c", "completion": " d", "label": 1}\n')
+    bad.write_text(
+        '{"prompt": "a", "completion": " b", "label": true}\n{"prompt": "c", "completion": " d", "label": 1}\n'
+    )
     result = run_cli("kto", *FAST, "--data", str(bad), "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "label" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()

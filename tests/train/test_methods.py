@@ -22,8 +22,13 @@ def fields_read(files) -> set[str]:
                 owner = node.value.id if isinstance(node.value, ast.Name) else node.value.attr
                 if owner == "config":
                     read.add(node.attr)
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
-                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "getattr"
+                and len(node.args) >= 2
+                and isinstance(node.args[1], ast.Constant)
+            ):
                 read.add(node.args[1].value)
     return read
 
@@ -71,8 +76,9 @@ def test_flops_per_token_formulas():
 def test_an_experiment_arm_of_method_kto_trains_on_the_labelled_pairs(tmp_path):
     from tuneoff.compare.experiment import ExperimentConfig, plan
 
-    config = ExperimentConfig(base="tiny", seeds=[0], arms={"base": {"method": "base"},
-                                                             "kto": {"method": "kto", "max_steps": 3, "beta": 0.2}})
+    config = ExperimentConfig(
+        base="tiny", seeds=[0], arms={"base": {"method": "base"}, "kto": {"method": "kto", "max_steps": 3, "beta": 0.2}}
+    )
     jobs = {j.name: j for j in plan(config, tmp_path)}
     assert "pairs" in jobs and "rm" not in jobs
     assert jobs["train:kto/seed-0"].deps == ["pairs"]

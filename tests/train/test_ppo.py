@@ -5,15 +5,37 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import ROOT, kill_after_checkpoint, run_cli
+
 from tuneoff.config import PPOConfig
 from tuneoff.train.policy import AdaptiveKL, apply_truncation, response_logprobs
 from tuneoff.train.ppo import per_token_rewards
 
 PROMPTS = str(ROOT / "examples" / "sst2_prompts.jsonl")
-FAST = ["--model", "tiny", "--data", PROMPTS, "--reward-model", "gold", "--rollout-batch", "8", "--batch-size", "4",
-        "--max-new-tokens", "8", "--update-epochs", "2", "--log-every", "1", "--eval-every", "1", "--threads", "1", "--lr", "1e-4"]
+FAST = [
+    "--model",
+    "tiny",
+    "--data",
+    PROMPTS,
+    "--reward-model",
+    "gold",
+    "--rollout-batch",
+    "8",
+    "--batch-size",
+    "4",
+    "--max-new-tokens",
+    "8",
+    "--update-epochs",
+    "2",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "1",
+    "--threads",
+    "1",
+    "--lr",
+    "1e-4",
+]
 
 
 def test_per_token_rewards_hand_computed():
@@ -85,7 +107,12 @@ def test_packed_logprobs_equal_transformers_padded_forward(name):
     assert packed_ids.numel() < ids.numel() and int((where >= 0).sum()) == int(mask.sum())
     logp, entropy = response_logprobs(model, ids, mask, P, response_mask, 0.7, with_entropy=True)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, P - 1 : -1].float() / 0.7
+        logits = (
+            model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+            .logits[:, P - 1 : -1]
+            .float()
+            / 0.7
+        )
     reference = torch.log_softmax(logits, -1)
     expected = reference.gather(-1, ids[:, P:, None]).squeeze(-1) * response_mask
     expected_entropy = -(reference.exp() * reference).sum(-1) * response_mask
@@ -95,9 +122,16 @@ def test_packed_logprobs_equal_transformers_padded_forward(name):
     (logp * weights).sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits[:, P - 1 : -1].float() / 0.7
+    logits = (
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        .logits[:, P - 1 : -1]
+        .float()
+        / 0.7
+    )
     (torch.log_softmax(logits, -1).gather(-1, ids[:, P:, None]).squeeze(-1) * weights).sum().backward()
-    assert ours and all(torch.allclose(ours[n], p.grad, atol=1e-4, rtol=1e-3) for n, p in model.named_parameters() if n in ours)
+    assert ours and all(
+        torch.allclose(ours[n], p.grad, atol=1e-4, rtol=1e-3) for n, p in model.named_parameters() if n in ours
+    )
 
 
 def test_pack_rows_rejects_holes():
@@ -112,8 +146,16 @@ def test_ppo_smoke_and_metrics(tmp_path):
     result = run_cli("ppo", *FAST, "--out", str(out), "--max-steps", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    for key in ("objective/kl", "objective/scores", "objective/rlhf_reward", "policy/clipfrac", "policy/approx_kl",
-                "val/ratio", "val/value_loss", "episodes_per_s"):
+    for key in (
+        "objective/kl",
+        "objective/scores",
+        "objective/rlhf_reward",
+        "policy/clipfrac",
+        "policy/approx_kl",
+        "val/ratio",
+        "val/value_loss",
+        "episodes_per_s",
+    ):
         assert key in rows[-1], key
     from transformers import AutoModelForCausalLM
 

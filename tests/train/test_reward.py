@@ -6,13 +6,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import kill_after_checkpoint, run_cli
 
-FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3", "--log-every", "1", "--threads", "1"]
+FAST = [
+    "--model",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "64",
+    "--lr",
+    "1e-3",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
-def metrics(out: Path, keys=("train/loss", "train/accuracy", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy")) -> list[tuple]:
+def metrics(
+    out: Path, keys=("train/loss", "train/accuracy", "train/lr", "train/grad_norm", "eval/loss", "eval/accuracy")
+) -> list[tuple]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], k, r[k]) for r in rows for k in keys if k in r]
 
@@ -28,8 +42,10 @@ def pairs(tmp_path_factory) -> tuple[Path, Path]:
     from tuneoff.data.sources import sst2_sft_records
 
     positive, negative = sst2_sft_records(label=1)[:184], sst2_sft_records(label=0)[:184]
-    records = [{"prompt": p["prompt"], "chosen": p["completion"], "rejected": n["completion"], "margin": i % 3}
-               for i, (p, n) in enumerate(zip(positive, negative))]
+    records = [
+        {"prompt": p["prompt"], "chosen": p["completion"], "rejected": n["completion"], "margin": i % 3}
+        for i, (p, n) in enumerate(zip(positive, negative))
+    ]
     folder = tmp_path_factory.mktemp("pairs")
     return write_jsonl(folder / "train.jsonl", records[:160]), write_jsonl(folder / "eval.jsonl", records[160:])
 
@@ -37,8 +53,22 @@ def pairs(tmp_path_factory) -> tuple[Path, Path]:
 def test_rm_smoke_saves_a_scorer_that_reproduces_eval(tmp_path, pairs):
     train, held_out = pairs
     out = tmp_path / "run"
-    result = run_cli("rm", *FAST, "--data", str(train), "--eval-data", str(held_out), "--out", str(out),
-                     "--max-steps", "6", "--eval-every", "3", "--margin-field", "margin")
+    result = run_cli(
+        "rm",
+        *FAST,
+        "--data",
+        str(train),
+        "--eval-data",
+        str(held_out),
+        "--out",
+        str(out),
+        "--max-steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--margin-field",
+        "margin",
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "config.yaml").exists() and any((out / "tb").iterdir())
     assert [k for _, k, _ in metrics(out)].count("train/loss") == 6
@@ -49,8 +79,8 @@ def test_rm_smoke_saves_a_scorer_that_reproduces_eval(tmp_path, pairs):
     assert evaluation["eval/pairs"] == 24 and 0 <= evaluation["eval/ece"] <= 1
 
     from tuneoff.data.formats import load_preferences
-    from tuneoff.train.rm_metrics import pairwise_accuracy
     from tuneoff.feedback.judges import load_reward_model
+    from tuneoff.train.rm_metrics import pairwise_accuracy
 
     scorer = load_reward_model(out / "model")
     held = load_preferences(held_out)
@@ -62,8 +92,19 @@ def test_rm_smoke_saves_a_scorer_that_reproduces_eval(tmp_path, pairs):
 
 
 def test_resume_after_kill_gives_identical_metrics(tmp_path, pairs):
-    args = [*FAST, "--data", str(pairs[0]), "--max-steps", "40", "--save-every", "5", "--eval-every", "15",
-            "--eval-fraction", "0.1"]
+    args = [
+        *FAST,
+        "--data",
+        str(pairs[0]),
+        "--max-steps",
+        "40",
+        "--save-every",
+        "5",
+        "--eval-every",
+        "15",
+        "--eval-fraction",
+        "0.1",
+    ]
     straight = tmp_path / "straight"
     assert run_cli("rm", *args, "--out", str(straight)).returncode == 0
 
@@ -78,13 +119,16 @@ def test_resume_after_kill_gives_identical_metrics(tmp_path, pairs):
 
 
 def test_bad_preference_data_exits_2_and_writes_nothing(tmp_path, pairs):
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"},
-                                               {"prompt": "d", "chosen": "e", "rejected": 3}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "d", "chosen": "e", "rejected": 3}],
+    )
     out = tmp_path / "run"
     result = run_cli("rm", *FAST, "--data", str(bad), "--out", str(out))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {bad}:2: field 'rejected': expected a string or a list of messages, got a number (3)"]
+        f"error: {bad}:2: field 'rejected': expected a string or a list of messages, got a number (3)"
+    ]
     assert "Traceback" not in result.stderr and not out.exists()
 
 
@@ -99,8 +143,21 @@ def test_margin_field_must_be_a_number(pairs):
 
 def test_lora_trains_adapters_and_head(tmp_path, pairs):
     out = tmp_path / "run"
-    result = run_cli("rm", *FAST, "--data", str(pairs[0]), "--out", str(out), "--max-steps", "3", "--lora", "--lora-r", "4",
-                     "--eval-fraction", "0")
+    result = run_cli(
+        "rm",
+        *FAST,
+        "--data",
+        str(pairs[0]),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--lora",
+        "--lora-r",
+        "4",
+        "--eval-fraction",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "adapter" / "adapter_config.json").exists()
     assert (out / "checkpoints" / "step-000003" / "adapter_model.safetensors").exists()
@@ -131,14 +188,38 @@ def test_smollm2_lora_on_real_hh_rlhf_pairs(tmp_path):
 
     hh, _ = hh_rlhf_pairs(shipped_data(HH_RLHF_HARMLESS_TEST))
     short = sorted(hh[:200], key=lambda p: len(p.prompt) + len(p.chosen) + len(p.rejected))[:4]
-    data = write_jsonl(tmp_path / "hh.jsonl", [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in short])
+    data = write_jsonl(
+        tmp_path / "hh.jsonl", [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in short]
+    )
     out = tmp_path / "run"
-    result = run_cli("rm", "--model", "smollm2-135m", "--data", str(data), "--out", str(out), "--lora", "--lora-r", "8",
-                     "--max-steps", "1", "--batch-size", "2", "--max-length", "48", "--eval-fraction", "0.5", "--lr", "1e-4")
+    result = run_cli(
+        "rm",
+        "--model",
+        "smollm2-135m",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--lora",
+        "--lora-r",
+        "8",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-length",
+        "48",
+        "--eval-fraction",
+        "0.5",
+        "--lr",
+        "1e-4",
+    )
     assert result.returncode == 0, result.stderr
     evaluation = json.loads((out / "eval.json").read_text())
     assert evaluation["eval/pairs"] == 2 and evaluation["eval/loss"] == evaluation["eval/loss"]
-    assert (out / "model" / "reward_head.safetensors").exists() and (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "model" / "reward_head.safetensors").exists() and (
+        out / "adapter" / "adapter_model.safetensors"
+    ).exists()
     from transformers import AutoTokenizer
 
     # SmolLM2 pads with its EOS: the case the mask-based last-token gather exists for.
@@ -149,7 +230,9 @@ def test_smollm2_lora_on_real_hh_rlhf_pairs(tmp_path):
 def _batch_pairs(batch) -> list[tuple[list[int], list[int]]]:
     """(chosen, rejected) token lists of a batch's pairs, read back from its distinct sequences."""
     sequences = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    return [(sequences[c], sequences[r]) for c, r in zip(batch["chosen_index"].tolist(), batch["rejected_index"].tolist())]
+    return [
+        (sequences[c], sequences[r]) for c, r in zip(batch["chosen_index"].tolist(), batch["rejected_index"].tolist())
+    ]
 
 
 def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_other():
@@ -162,10 +245,12 @@ def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_o
 
     a1, a2, a3 = [5, 6, 7], [5, 6, 8, 9], [5, 6, 10]  # prompt "a" = [5, 6]: three responses, all three pairs
     b1, b2, c1, c2 = [11, 12], [11, 13], [20, 21, 22], [20, 23]
+
     def pair(chosen, rejected, prompt):
         return TokenizedPair(chosen, rejected, len(chosen) - 2, len(rejected) - 2, 0.0, prompt)
+
     pairs = [pair(a1, a2, "a"), pair(b1, b2, "b"), pair(a3, a1, "a"), pair(c1, c2, "c"), pair(a2, a3, "a")]
-    whole, = make_batches(pairs, batch_size=5, pad_id=1, seed=0, epoch=0)
+    (whole,) = make_batches(pairs, batch_size=5, pad_id=1, seed=0, epoch=0)
     assert whole["input_ids"].shape[0] == 7  # a1 a2 a3 b1 b2 c1 c2: 7 sequences for 10 sides of 5 pairs
     assert sorted(_batch_pairs(whole)) == sorted((p.chosen, p.rejected) for p in pairs)
     for seed in range(6):  # the three pairs of "a" sit next to each other in every epoch's order

@@ -5,12 +5,20 @@ import math
 import pytest
 import torch
 
-from tuneoff.train.rm_metrics import (expected_calibration_error, length_bias, pairwise_accuracy, pairwise_ece, pearson,
-                             reward_model_metrics)
+from tuneoff.train.rm_metrics import (
+    expected_calibration_error,
+    length_bias,
+    pairwise_accuracy,
+    pairwise_ece,
+    pearson,
+    reward_model_metrics,
+)
 
 
 def test_pairwise_accuracy_counts_ties_as_half():
-    assert pairwise_accuracy(torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([0.0, 3.0, 0.0, 1.0])) == pytest.approx(2.5 / 4)
+    assert pairwise_accuracy(torch.tensor([1.0, 2.0, 0.0, 3.0]), torch.tensor([0.0, 3.0, 0.0, 1.0])) == pytest.approx(
+        2.5 / 4
+    )
     assert math.isnan(pairwise_accuracy(torch.zeros(0), torch.zeros(0)))
 
 
@@ -44,7 +52,9 @@ def test_pairwise_ece_reads_both_orders():
 
 def test_pearson_hand_computed():
     # dx = (-1, 0, 1), dy = (-7/3, -1/3, 8/3): Σdxdy = 5, Σdx² = 2, Σdy² = 114/9.
-    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])) == pytest.approx(5 / math.sqrt(2 * 114 / 9))
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 7.0])) == pytest.approx(
+        5 / math.sqrt(2 * 114 / 9)
+    )
     assert math.isnan(pearson(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 2.0])))
 
 
@@ -62,8 +72,9 @@ def test_length_bias_probe_hand_computed():
 
 
 def test_reward_model_metrics_keys_and_loss():
-    metrics = reward_model_metrics(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]),
-                                   torch.tensor([2.0, 1.0]))
+    metrics = reward_model_metrics(
+        torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0])
+    )
     assert metrics["loss"] == pytest.approx((math.log1p(math.exp(-2.0)) + math.log(2.0)) / 2, abs=1e-6)
     assert metrics["accuracy"] == 0.75 and metrics["reward_gap"] == 1.0 and metrics["pairs"] == 2
     assert {"ece", "reward_mean", "reward_std", "length_corr", "accuracy_shorter_preferred"} <= set(metrics)

@@ -8,11 +8,23 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tests.conftest import ROOT, kill_after_checkpoint, run_cli
 
 EXAMPLES = ROOT / "examples"
-FAST = ["--model", "tiny", "--batch-size", "8", "--max-length", "64", "--lr", "1e-3", "--log-every", "1", "--threads", "1"]
+FAST = [
+    "--model",
+    "tiny",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "64",
+    "--lr",
+    "1e-3",
+    "--log-every",
+    "1",
+    "--threads",
+    "1",
+]
 
 
 def metrics(out: Path, keys=("train/loss", "train/lr", "train/grad_norm", "eval/loss")) -> list[tuple]:
@@ -30,7 +42,9 @@ def small_data(tmp_path_factory) -> Path:
 
 def test_sft_smoke_saves_loadable_model(tmp_path, small_data):
     out = tmp_path / "run"
-    result = run_cli("sft", *FAST, "--data", str(small_data), "--out", str(out), "--max-steps", "6", "--eval-every", "3")
+    result = run_cli(
+        "sft", *FAST, "--data", str(small_data), "--out", str(out), "--max-steps", "6", "--eval-every", "3"
+    )
     assert result.returncode == 0, result.stderr
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,7 +72,9 @@ def test_bad_data_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
     result = run_cli("sft", *FAST, "--data", str(bad), "--out", str(out))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {bad}:2: field 'completion': expected a string, got a number (3)"]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bad}:2: field 'completion': expected a string, got a number (3)"
+    ]
     assert "Traceback" not in result.stderr and not out.exists()
 
 
@@ -79,8 +95,26 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, small_data):
 
 def test_nan_loss_stops_with_message(tmp_path, small_data):
     out = tmp_path / "run"
-    result = run_cli("sft", *FAST, "--data", str(small_data), "--out", str(out), "--max-steps", "20", "--save-every", "1",
-                     "--lr", "1e30", "--max-grad-norm", "0", "--schedule", "constant", "--warmup-ratio", "0")
+    result = run_cli(
+        "sft",
+        *FAST,
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--max-steps",
+        "20",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e30",
+        "--max-grad-norm",
+        "0",
+        "--schedule",
+        "constant",
+        "--warmup-ratio",
+        "0",
+    )
     assert result.returncode == 2, result.stderr
     assert "loss became nan" in result.stderr or "loss became inf" in result.stderr
     assert "Last good checkpoint" in result.stderr and "Traceback" not in result.stderr
@@ -89,8 +123,22 @@ def test_nan_loss_stops_with_message(tmp_path, small_data):
 
 def test_lora_packing_and_messages(tmp_path):
     out = tmp_path / "run"
-    result = run_cli("sft", *FAST, "--data", str(EXAMPLES / "self_instruct_messages.jsonl"), "--out", str(out),
-                     "--max-steps", "3", "--lora", "--lora-r", "4", "--packing", "--max-length", "256")
+    result = run_cli(
+        "sft",
+        *FAST,
+        "--data",
+        str(EXAMPLES / "self_instruct_messages.jsonl"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "3",
+        "--lora",
+        "--lora-r",
+        "4",
+        "--packing",
+        "--max-length",
+        "256",
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "adapter" / "adapter_config.json").exists()
     from transformers import AutoModelForCausalLM
@@ -107,9 +155,25 @@ def test_two_processes_match_one_with_double_accumulation(tmp_path, small_data):
     assert run_cli("sft", *args, "--grad-accum", "2", "--out", str(one)).returncode == 0
     two = tmp_path / "two"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneoff.cli", "sft", *args,
-         "--grad-accum", "1", "--out", str(two)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "tuneoff.cli",
+            "sft",
+            *args,
+            "--grad-accum",
+            "1",
+            "--out",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     losses_one = [v for _, k, v in metrics(one) if k == "train/loss"]
@@ -137,6 +201,15 @@ def test_training_runs_in_train_mode_without_evaluation(tmp_path, monkeypatch):
     monkeypatch.setattr(load, "load_model", recording)
     data = tmp_path / "d.jsonl"
     data.write_text("".join(f'{{"prompt": "p{i}", "completion": " c{i} ok"}}\n' for i in range(8)))
-    sft.train(SFTConfig(model="tiny", data=str(data), out=str(tmp_path / "run"), max_steps=2, batch_size=4,
-                        eval_fraction=0.0, save_every=100))
+    sft.train(
+        SFTConfig(
+            model="tiny",
+            data=str(data),
+            out=str(tmp_path / "run"),
+            max_steps=2,
+            batch_size=4,
+            eval_fraction=0.0,
+            save_every=100,
+        )
+    )
     assert modes and all(modes)

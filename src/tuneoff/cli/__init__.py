@@ -13,7 +13,9 @@ from tuneoff.errors import TuneoffError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tuneoff", description="Tune language models by SFT and RLHF and compare them.")
+    parser = argparse.ArgumentParser(
+        prog="tuneoff", description="Tune language models by SFT and RLHF and compare them."
+    )
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     from tuneoff import verbs  # registry of verb groups; each add_parser is cheap (heavy imports happen in handlers)
 

@@ -18,8 +18,8 @@ import platform
 from datetime import datetime, timezone
 
 from tuneoff.compare.experiment import ExperimentConfig
-from tuneoff.train.methods import ONLINE
 from tuneoff.eval.alignment import t_ci, win_rate
+from tuneoff.train.methods import ONLINE
 
 
 def _mean(values) -> float:
@@ -43,9 +43,15 @@ def environment() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "tuneoff": tuneoff.__version__, "cpu": cpu, "cores": os.cpu_count(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tuneoff": tuneoff.__version__,
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
 
 
 def _chain(config: ExperimentConfig, arm: str, seed: int, records: dict) -> list[dict]:
@@ -81,8 +87,15 @@ def seed_cost(config: ExperimentConfig, arm: str, seed: int, records: dict) -> d
         elif r["kind"] == "eval":
             phases["generation"] += result["phases"]["generation"]["wall_s"]
             phases["scoring"] += r["wall_s"] - result["phases"]["generation"]["wall_s"]
-    return {"wall_s": sum(r["wall_s"] for r in chain), "cpu_s": sum(r["cpu_s"] for r in chain), "tokens": tokens,
-            "flops": flops, "peak_rss_mb": max(r["peak_rss_mb"] for r in chain), "labels": labels, "phases": phases}
+    return {
+        "wall_s": sum(r["wall_s"] for r in chain),
+        "cpu_s": sum(r["cpu_s"] for r in chain),
+        "tokens": tokens,
+        "flops": flops,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in chain),
+        "labels": labels,
+        "phases": phases,
+    }
 
 
 def _per_seed(config, arm, seed, records, base_eval) -> dict | None:
@@ -95,11 +108,19 @@ def _per_seed(config, arm, seed, records, base_eval) -> dict | None:
     trained = (records.get(f"train:{arm}/seed-{seed}") or {}).get("result") or {}
     vs_base = base_eval is not None and config.arms[arm]["method"] != "base"
     return {
-        "gold_reward": _mean(e["gold"]), "proxy_reward": _mean(e["proxy"]) if e["proxy"] else None,
-        "kl_per_token": e["kl_per_token"], "mean_length_tokens": _mean(e["lengths"]),
+        "gold_reward": _mean(e["gold"]),
+        "proxy_reward": _mean(e["proxy"]) if e["proxy"] else None,
+        "kl_per_token": e["kl_per_token"],
+        "mean_length_tokens": _mean(e["lengths"]),
         "win_rate_vs_base": win_rate(e["gold"], base_eval["gold"]) if vs_base else None,
-        "length_controlled_win_rate_vs_base": length_controlled_win_rate(e["gold"], base_eval["gold"], e["lengths"], base_eval["lengths"]) if vs_base else None,
-        "diversity": e["diversity"], "curve": trained.get("curve", []), "samples": e["samples"],
+        "length_controlled_win_rate_vs_base": length_controlled_win_rate(
+            e["gold"], base_eval["gold"], e["lengths"], base_eval["lengths"]
+        )
+        if vs_base
+        else None,
+        "diversity": e["diversity"],
+        "curve": trained.get("curve", []),
+        "samples": e["samples"],
         "cost": seed_cost(config, arm, seed, records),
     }
 
@@ -111,7 +132,9 @@ def _smoothed(curve: list[dict], window: int = 5) -> list[dict]:
     for c in curve:
         if c.get("proxy") is not None:
             recent = (recent + [c["proxy"]])[-window:]
-        rows.append({**c, "kl": c.get("kl_seq"), "proxy": sum(recent) / len(recent) if c.get("proxy") is not None else None})
+        rows.append(
+            {**c, "kl": c.get("kl_seq"), "proxy": sum(recent) / len(recent) if c.get("proxy") is not None else None}
+        )
     return rows
 
 
@@ -131,14 +154,23 @@ def _stability(config: ExperimentConfig, arm: str, per_seed: dict, records: dict
 
     golds = [s["gold_reward"] for s in per_seed.values()]
     spread = seed_spread(golds) if golds else {"sd": None, "range": None}
-    failed = sum(1 for seed in config.seeds if (records.get(f"train:{arm}/seed-{seed}") or {}).get("status") == "failed")
+    failed = sum(
+        1 for seed in config.seeds if (records.get(f"train:{arm}/seed-{seed}") or {}).get("status") == "failed"
+    )
     bound = float(config.arms[arm].get("kl_stop", 40.0))
-    events = sum(len(divergence_events(_smoothed(s["curve"]), bound, min_rise=_noise(_smoothed(s["curve"]))))
-                 for s in per_seed.values())
+    events = sum(
+        len(divergence_events(_smoothed(s["curve"]), bound, min_rise=_noise(_smoothed(s["curve"]))))
+        for s in per_seed.values()
+    )
     gaps = [gold_proxy_gap(s["curve"]) for s in per_seed.values()]
     final = [g[-1]["gap"] for g in gaps if g]
-    return {"seed_sd": spread["sd"], "seed_range": spread["range"], "divergence_events": events + failed,
-            "failed_runs": failed, "final_gold_proxy_gap": _mean(final) if final else None}
+    return {
+        "seed_sd": spread["sd"],
+        "seed_range": spread["range"],
+        "divergence_events": events + failed,
+        "failed_runs": failed,
+        "final_gold_proxy_gap": _mean(final) if final else None,
+    }
 
 
 def _overoptimization(per_seed: dict) -> dict | None:
@@ -167,15 +199,30 @@ def _arm_summary(config: ExperimentConfig, arm: str, per_seed: dict, records: di
         return _ci([s["cost"][key] for s in seeds])
 
     return {
-        "method": config.arms[arm]["method"], "init": config.arms[arm].get("init"),
+        "method": config.arms[arm]["method"],
+        "init": config.arms[arm].get("init"),
         "description": config.arms[arm].get("description", ""),
-        "gold_reward": ci("gold_reward"), "proxy_reward": ci("proxy_reward"), "kl_per_token": ci("kl_per_token"),
-        "win_rate_vs_base": ci("win_rate_vs_base"), "length_controlled_win_rate_vs_base": ci("length_controlled_win_rate_vs_base"),
+        "gold_reward": ci("gold_reward"),
+        "proxy_reward": ci("proxy_reward"),
+        "kl_per_token": ci("kl_per_token"),
+        "win_rate_vs_base": ci("win_rate_vs_base"),
+        "length_controlled_win_rate_vs_base": ci("length_controlled_win_rate_vs_base"),
         "mean_length_tokens": ci("mean_length_tokens"),
-        "diversity": {kind: {m: diversity(kind, m) for m in ("ead", "self_bleu", "embedding")} for kind in ("per_input", "across_input")} if seeds else None,
-        "cost": {**{k: cost(k) for k in ("wall_s", "cpu_s", "tokens", "flops", "peak_rss_mb")},
-                 "labels": max((s["cost"]["labels"] for s in seeds), default=0),
-                 "phases": {p: _mean([s["cost"]["phases"][p] for s in seeds]) for p in ("data", "generation", "training", "scoring")}} if seeds else None,
+        "diversity": {
+            kind: {m: diversity(kind, m) for m in ("ead", "self_bleu", "embedding")}
+            for kind in ("per_input", "across_input")
+        }
+        if seeds
+        else None,
+        "cost": {
+            **{k: cost(k) for k in ("wall_s", "cpu_s", "tokens", "flops", "peak_rss_mb")},
+            "labels": max((s["cost"]["labels"] for s in seeds), default=0),
+            "phases": {
+                p: _mean([s["cost"]["phases"][p] for s in seeds]) for p in ("data", "generation", "training", "scoring")
+            },
+        }
+        if seeds
+        else None,
         "stability": _stability(config, arm, per_seed, records),
         "overoptimization": _overoptimization(per_seed) if config.arms[arm]["method"] in ONLINE else None,
         "per_seed": {str(seed): s for seed, s in per_seed.items()},
@@ -204,11 +251,22 @@ def _shared(records: dict) -> dict:
     task = pairs.get("task") or {}
     return {
         "gold_judge": {k: judge.get(k) for k in ("dev_accuracy", "test_accuracy", "accuracy")},
-        "labels": {"pairs": pairs.get("pairs"), "agreement_with_gold": pairs.get("agreement_with_gold"),
-                   "annotators": task.get("annotators"), "temperature": task.get("temperature"),
-                   "length_bias": task.get("length_bias"), "flip_rate": task.get("flip_rate"), "wall_s": (records.get("pairs") or {}).get("wall_s")},
-        "proxy_rm": {"accuracy_vs_gold": (rm.get("result") or {}).get("accuracy"), "ece": (rm.get("result") or {}).get("ece"),
-                     "wall_s": rm.get("wall_s")} if rm else None,
+        "labels": {
+            "pairs": pairs.get("pairs"),
+            "agreement_with_gold": pairs.get("agreement_with_gold"),
+            "annotators": task.get("annotators"),
+            "temperature": task.get("temperature"),
+            "length_bias": task.get("length_bias"),
+            "flip_rate": task.get("flip_rate"),
+            "wall_s": (records.get("pairs") or {}).get("wall_s"),
+        },
+        "proxy_rm": {
+            "accuracy_vs_gold": (rm.get("result") or {}).get("accuracy"),
+            "ece": (rm.get("result") or {}).get("ece"),
+            "wall_s": rm.get("wall_s"),
+        }
+        if rm
+        else None,
     }
 
 
@@ -230,15 +288,28 @@ def aggregate(config: ExperimentConfig, records: dict) -> dict:
     failures = [f"{name}: {r['status']}: {r.get('error', '')}" for name, r in records.items() if r["status"] != "ok"]
     chained = [arm for arm, spec in config.arms.items() if spec.get("init") and spec["method"] in ONLINE]
     if chained:
-        failures.insert(0, f"Training trajectories are measured on the training rollouts with KL to each run's own "
-                        f"reference; {', '.join(chained)} start from another arm's model, so their trajectories begin at "
-                        f"KL 0 from that model. Final points are held-out evaluations with KL to the base.")
+        failures.insert(
+            0,
+            f"Training trajectories are measured on the training rollouts with KL to each run's own "
+            f"reference; {', '.join(chained)} start from another arm's model, so their trajectories begin at "
+            f"KL 0 from that model. Final points are held-out evaluations with KL to the base.",
+        )
     return {
-        "name": config.name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "config": dataclasses.asdict(config), "environment": environment(), "seeds": list(config.seeds),
-        "judge": "gold judge (SST-2 sentiment classifier trained on human labels)" if config.judge == "gold"
-                 else "held-out reward model trained on a disjoint split (no gold judge)",
-        "arms": arms, "win_rates": _pairwise(config, records), "shared": _shared(records),
-        "priorities": config.priorities, "notes": list(config.notes) + failures,
-        "jobs": {name: {k: r.get(k) for k in ("status", "wall_s", "cpu_s", "peak_rss_mb", "reused", "error")} for name, r in records.items()},
+        "name": config.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(config),
+        "environment": environment(),
+        "seeds": list(config.seeds),
+        "judge": "gold judge (SST-2 sentiment classifier trained on human labels)"
+        if config.judge == "gold"
+        else "held-out reward model trained on a disjoint split (no gold judge)",
+        "arms": arms,
+        "win_rates": _pairwise(config, records),
+        "shared": _shared(records),
+        "priorities": config.priorities,
+        "notes": list(config.notes) + failures,
+        "jobs": {
+            name: {k: r.get(k) for k in ("status", "wall_s", "cpu_s", "peak_rss_mb", "reused", "error")}
+            for name, r in records.items()
+        },
     }

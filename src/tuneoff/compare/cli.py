@@ -9,8 +9,13 @@ import time
 from pathlib import Path
 
 
-def run_experiment(config_path: str | Path, out: str | Path, workers: int | None = None, seeds: list[int] | None = None,
-                   show_progress: bool = True) -> dict:
+def run_experiment(
+    config_path: str | Path,
+    out: str | Path,
+    workers: int | None = None,
+    seeds: list[int] | None = None,
+    show_progress: bool = True,
+) -> dict:
     """Run (or resume) an experiment into ``out``; returns the results dict also written to ``out/results.json``."""
     from tuneoff.compare import scheduler
     from tuneoff.compare.aggregate import aggregate
@@ -65,6 +70,7 @@ def _warm_imports() -> None:
 
 def summary_lines(results: dict) -> list[str]:
     """The summary table as text lines (what the CLI prints)."""
+
     def fmt(ci, digits=3):
         if not ci:
             return "—"
@@ -73,12 +79,17 @@ def summary_lines(results: dict) -> list[str]:
             return f"{ci['mean']:.{digits}f}"
         return f"{ci['mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
-    lines = ["| arm | gold reward | win vs base | KL/token | EAD across | emb. div. per-input | wall s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | gold reward | win vs base | KL/token | EAD across | emb. div. per-input | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm, a in results["arms"].items():
         d = a.get("diversity") or {}
-        lines.append(f"| {arm} | {fmt(a['gold_reward'])} | {fmt(a['win_rate_vs_base'], 2)} | {fmt(a['kl_per_token'], 3)} | "
-                     f"{fmt((d.get('across_input') or {}).get('ead'), 3)} | {fmt((d.get('per_input') or {}).get('embedding'), 3)} | "
-                     f"{fmt((a.get('cost') or {}).get('wall_s'), 0)} |")
+        lines.append(
+            f"| {arm} | {fmt(a['gold_reward'])} | {fmt(a['win_rate_vs_base'], 2)} | {fmt(a['kl_per_token'], 3)} | "
+            f"{fmt((d.get('across_input') or {}).get('ead'), 3)} | {fmt((d.get('per_input') or {}).get('embedding'), 3)} | "
+            f"{fmt((a.get('cost') or {}).get('wall_s'), 0)} |"
+        )
     return lines
 
 
@@ -90,25 +101,37 @@ def _print_results(results: dict, out: Path) -> int:
         print(line)
     choice = results.get("recommendation", {})
     if choice.get("choice"):
-        print(f"recommendation ({', '.join(f'{k} {v:.2f}' for k, v in choice['priorities'].items())}): {choice['choice']}")
+        print(
+            f"recommendation ({', '.join(f'{k} {v:.2f}' for k, v in choice['priorities'].items())}): {choice['choice']}"
+        )
     elif choice.get("error"):
         print(f"no recommendation: {choice['error']}")
     print(f"report: {out / 'report.html'}\nresults: {out / 'results.json'}  ({results['wall_s']:.0f} s)")
     lines = failures(results["jobs"])
     if lines:
-        print(f"error: {len(lines)} of {len(results['jobs'])} job(s) did not finish (see each job's log.txt; "
-              f"rerun to retry them, finished jobs are reused):\n  " + "\n  ".join(lines), file=sys.stderr)
+        print(
+            f"error: {len(lines)} of {len(results['jobs'])} job(s) did not finish (see each job's log.txt; "
+            f"rerun to retry them, finished jobs are reused):\n  " + "\n  ".join(lines),
+            file=sys.stderr,
+        )
     return 2 if lines else 0
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("compare", help="run an experiment (arms × seeds) and write results.json + report.html",
-                                   description="Run SFT and RLHF arms on one base model, data and budget, measure alignment, "
-                                   "diversity, cost and stability, and write DIR/results.json and DIR/report.html. Finished "
-                                   "jobs are reused when the same config runs again into the same DIR.")
-    parser.add_argument("--config", required=True, help="experiment YAML (see configs/; `extends: demo` starts from the demo)")
+    parser = subparsers.add_parser(
+        "compare",
+        help="run an experiment (arms × seeds) and write results.json + report.html",
+        description="Run SFT and RLHF arms on one base model, data and budget, measure alignment, "
+        "diversity, cost and stability, and write DIR/results.json and DIR/report.html. Finished "
+        "jobs are reused when the same config runs again into the same DIR.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="experiment YAML (see configs/; `extends: demo` starts from the demo)"
+    )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--workers", type=int, default=None, help="jobs at once (default: the config's, 0 = one per core)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="jobs at once (default: the config's, 0 = one per core)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
 
     def handler(args) -> int:
@@ -116,12 +139,19 @@ def add_parser(subparsers) -> None:
         return _print_results(results, Path(args.out))
 
     parser.set_defaults(func=handler)
-    demo = subparsers.add_parser("demo", help="the default experiment on CPU (about 10 minutes): runs/demo/report.html",
-                                 description="The default experiment: positive continuations of SST-2 review beginnings by "
-                                 "review-gpt; arms base, sft, sft+ppo, dpo, grpo; 3 seeds; the gold judge; simulated annotators.")
+    demo = subparsers.add_parser(
+        "demo",
+        help="the default experiment on CPU (about 10 minutes): runs/demo/report.html",
+        description="The default experiment: positive continuations of SST-2 review beginnings by "
+        "review-gpt; arms base, sft, sft+ppo, dpo, grpo; 3 seeds; the gold judge; simulated annotators.",
+    )
     demo.add_argument("--out", default="runs/demo", help="output folder")
-    demo.add_argument("--config", default="", help="run this experiment YAML instead of the shipped demo preset "
-                      "(e.g. one that starts with `extends: demo` and changes a knob)")
+    demo.add_argument(
+        "--config",
+        default="",
+        help="run this experiment YAML instead of the shipped demo preset "
+        "(e.g. one that starts with `extends: demo` and changes a knob)",
+    )
     demo.add_argument("--workers", type=int, default=None, help="jobs at once (default: one per core)")
     demo.add_argument("--seeds", type=int, nargs="+", default=None, help="override the seeds (default 0 1 2)")
 

@@ -73,7 +73,9 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
     clock = _Clock()
     tokens, texts, batches = sample_responses(model, tokenizer, prompts.ids, new, T, generator)
     k, d = settings["samples_per_prompt"], min(settings["diversity_prompts"], len(prompts.ids))
-    group_tokens, group_texts, _ = sample_responses(model, tokenizer, [ids for ids in prompts.ids[:d] for _ in range(k)], new, T, generator)
+    group_tokens, group_texts, _ = sample_responses(
+        model, tokenizer, [ids for ids in prompts.ids[:d] for _ in range(k)], new, T, generator
+    )
     generation = clock.read()
 
     clock = _Clock()
@@ -83,7 +85,11 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
         from tuneoff.feedback.judges import load_reward_model
 
         proxy_scores = load_reward_model(proxy).score(prompts.texts, texts).tolist()
-    kl = 0.0 if spec["method"] == "base" else exact_kl_per_token(model, load_model(base_name).eval().to(device), batches, T)
+    kl = (
+        0.0
+        if spec["method"] == "base"
+        else exact_kl_per_token(model, load_model(base_name).eval().to(device), batches, T)
+    )
     groups = [group_texts[i * k : (i + 1) * k] for i in range(d)]
     grouped_tokens = [group_tokens[i * k : (i + 1) * k] for i in range(d)]
     diversity = diversity_report(groups, grouped_tokens, texts, tokens, len(tokenizer))
@@ -91,10 +97,20 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
 
     shown = settings["samples_shown"]
     result = {
-        "arm": spec["arm"], "seed": spec["seed"], "model": model_name, "prompts": [_as_text(p) for p in prompts.texts],
-        "responses": texts, "gold": judged, "proxy": proxy_scores, "lengths": [len(t) for t in tokens],
-        "kl_per_token": kl, "diversity": diversity,
-        "samples": [{"prompt": _as_text(p), "response": t, "gold": g} for p, t, g in list(zip(prompts.texts, texts, judged))[:shown]],
+        "arm": spec["arm"],
+        "seed": spec["seed"],
+        "model": model_name,
+        "prompts": [_as_text(p) for p in prompts.texts],
+        "responses": texts,
+        "gold": judged,
+        "proxy": proxy_scores,
+        "lengths": [len(t) for t in tokens],
+        "kl_per_token": kl,
+        "diversity": diversity,
+        "samples": [
+            {"prompt": _as_text(p), "response": t, "gold": g}
+            for p, t, g in list(zip(prompts.texts, texts, judged))[:shown]
+        ],
         "phases": {"generation": generation, "scoring": scoring},
         "generated_tokens": sum(map(len, tokens)) + sum(map(len, group_tokens)),
     }

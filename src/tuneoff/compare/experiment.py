@@ -104,17 +104,29 @@ class ExperimentConfig:
         if self.judge not in ("gold", "rm"):
             raise TuneoffError(f"judge must be gold or rm, got {self.judge!r}")
         if self.judge == "rm" and not self.judge_data and self.feedback.get("source") != "real":
-            raise TuneoffError("judge: rm needs judge_data, a preference file disjoint from the feedback "
-                               "(with feedback source: real, the judge split is made for you)")
+            raise TuneoffError(
+                "judge: rm needs judge_data, a preference file disjoint from the feedback "
+                "(with feedback source: real, the judge split is made for you)"
+            )
         if self.judge == "gold" and self.feedback.get("source") == "real":
-            raise TuneoffError("the gold judge scores SST-2 sentiment; with real preferences (feedback source: real) use judge: rm")
+            raise TuneoffError(
+                "the gold judge scores SST-2 sentiment; with real preferences (feedback source: real) use judge: rm"
+            )
         for name, arm in self.arms.items():
             _check_arm(name, arm, self.arms)
 
     @property
     def eval_settings(self) -> dict:
-        defaults = {"prompts": 96, "diversity_prompts": 24, "samples_per_prompt": 4, "max_new_tokens": 24,
-                    "temperature": 1.0, "prompt_seed": 0, "samples_shown": 6, "max_prompt_length": 64}
+        defaults = {
+            "prompts": 96,
+            "diversity_prompts": 24,
+            "samples_per_prompt": 4,
+            "max_new_tokens": 24,
+            "temperature": 1.0,
+            "prompt_seed": 0,
+            "samples_shown": 6,
+            "max_prompt_length": 64,
+        }
         unknown = set(self.eval) - set(defaults)
         if unknown:
             raise TuneoffError(f"eval: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(defaults)})")
@@ -136,7 +148,9 @@ def _check_arm(name: str, arm, arms: dict) -> None:
     if arm["method"] == "base" and arm.get("init"):
         raise TuneoffError(f"arm {name!r}: a base arm trains nothing, so it takes no init")
     fields = _method_fields(arm["method"])
-    unknown = set(arm) - {"method", "init", "description"} - ({"sft_data"} if arm["method"] == "sft" else set()) - fields
+    unknown = (
+        set(arm) - {"method", "init", "description"} - ({"sft_data"} if arm["method"] == "sft" else set()) - fields
+    )
     if unknown:
         raise TuneoffError(f"arm {name!r}: unknown field(s) {', '.join(sorted(unknown))} for method {arm['method']}")
 
@@ -158,7 +172,9 @@ def _merge(base: dict, override: dict) -> dict:
         if value is None and isinstance(base, dict) and key in base and isinstance(base[key], dict):
             del merged[key]  # `name: null` drops an inherited arm (or any inherited mapping)
             continue
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = (
+            _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -247,22 +263,63 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
     pairs = rm = None
     if real:  # human preferences split by prompt: also the judge's data, the RL and the evaluation prompts
         pairs = add("pairs", "real_pairs", {k: v for k, v in config.feedback.items() if k != "source"}, [], None, 0.1)
-    judge = add("judge", "gold" if config.judge == "gold" else "rm",
-                {"role": "judge", "data": config.judge_data, "model": config.base, "rm": config.judge_rm, "threads": config.threads}
-                if config.judge == "rm" else {}, [pairs] if config.judge == "rm" and real and not config.judge_data else [], None, 0.3)
+    judge = add(
+        "judge",
+        "gold" if config.judge == "gold" else "rm",
+        {
+            "role": "judge",
+            "data": config.judge_data,
+            "model": config.base,
+            "rm": config.judge_rm,
+            "threads": config.threads,
+        }
+        if config.judge == "rm"
+        else {},
+        [pairs] if config.judge == "rm" and real and not config.judge_data else [],
+        None,
+        0.3,
+    )
     needs_pairs = any(a["method"] in ONLINE or _trains_on_pairs(a["method"]) for a in config.arms.values())
     if needs_pairs and not real:
         if "train" in config.feedback:
-            pairs = add("pairs", "pair_files", {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},
-                        [], None, 0.1)
+            pairs = add(
+                "pairs",
+                "pair_files",
+                {"train": config.feedback["train"], "eval": config.feedback.get("eval", "")},
+                [],
+                None,
+                0.1,
+            )
         else:
-            pairs = add("pairs", "pairs", {"task": {"model": config.base, "prompt_words": config.prompt_words, **config.feedback},
-                                           "threads": config.threads}, [judge] if config.judge == "gold" else [], None, 1.0)
+            pairs = add(
+                "pairs",
+                "pairs",
+                {
+                    "task": {"model": config.base, "prompt_words": config.prompt_words, **config.feedback},
+                    "threads": config.threads,
+                },
+                [judge] if config.judge == "gold" else [],
+                None,
+                1.0,
+            )
     if any(a["method"] in ONLINE for a in config.arms.values()):
-        rm = add("rm", "rm", {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads}, [pairs], None, 2.0)
+        rm = add(
+            "rm",
+            "rm",
+            {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads},
+            [pairs],
+            None,
+            2.0,
+        )
 
-    shared = {"base": config.base, "threads": config.threads, "prompts": config.prompts, "prompt_words": config.prompt_words,
-              "sft_data": config.sft_data, "sft_records": config.sft_records}
+    shared = {
+        "base": config.base,
+        "threads": config.threads,
+        "prompts": config.prompts,
+        "prompt_words": config.prompt_words,
+        "sft_data": config.sft_data,
+        "sft_records": config.sft_records,
+    }
     for seed in config.seeds:
         for arm in _arm_order(config.arms):
             arm_spec = dict(config.arms[arm])
@@ -270,16 +327,38 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             run = out / "runs" / arm / f"seed-{seed}"
             trained = None
             if method != "base":
-                deps = ([jobs[f"train:{init}/seed-{seed}"]] if init else []) \
-                    + ([pairs] if _trains_on_pairs(method) or (real and method in ONLINE) else []) \
+                deps = (
+                    ([jobs[f"train:{init}/seed-{seed}"]] if init else [])
+                    + ([pairs] if _trains_on_pairs(method) or (real and method in ONLINE) else [])
                     + ([rm] if method in ONLINE else [])
-                trained = add(f"train:{arm}/seed-{seed}", "train", {**shared, "arm": arm, "arm_spec": arm_spec, "seed": seed},
-                              deps, run, {"sft": 1.0, "dpo": 1.2}.get(method, 1.5))
-            spec = {"arm": arm, "method": method, "base": config.base, "seed": seed, "threads": config.threads,
-                    "eval": config.eval_settings, "eval_prompts": config.eval_prompts, "prompt_words": config.prompt_words,
-                    "judge": config.judge}
-            add(f"eval:{arm}/seed-{seed}", "eval", spec, [judge] + [d for d in (trained, rm, pairs if real else None) if d is not None],
-                run / "eval", 0.4)
+                )
+                trained = add(
+                    f"train:{arm}/seed-{seed}",
+                    "train",
+                    {**shared, "arm": arm, "arm_spec": arm_spec, "seed": seed},
+                    deps,
+                    run,
+                    {"sft": 1.0, "dpo": 1.2}.get(method, 1.5),
+                )
+            spec = {
+                "arm": arm,
+                "method": method,
+                "base": config.base,
+                "seed": seed,
+                "threads": config.threads,
+                "eval": config.eval_settings,
+                "eval_prompts": config.eval_prompts,
+                "prompt_words": config.prompt_words,
+                "judge": config.judge,
+            }
+            add(
+                f"eval:{arm}/seed-{seed}",
+                "eval",
+                spec,
+                [judge] + [d for d in (trained, rm, pairs if real else None) if d is not None],
+                run / "eval",
+                0.4,
+            )
     return list(jobs.values())
 
 

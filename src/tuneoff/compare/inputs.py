@@ -26,8 +26,10 @@ def named_files(config) -> list[tuple[str, str, str]]:
     feedback = config.feedback or {}
     if feedback.get("source") != "real":
         if "eval" in feedback and "train" not in feedback:
-            raise TuneoffError("feedback: eval names held-out pairs of a file; give the training pairs too "
-                               "(feedback: {train: FILE, eval: FILE})")
+            raise TuneoffError(
+                "feedback: eval names held-out pairs of a file; give the training pairs too "
+                "(feedback: {train: FILE, eval: FILE})"
+            )
         for key in ("train", "eval"):
             if feedback.get(key):
                 files.append((f"feedback.{key}", feedback[key], "preference"))
@@ -42,8 +44,10 @@ def named_files(config) -> list[tuple[str, str, str]]:
     for key in ("prompts", "eval_prompts"):
         value = getattr(config, key)
         if value == "feedback" and feedback.get("source") != "real":
-            raise TuneoffError(f"{key}: feedback means the prompts of real feedback splits "
-                               f"(feedback: {{source: real}}); with this feedback use default or a prompt file")
+            raise TuneoffError(
+                f"{key}: feedback means the prompts of real feedback splits "
+                f"(feedback: {{source: real}}); with this feedback use default or a prompt file"
+            )
         if value not in PROMPT_CHOICES:
             files.append((key, value, "prompt"))
     return files
@@ -66,4 +70,3 @@ def check_inputs(config) -> None:
             LOADERS[kind](path)
         except TuneoffError as error:  # DataError names the file, the record and the field
             raise TuneoffError(f"{field}: not a usable {KIND_WORDS[kind]} file: {error}") from None
-

@@ -66,16 +66,24 @@ def run_pairs(spec: dict, folder: Path, inputs: dict) -> dict:
     known = {f.name for f in dataclasses.fields(DefaultTaskConfig)}
     unknown = set(spec["task"]) - known
     if unknown:
-        raise TuneoffError(f"feedback: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
+        raise TuneoffError(
+            f"feedback: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})"
+        )
     try:
         config = DefaultTaskConfig(**spec["task"])
     except (TypeError, ValueError) as error:
         raise TuneoffError(f"feedback: {error}") from None
     files = default_task_files(config)
     info = json.loads((files / INFO_FILE).read_text())
-    return {"train": str(files / TRAIN_FILE), "eval": str(files / EVAL_FILE), "pairs": info["train_pairs"],
-            "eval_pairs": info["eval_pairs"], "agreement_with_gold": info["train_label_agreement_with_gold"],
-            "generation_s": info["generation_s"], "task": info["config"]}
+    return {
+        "train": str(files / TRAIN_FILE),
+        "eval": str(files / EVAL_FILE),
+        "pairs": info["train_pairs"],
+        "eval_pairs": info["eval_pairs"],
+        "agreement_with_gold": info["train_label_agreement_with_gold"],
+        "generation_s": info["generation_s"],
+        "task": info["config"],
+    }
 
 
 def run_pair_files(spec: dict, folder: Path, inputs: dict) -> dict:
@@ -98,15 +106,29 @@ def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
     else:
         data, eval_data = pairs["train"], pairs.get("eval", "")
     run = folder / "run"
-    config = build_config(RMConfig, None, **{"eval_every": 100000, "save_every": 100, **spec["rm"]}, model=spec["model"],
-                          data=data, eval_data=eval_data, out=str(run), threads=spec["threads"],
-                          resume=bool(checkpoints(run)))
+    config = build_config(
+        RMConfig,
+        None,
+        **{"eval_every": 100000, "save_every": 100, **spec["rm"]},
+        model=spec["model"],
+        data=data,
+        eval_data=eval_data,
+        out=str(run),
+        threads=spec["threads"],
+        resume=bool(checkpoints(run)),
+    )
     started = time.perf_counter()
     model = train(config)
     rows = _metrics(run)
     tokens = _training_tokens(rows, time.perf_counter() - started)
-    return {"model": str(model), "accuracy": _last(rows, names.EVAL_ACCURACY), "ece": _last(rows, names.EVAL_ECE),
-            "labels": pairs.get("pairs") if spec.get("role") != "judge" else None, "tokens": tokens, "flops": 6.0 * n_params(str(model)) * tokens if tokens else None}
+    return {
+        "model": str(model),
+        "accuracy": _last(rows, names.EVAL_ACCURACY),
+        "ece": _last(rows, names.EVAL_ECE),
+        "labels": pairs.get("pairs") if spec.get("role") != "judge" else None,
+        "tokens": tokens,
+        "flops": 6.0 * n_params(str(model)) * tokens if tokens else None,
+    }
 
 
 def _training_tokens(rows: list[dict], elapsed: float) -> float | None:
@@ -167,8 +189,13 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
     method = METHODS[name]
     arm.pop("description", None)
     start = inputs[f"train:{init}/seed-{spec['seed']}"]["model"] if init else spec["base"]
-    common = {"model": start, "out": str(folder), "seed": spec["seed"], "threads": spec["threads"],
-              "resume": bool(checkpoints(folder))}
+    common = {
+        "model": start,
+        "out": str(folder),
+        "seed": spec["seed"],
+        "threads": spec["threads"],
+        "resume": bool(checkpoints(folder)),
+    }
     labels = 0
     spec = {**spec, "sft_data": arm.pop("sft_data", spec["sft_data"])}
     if method.data == "sft":
@@ -177,16 +204,25 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
         pairs = inputs["pairs"]
         data, labels = {"data": pairs["train"], "eval_data": pairs["eval"]}, pairs["pairs"]
     else:
-        data = {"data": prompt_file(spec["prompts"], spec["prompt_words"], folder, inputs),
-                "reward_model": inputs["rm"]["model"]}
+        data = {
+            "data": prompt_file(spec["prompts"], spec["prompt_words"], folder, inputs),
+            "reward_model": inputs["rm"]["model"],
+        }
         labels = inputs["rm"].get("labels") or 0
     config = build_config(method.config, None, **{**arm, **common, **data, **method.fixed})
     started = time.perf_counter()
     model = method.train(config)
     elapsed = time.perf_counter() - started
     rows = _metrics(folder)
-    return {"model": str(model), "method": name, "init": init, "labels": labels, "curve": curve(rows),
-            "training_s": elapsed, **_train_cost(rows, method, config, str(model), elapsed)}
+    return {
+        "model": str(model),
+        "method": name,
+        "init": init,
+        "labels": labels,
+        "curve": curve(rows),
+        "training_s": elapsed,
+        **_train_cost(rows, method, config, str(model), elapsed),
+    }
 
 
 def curve(rows: list[dict]) -> list[dict]:
@@ -195,10 +231,16 @@ def curve(rows: list[dict]) -> list[dict]:
     for r in rows:
         length = r.get(names.EPISODE_LENGTH)
         kl_seq = r.get(names.OBJECTIVE_KL)
-        out.append({"step": r["step"], "kl_seq": kl_seq,
-                    "kl": kl_seq / length if kl_seq is not None and length else None,
-                    "proxy": r.get(names.SCORES), "gold": r.get(names.GOLD_P),
-                    "loss": r.get(names.LOSS, r.get(names.POLICY_LOSS))})
+        out.append(
+            {
+                "step": r["step"],
+                "kl_seq": kl_seq,
+                "kl": kl_seq / length if kl_seq is not None and length else None,
+                "proxy": r.get(names.SCORES),
+                "gold": r.get(names.GOLD_P),
+                "loss": r.get(names.LOSS, r.get(names.POLICY_LOSS)),
+            }
+        )
     return [c for c in out if any(c[k] is not None for k in ("kl", "proxy", "gold", "loss"))]
 
 
@@ -210,7 +252,9 @@ def _train_cost(rows: list[dict], method, config, model: str, elapsed: float) ->
         return {"tokens": tokens, "flops": method.flops_per_token(n, config) * tokens if tokens else None, "params": n}
     lengths = [r[names.EPISODE_LENGTH] for r in rows if names.EPISODE_LENGTH in r]
     iterations = _last([r for r in rows if names.EPISODE_LENGTH in r], "step") or 0
-    tokens = iterations * config.rollout_batch * (sum(lengths) / max(1, len(lengths)) + 8)  # + a typical prompt's tokens
+    tokens = (
+        iterations * config.rollout_batch * (sum(lengths) / max(1, len(lengths)) + 8)
+    )  # + a typical prompt's tokens
     return {"tokens": tokens, "flops": method.flops_per_token(n, config) * tokens, "params": n}
 
 
@@ -227,5 +271,12 @@ def run_eval(spec: dict, folder: Path, inputs: dict) -> dict:
     return result
 
 
-RUNNERS = {"gold": run_gold, "pairs": run_pairs, "real_pairs": run_real_pairs, "pair_files": run_pair_files, "rm": run_rm, "train": run_train,
-           "eval": run_eval}
+RUNNERS = {
+    "gold": run_gold,
+    "pairs": run_pairs,
+    "real_pairs": run_real_pairs,
+    "pair_files": run_pair_files,
+    "rm": run_rm,
+    "train": run_train,
+    "eval": run_eval,
+}

@@ -52,9 +52,15 @@ PRESETS: dict[str, dict[str, float]] = {
 }
 DIVERGENCE_PENALTY = 0.5
 MIN_WALL_S = 1.0
-DIVERSITY_COMPONENTS = [(scope, metric) for scope in ("per_input", "across_input") for metric in ("ead", "self_bleu", "embedding")]
-MEASURED_AS = {"alignment": "gold reward", "diversity": "diversity metrics", "cost": "wall time",
-               "stability": "seed sd of gold reward (needs 2 or more seeds)"}
+DIVERSITY_COMPONENTS = [
+    (scope, metric) for scope in ("per_input", "across_input") for metric in ("ead", "self_bleu", "embedding")
+]
+MEASURED_AS = {
+    "alignment": "gold reward",
+    "diversity": "diversity metrics",
+    "cost": "wall time",
+    "stability": "seed sd of gold reward (needs 2 or more seeds)",
+}
 
 
 def resolve_priorities(priorities: dict | str | None = None) -> dict[str, float]:
@@ -118,13 +124,21 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
     scores, notes = _scores_and_notes({"arms": candidates})
     unmeasured = [arm for arm in (tuned or arms) if arm not in candidates]
     if unmeasured:
-        notes.insert(0, f"Not ranked, nothing measured: {', '.join(unmeasured)} (the jobs that measure "
-                     f"{'it' if len(unmeasured) == 1 else 'them'} did not finish).")
+        notes.insert(
+            0,
+            f"Not ranked, nothing measured: {', '.join(unmeasured)} (the jobs that measure "
+            f"{'it' if len(unmeasured) == 1 else 'them'} did not finish).",
+        )
     ranking = [{"arm": arm, "score": _weighted(axes, weights), "axes": axes} for arm, axes in scores.items()]
 
     def order(row):  # ties (to rounding) go to a tuned arm, then to the higher gold reward
         gold = ci_mean(arms[row["arm"]].get("gold_reward"))
-        return -round(row["score"], 9), _is_base(row["arm"], arms[row["arm"]]), -gold if gold is not None else math.inf, row["arm"]
+        return (
+            -round(row["score"], 9),
+            _is_base(row["arm"], arms[row["arm"]]),
+            -gold if gold is not None else math.inf,
+            row["arm"],
+        )
 
     ranking.sort(key=order)
     choice = ranking[0]["arm"]
@@ -135,14 +149,28 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
         overlap = paired[0] <= 0.5 <= paired[1]
     explanation = [_weights_sentence(weights), _ranking_sentence(ranking), _gold_sentence(arms, choice)]
     if runner:
-        noise = _paired_sentence(results, choice, runner) if paired is not None else _noise_sentence(arms, choice, runner, overlap)
-        explanation += [_versus_sentence(arms, ranking[0], ranking[1], weights), noise + _prefer_sentence(arms, choice, runner, overlap)]
+        noise = (
+            _paired_sentence(results, choice, runner)
+            if paired is not None
+            else _noise_sentence(arms, choice, runner, overlap)
+        )
+        explanation += [
+            _versus_sentence(arms, ranking[0], ranking[1], weights),
+            noise + _prefer_sentence(arms, choice, runner, overlap),
+        ]
     explanation += [_base_sentence(arms, ranking), _divergence_sentence(arms, choice)] + notes
-    return {"priorities": weights, "ranking": ranking, "choice": choice,
-            "explanation": [s for s in explanation if s], "within_noise": overlap is True, "notes": notes}
+    return {
+        "priorities": weights,
+        "ranking": ranking,
+        "choice": choice,
+        "explanation": [s for s in explanation if s],
+        "within_noise": overlap is True,
+        "notes": notes,
+    }
 
 
 # --- numbers -------------------------------------------------------------------------------------------------
+
 
 def finite(x) -> float | None:
     """``x`` as a float, or None when it is not a finite number (None, NaN, infinities, bools, text)."""
@@ -199,6 +227,7 @@ def format_seconds(seconds) -> str:
 
 # --- axes ----------------------------------------------------------------------------------------------------
 
+
 def _minmax(values: dict[str, float | None], noise: float = 0.0) -> dict[str, float]:
     """(v − min) / max(max − min, noise): with ``noise`` (a typical 95% CI half-width), arms that differ by less
     than the noise are not spread over the whole [0, 1] range — a difference within noise stays a small one."""
@@ -214,15 +243,19 @@ def _minmax(values: dict[str, float | None], noise: float = 0.0) -> dict[str, fl
 
 def _noise(cis: list) -> float:
     """Mean 95% CI half-width over the arms that have one (0 when none has)."""
-    halves = [(finite(ci.get("ci_high")) - finite(ci.get("ci_low"))) / 2 for ci in cis
-              if isinstance(ci, dict) and finite(ci.get("ci_high")) is not None
-              and finite(ci.get("ci_low")) is not None]
+    halves = [
+        (finite(ci.get("ci_high")) - finite(ci.get("ci_low"))) / 2
+        for ci in cis
+        if isinstance(ci, dict) and finite(ci.get("ci_high")) is not None and finite(ci.get("ci_low")) is not None
+    ]
     return sum(halves) / len(halves) if halves else 0.0
 
 
 def _alignment(arms: dict) -> dict[str, float]:
-    return _minmax({arm: ci_mean(m.get("gold_reward")) for arm, m in arms.items()},
-                   _noise([m.get("gold_reward") for m in arms.values()]))
+    return _minmax(
+        {arm: ci_mean(m.get("gold_reward")) for arm, m in arms.items()},
+        _noise([m.get("gold_reward") for m in arms.values()]),
+    )
 
 
 def _diversity(arms: dict) -> dict[str, float]:
@@ -268,8 +301,10 @@ def _scores_and_notes(results: dict) -> tuple[dict[str, dict[str, float]], list[
             scores[arm][axis] = value
         missing = [arm for arm in arms if axis not in scores[arm]]
         if missing:
-            notes.append(f"No {MEASURED_AS[axis]} for {', '.join(missing)}: the {axis} axis is skipped for "
-                         f"{'it' if len(missing) == 1 else 'them'} and the weighted score uses the other axes.")
+            notes.append(
+                f"No {MEASURED_AS[axis]} for {', '.join(missing)}: the {axis} axis is skipped for "
+                f"{'it' if len(missing) == 1 else 'them'} and the weighted score uses the other axes."
+            )
     return scores, notes
 
 
@@ -305,6 +340,7 @@ def _overlap(a, b) -> bool | None:
 
 # --- explanation ---------------------------------------------------------------------------------------------
 
+
 def _weights_sentence(weights: dict[str, float]) -> str:
     used = sorted((axis for axis in AXES if weights[axis] > 0), key=lambda axis: -weights[axis])
     return "Priorities: " + ", ".join(f"{axis} {weights[axis]:.0%}" for axis in used) + "."
@@ -316,8 +352,10 @@ def _ranking_sentence(ranking: list[dict]) -> str:
 
 
 def _gold_sentence(arms: dict, choice: str) -> str:
-    by_gold = sorted(((ci_mean(m.get("gold_reward")), arm) for arm, m in arms.items()
-                      if ci_mean(m.get("gold_reward")) is not None), key=lambda pair: -pair[0])
+    by_gold = sorted(
+        ((ci_mean(m.get("gold_reward")), arm) for arm, m in arms.items() if ci_mean(m.get("gold_reward")) is not None),
+        key=lambda pair: -pair[0],
+    )
     if not by_gold:
         return "No arm has a gold reward measurement."
     gold = {arm: format_ci(arms[arm]["gold_reward"]) for _, arm in by_gold}
@@ -326,8 +364,9 @@ def _gold_sentence(arms: dict, choice: str) -> str:
         return f"Only {first} has a gold reward: {gold[first]}."
     second = by_gold[1][1]
     if _printed_mean(gold[first]) == _printed_mean(gold[second]):  # level to the digits shown: no "highest" to name
-        sentence = (f"{first} and {second} share the highest gold reward to the digits shown, {gold[first]} and "
-                    f"{gold[second]}")
+        sentence = (
+            f"{first} and {second} share the highest gold reward to the digits shown, {gold[first]} and {gold[second]}"
+        )
     else:
         sentence = f"{first} has the highest gold reward, {gold[first]}, vs {second} {gold[second]}"
     if choice in gold and choice not in (first, second):
@@ -347,6 +386,7 @@ def _alignment_numbers(a: dict, b: dict) -> str:
 # Every number an explanation quotes comes as a fact: its text ("LABEL A vs B") and which arm it favours, read
 # from the printed numbers and the metric's direction (+1 the first arm, -1 the second, 0 when they print the
 # same). Words are then chosen from the facts, so "more diverse" only ever stands before numbers that say so.
+
 
 def _side(a, b, a_text: str, b_text: str, higher_is_better: bool) -> int:
     if a is None or b is None or a_text == b_text:
@@ -381,14 +421,27 @@ def _diversity_facts(a: dict, b: dict) -> list[tuple[str, int]]:
     shown_first = [("across_input", "embedding"), ("per_input", "ead")]
     for scope, metric in shown_first + [c for c in DIVERSITY_COMPONENTS if c not in shown_first]:
         label = f"{scope.replace('_', '-')} {DIVERSITY_LABELS[metric]}"
-        facts.append(_fact(label, ci_mean(get_path(a, "diversity", scope, metric)),
-                           ci_mean(get_path(b, "diversity", scope, metric)), format_number, metric != "self_bleu"))
+        facts.append(
+            _fact(
+                label,
+                ci_mean(get_path(a, "diversity", scope, metric)),
+                ci_mean(get_path(b, "diversity", scope, metric)),
+                format_number,
+                metric != "self_bleu",
+            )
+        )
     return [f for f in facts if f is not None]
 
 
 def _cost_facts(a: dict, b: dict) -> list[tuple[str, int]]:
-    fact = _fact("", ci_mean(get_path(a, "cost", "wall_s")), ci_mean(get_path(b, "cost", "wall_s")), format_seconds,
-                 False, "{a} vs {b} of wall time")
+    fact = _fact(
+        "",
+        ci_mean(get_path(a, "cost", "wall_s")),
+        ci_mean(get_path(b, "cost", "wall_s")),
+        format_seconds,
+        False,
+        "{a} vs {b} of wall time",
+    )
     return [fact] if fact else []
 
 
@@ -397,15 +450,24 @@ def _stability_facts(a: dict, b: dict) -> list[tuple[str, int]]:
     facts = []
     if _divergences(a) or _divergences(b):
         facts.append(_fact("divergence events", _divergences(a), _divergences(b), format_number, False))
-    facts.append(_fact("seed sd of gold reward", get_path(a, "stability", "seed_sd"),
-                       get_path(b, "stability", "seed_sd"), format_number, False))
+    facts.append(
+        _fact(
+            "seed sd of gold reward",
+            get_path(a, "stability", "seed_sd"),
+            get_path(b, "stability", "seed_sd"),
+            format_number,
+            False,
+        )
+    )
     return [f for f in facts if f is not None]
 
 
-AXIS_WORDS = {"alignment": ("more aligned", "less aligned", _alignment_facts),
-              "diversity": ("more diverse", "less diverse", _diversity_facts),
-              "cost": ("cheaper", "more expensive", _cost_facts),
-              "stability": ("more stable", "less stable", _stability_facts)}
+AXIS_WORDS = {
+    "alignment": ("more aligned", "less aligned", _alignment_facts),
+    "diversity": ("more diverse", "less diverse", _diversity_facts),
+    "cost": ("cheaper", "more expensive", _cost_facts),
+    "stability": ("more stable", "less stable", _stability_facts),
+}
 """axis -> (word when the facts favour the first arm, word when they favour the second, the facts)."""
 
 
@@ -442,7 +504,9 @@ def _versus_sentence(arms: dict, first: dict, second: dict, weights: dict[str, f
         if not compared:
             return f"{first['arm']} and {second['arm']} have no weighted axis measured for both."
         return f"{first['arm']} and {second['arm']} measure the same on every weighted axis, to the digits shown."
-    sentence = f"Against the runner-up {second['arm']}, {first['arm']} is " + (_join(better) if better else "no better on any axis")
+    sentence = f"Against the runner-up {second['arm']}, {first['arm']} is " + (
+        _join(better) if better else "no better on any axis"
+    )
     return sentence + (", but " + _join(worse) if worse else "") + "."
 
 
@@ -461,22 +525,33 @@ def _paired_sentence(results: dict, choice: str, runner: str) -> str:
     (two means' CIs overlap more easily than a paired win rate's CI reaches 0.5)."""
     win = get_path(results, "win_rates", choice, runner)
     low, high = _paired_ci(results, choice, runner)
-    verdict = "includes 0.5: the difference is within noise" if low <= 0.5 <= high else \
-        f"excludes 0.5: {choice if low > 0.5 else runner} is better on paired prompts beyond seed noise"
-    return (f"Paired on the same prompts and seeds, {choice} beats {runner} {format_ci(win)} of the time (ties half); "
-            f"the 95% CI {verdict}.")
+    verdict = (
+        "includes 0.5: the difference is within noise"
+        if low <= 0.5 <= high
+        else f"excludes 0.5: {choice if low > 0.5 else runner} is better on paired prompts beyond seed noise"
+    )
+    return (
+        f"Paired on the same prompts and seeds, {choice} beats {runner} {format_ci(win)} of the time (ties half); "
+        f"the 95% CI {verdict}."
+    )
 
 
 def _noise_sentence(arms: dict, choice: str, runner: str, overlap: bool | None) -> str:
     a, b = arms[choice], arms[runner]
     if overlap is None:
-        return (f"Whether {choice} and {runner} differ in gold reward beyond noise is unknown: at least one has no "
-                f"95% confidence interval (fewer than 2 seeds).")
+        return (
+            f"Whether {choice} and {runner} differ in gold reward beyond noise is unknown: at least one has no "
+            f"95% confidence interval (fewer than 2 seeds)."
+        )
     if not overlap:
-        return (f"The gold-reward difference between {choice} and {runner} is beyond seed noise: their 95% CIs do not "
-                f"overlap ({_alignment_numbers(a, b)}).")
-    return (f"The alignment difference between {choice} and {runner} is within noise: their 95% CIs of gold reward "
-            f"overlap ({_alignment_numbers(a, b)}).")
+        return (
+            f"The gold-reward difference between {choice} and {runner} is beyond seed noise: their 95% CIs do not "
+            f"overlap ({_alignment_numbers(a, b)})."
+        )
+    return (
+        f"The alignment difference between {choice} and {runner} is within noise: their 95% CIs of gold reward "
+        f"overlap ({_alignment_numbers(a, b)})."
+    )
 
 
 def _winner(axis: str, a_name: str, b_name: str, arms: dict) -> tuple[str, str] | None:
@@ -517,22 +592,29 @@ def _base_sentence(arms: dict, ranking: list[dict]) -> str:
         if not tuned:
             return ""
         best = tuned[0]
-        return (f"No tuned arm beats the untuned {choice} under these priorities; the best tuned arm is {best['arm']} "
-                f"(weighted score {best['score']:.2f}), {_alignment_numbers(arms[best['arm']], arms[choice])} for {choice}.")
+        return (
+            f"No tuned arm beats the untuned {choice} under these priorities; the best tuned arm is {best['arm']} "
+            f"(weighted score {best['score']:.2f}), {_alignment_numbers(arms[best['arm']], arms[choice])} for {choice}."
+        )
     win, controlled = arms[choice].get("win_rate_vs_base"), arms[choice].get("length_controlled_win_rate_vs_base")
     base = next((arm for arm, m in arms.items() if _is_base(arm, m)), None)
     if base is None:
         return ""
-    sentence = f"{choice}'s win rate against {base} by gold score is {format_ci(win)} (ties count half)" \
-        if ci_mean(win) is not None else ""
+    sentence = (
+        f"{choice}'s win rate against {base} by gold score is {format_ci(win)} (ties count half)"
+        if ci_mean(win) is not None
+        else ""
+    )
     if ci_mean(controlled) is not None:
         sentence += f"; length-controlled {format_ci(controlled)}"
     overlap = _overlap(arms[choice].get("gold_reward"), arms[base].get("gold_reward"))
     numbers = _alignment_numbers(arms[choice], arms[base])
     side = next((side for _, side in _alignment_facts(arms[choice], arms[base])), 0)
     if overlap is True:
-        claim = (f"gold reward is not above {base}'s beyond seed noise ({numbers}): with these seeds and prompts "
-                 f"the gain over the untuned model is not established")
+        claim = (
+            f"gold reward is not above {base}'s beyond seed noise ({numbers}): with these seeds and prompts "
+            f"the gain over the untuned model is not established"
+        )
     elif overlap is False and side:
         claim = f"gold reward is {'above' if side > 0 else 'below'} {base}'s beyond seed noise ({numbers})"
     else:
@@ -548,5 +630,7 @@ def _divergence_sentence(arms: dict, choice: str) -> str:
     events = _divergences(arms[choice])
     if not events:
         return ""
-    return (f"Caution: {choice} had {events} divergence event{'s' if events > 1 else ''} over its seeds "
-            f"(KL blow-up, NaN or reward collapse).")
+    return (
+        f"Caution: {choice} had {events} divergence event{'s' if events > 1 else ''} over its seeds "
+        f"(KL blow-up, NaN or reward collapse)."
+    )

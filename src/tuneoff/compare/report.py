@@ -26,9 +26,18 @@ from tuneoff.compare.recommend import (
 )
 from tuneoff.errors import TuneoffError
 
-STYLE = {"svg.fonttype": "none", "svg.hashsalt": "tuneoff", "font.size": 9, "axes.titlesize": 10,
-         "axes.spines.top": False, "axes.spines.right": False, "axes.grid": True, "grid.alpha": 0.3,
-         "legend.frameon": False, "legend.fontsize": 8}
+STYLE = {
+    "svg.fonttype": "none",
+    "svg.hashsalt": "tuneoff",
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+}
 PHASES = ("data", "generation", "training", "scoring")
 PHASE_COLORS = ("#8da0cb", "#66c2a5", "#fc8d62", "#e5c494")
 SCOPE_COLORS = {"per_input": "#4c72b0", "across_input": "#dd8452"}
@@ -47,11 +56,22 @@ def write_report(results: dict, path) -> Path:
     recommendation = _recommendation(results)
     env = Environment(loader=PackageLoader("tuneoff", "templates"), autoescape=select_autoescape(["html"]))
     html = env.get_template("compare_report.html").render(
-        r=results, arms=arms, plots=plots, summary=_summary_rows(arms), recommendation=recommendation,
-        axis_rows=_axis_rows(recommendation), axes=AXES,
-        cost=_cost_rows(arms), stability=_stability_rows(arms), win_rates=_win_rate_table(results, arms),
-        shared=_shared(results), environment=_pairs(results.get("environment")), samples=_samples(arms),
-        notes=_notes(results), config=json.dumps(results.get("config") or {}, indent=1, default=str))
+        r=results,
+        arms=arms,
+        plots=plots,
+        summary=_summary_rows(arms),
+        recommendation=recommendation,
+        axis_rows=_axis_rows(recommendation),
+        axes=AXES,
+        cost=_cost_rows(arms),
+        stability=_stability_rows(arms),
+        win_rates=_win_rate_table(results, arms),
+        shared=_shared(results),
+        environment=_pairs(results.get("environment")),
+        samples=_samples(arms),
+        notes=_notes(results),
+        config=json.dumps(results.get("config") or {}, indent=1, default=str),
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
@@ -60,6 +80,7 @@ def write_report(results: dict, path) -> Path:
 
 # --- numbers and tables --------------------------------------------------------------------------------------
 
+
 def _cell(ci) -> dict:
     """A table cell: the mean, and the CI below it in small type."""
     mean, _, interval = format_ci(ci).partition(" [")
@@ -67,13 +88,22 @@ def _cell(ci) -> dict:
 
 
 def _summary_rows(arms: dict) -> list[dict]:
-    columns = [("gold_reward",), ("proxy_reward",), ("win_rate_vs_base",), ("length_controlled_win_rate_vs_base",),
-               ("kl_per_token",), ("mean_length_tokens",), ("diversity", "across_input", "embedding")]
+    columns = [
+        ("gold_reward",),
+        ("proxy_reward",),
+        ("win_rate_vs_base",),
+        ("length_controlled_win_rate_vs_base",),
+        ("kl_per_token",),
+        ("mean_length_tokens",),
+        ("diversity", "across_input", "embedding"),
+    ]
     rows = []
     for arm, m in arms.items():
         cells = [_cell(get_path(m, *keys)) for keys in columns]
         cells.append({"value": format_seconds(ci_mean(get_path(m, "cost", "wall_s"))), "ci": ""})
-        rows.append({"arm": arm, "method": m.get("method", ""), "description": m.get("description", ""), "cells": cells})
+        rows.append(
+            {"arm": arm, "method": m.get("method", ""), "description": m.get("description", ""), "cells": cells}
+        )
     return rows
 
 
@@ -83,8 +113,13 @@ def _cost_rows(arms: dict) -> list[dict]:
         cost = m.get("cost") or {}
         phases = cost.get("phases") or {}
         plain = [format_number(cost.get("labels"))] + [format_number(phases.get(phase)) for phase in PHASES]
-        rows.append({"arm": arm, "cells": [_cell(cost.get(key)) for key in ("wall_s", "cpu_s", "tokens", "flops", "peak_rss_mb")]
-                     + [{"value": value, "ci": ""} for value in plain]})
+        rows.append(
+            {
+                "arm": arm,
+                "cells": [_cell(cost.get(key)) for key in ("wall_s", "cpu_s", "tokens", "flops", "peak_rss_mb")]
+                + [{"value": value, "ci": ""} for value in plain],
+            }
+        )
     return rows
 
 
@@ -92,8 +127,13 @@ def _stability_rows(arms: dict) -> list[dict]:
     rows = []
     for arm, m in arms.items():
         stability, fit = m.get("stability") or {}, m.get("overoptimization") or {}
-        cells = [format_number(stability.get(key)) for key in ("seed_sd", "seed_range", "divergence_events", "final_gold_proxy_gap")]
-        rows.append({"arm": arm, "cells": cells + [format_number(fit.get(key)) for key in ("alpha", "beta", "r2", "n")]})
+        cells = [
+            format_number(stability.get(key))
+            for key in ("seed_sd", "seed_range", "divergence_events", "final_gold_proxy_gap")
+        ]
+        rows.append(
+            {"arm": arm, "cells": cells + [format_number(fit.get(key)) for key in ("alpha", "beta", "r2", "n")]}
+        )
     return rows
 
 
@@ -103,29 +143,38 @@ def _win_rate_table(results: dict, arms: dict) -> dict | None:
         return None
     names = list(arms) or list(rates)
     empty = {"value": "", "ci": ""}
-    return {"names": names, "rows": [{"arm": a, "cells": [_cell(get_path(rates, a, b)) if a != b else empty
-                                                          for b in names]} for a in names]}
+    return {
+        "names": names,
+        "rows": [
+            {"arm": a, "cells": [_cell(get_path(rates, a, b)) if a != b else empty for b in names]} for a in names
+        ],
+    }
 
 
 def _pairs(mapping) -> list[tuple[str, str]]:
     """Key–value rows of a flat dict; numbers formatted, None (not measured) as n/a, anything else as text."""
     if not isinstance(mapping, dict):
         return []
-    return [(str(key).replace("_", " "),
-             format_number(value) if value is None or finite(value) is not None else str(value))
-            for key, value in mapping.items()]
+    return [
+        (str(key).replace("_", " "), format_number(value) if value is None or finite(value) is not None else str(value))
+        for key, value in mapping.items()
+    ]
 
 
 def _shared(results: dict) -> list[tuple[str, list]]:
     shared = results.get("shared") or {}
     titles = {"gold_judge": "gold judge", "labels": "preference labels", "proxy_rm": "proxy reward model"}
-    return [(titles.get(name, str(name)), _pairs(values)) for name, values in shared.items() if isinstance(values, dict)]
+    return [
+        (titles.get(name, str(name)), _pairs(values)) for name, values in shared.items() if isinstance(values, dict)
+    ]
 
 
 def _seeds(arm: dict) -> list[tuple[str, dict]]:
     per_seed = arm.get("per_seed") or {}
-    return sorted(((str(seed), run) for seed, run in per_seed.items() if isinstance(run, dict)),
-                  key=lambda pair: (not pair[0].isdigit(), int(pair[0]) if pair[0].isdigit() else 0, pair[0]))
+    return sorted(
+        ((str(seed), run) for seed, run in per_seed.items() if isinstance(run, dict)),
+        key=lambda pair: (not pair[0].isdigit(), int(pair[0]) if pair[0].isdigit() else 0, pair[0]),
+    )
 
 
 def _samples(arms: dict) -> list[dict]:
@@ -135,8 +184,20 @@ def _samples(arms: dict) -> list[dict]:
         for seed, run in _seeds(m):
             rows = [s for s in run.get("samples") or [] if isinstance(s, dict)][:SAMPLES_PER_ARM]
             if rows:
-                shown.append({"arm": arm, "seed": seed, "rows": [{"prompt": str(s.get("prompt", "")), "response": str(s.get("response", "")),
-                                                                  "gold": format_number(s.get("gold"))} for s in rows]})
+                shown.append(
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "rows": [
+                            {
+                                "prompt": str(s.get("prompt", "")),
+                                "response": str(s.get("response", "")),
+                                "gold": format_number(s.get("gold")),
+                            }
+                            for s in rows
+                        ],
+                    }
+                )
                 break
     return shown
 
@@ -159,14 +220,23 @@ def _recommendation(results: dict) -> dict:
 
 def _axis_rows(recommendation: dict) -> list[dict]:
     """Rows of the ranking: weighted score and per-axis scores, formatted (empty for a missing axis)."""
+
     def score(value) -> str:
         return "–" if finite(value) is None else f"{value:.2f}"
 
-    return [{"arm": row.get("arm"), "score": score(row.get("score")), "axes": [score((row.get("axes") or {}).get(axis)) for axis in AXES]}
-            for row in recommendation.get("ranking") or [] if isinstance(row, dict)]
+    return [
+        {
+            "arm": row.get("arm"),
+            "score": score(row.get("score")),
+            "axes": [score((row.get("axes") or {}).get(axis)) for axis in AXES],
+        }
+        for row in recommendation.get("ranking") or []
+        if isinstance(row, dict)
+    ]
 
 
 # --- plots ---------------------------------------------------------------------------------------------------
+
 
 def _colors(arms: dict) -> dict[str, str]:
     from matplotlib import colormaps
@@ -195,7 +265,7 @@ def _svg(fig):
     buffer = io.StringIO()
     fig.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
     svg = buffer.getvalue()
-    svg = svg[svg.index("<svg"):]
+    svg = svg[svg.index("<svg") :]
     svg = re.sub(r"\s*<metadata>.*?</metadata>", "", svg, flags=re.S)
     return Markup(svg)  # safe: made here, and matplotlib escapes every text it writes
 
@@ -235,15 +305,37 @@ def _plot_gold_vs_kl(arms: dict, colors: dict):
     finals, drawn = [], False
     for arm, m in arms.items():
         for _, run in _seeds(m):  # each seed's training trajectory, faint
-            rows = [r for r in run.get("curve") or []
-                    if finite(r.get("kl")) is not None and finite(r.get("gold")) is not None]
+            rows = [
+                r
+                for r in run.get("curve") or []
+                if finite(r.get("kl")) is not None and finite(r.get("gold")) is not None
+            ]
             if rows:
-                ax.plot([r["kl"] for r in rows], [r["gold"] for r in rows], color=colors[arm], alpha=0.3, lw=1, marker=".", ms=3)
+                ax.plot(
+                    [r["kl"] for r in rows],
+                    [r["gold"] for r in rows],
+                    color=colors[arm],
+                    alpha=0.3,
+                    lw=1,
+                    marker=".",
+                    ms=3,
+                )
                 drawn = True
         x, y = ci_mean(m.get("kl_per_token")), ci_mean(m.get("gold_reward"))
         if x is not None and y is not None:
-            ax.errorbar([x], [y], xerr=_err(m.get("kl_per_token")), yerr=_err(m.get("gold_reward")), fmt="o", ms=7, capsize=3,
-                        color=colors[arm], markeredgecolor="white", label=_label(arm), zorder=3)
+            ax.errorbar(
+                [x],
+                [y],
+                xerr=_err(m.get("kl_per_token")),
+                yerr=_err(m.get("gold_reward")),
+                fmt="o",
+                ms=7,
+                capsize=3,
+                color=colors[arm],
+                markeredgecolor="white",
+                label=_label(arm),
+                zorder=3,
+            )
             finals.append((x, y))
     if not finals and not drawn:
         return None
@@ -275,17 +367,24 @@ def _plot_hacking(arms: dict):
         twin.grid(False)
         ax.set_title(_label(arm))
         ax.set_xlabel("step")
-    for ax in list(grid.flat)[len(curves):]:
+    for ax in list(grid.flat)[len(curves) :]:
         ax.set_visible(False)
     return _svg(fig)
 
 
 def _plot_diversity(arms: dict):
-    metrics = [("ead", "EAD\n(higher = more diverse)"), ("self_bleu", "self-BLEU\n(lower = more diverse)"),
-               ("embedding", "embedding diversity\n(higher = more diverse)")]
+    metrics = [
+        ("ead", "EAD\n(higher = more diverse)"),
+        ("self_bleu", "self-BLEU\n(lower = more diverse)"),
+        ("embedding", "embedding diversity\n(higher = more diverse)"),
+    ]
     names = list(arms)
-    if not any(ci_mean(get_path(m, "diversity", scope, metric)) is not None for m in arms.values()
-               for scope in SCOPE_COLORS for metric, _ in metrics):
+    if not any(
+        ci_mean(get_path(m, "diversity", scope, metric)) is not None
+        for m in arms.values()
+        for scope in SCOPE_COLORS
+        for metric, _ in metrics
+    ):
         return None
     fig = _figure(8, 3.2)
     grid = fig.subplots(1, 3)
@@ -343,15 +442,29 @@ def _plot_training(arms: dict, colors: dict):
 
 def _plots(arms: dict, colors: dict) -> list[dict]:
     specs = [
-        ("gold-vs-kl", "Gold reward vs KL to the base model", lambda: _plot_gold_vs_kl(arms, colors),
-         "Faint lines: each seed's training trajectory (checkpoints). Dots: final evaluation, mean over seeds with 95% CIs. "
-         "Dashed: the frontier, the best gold reward reached for a given KL budget."),
-        ("hacking", "Proxy vs gold reward over training", lambda: _plot_hacking(arms),
-         "Mean over seeds. Proxy reward that keeps rising while gold flattens or falls is reward hacking (Gao et al. 2022)."),
-        ("diversity", "Diversity", lambda: _plot_diversity(arms),
-         "Per-input: k samples for one prompt, averaged over prompts. Across-input: one sample per prompt. "
-         "Bars: mean over seeds with 95% CIs (Kirk et al. 2023)."),
+        (
+            "gold-vs-kl",
+            "Gold reward vs KL to the base model",
+            lambda: _plot_gold_vs_kl(arms, colors),
+            "Faint lines: each seed's training trajectory (checkpoints). Dots: final evaluation, mean over seeds with 95% CIs. "
+            "Dashed: the frontier, the best gold reward reached for a given KL budget.",
+        ),
+        (
+            "hacking",
+            "Proxy vs gold reward over training",
+            lambda: _plot_hacking(arms),
+            "Mean over seeds. Proxy reward that keeps rising while gold flattens or falls is reward hacking (Gao et al. 2022).",
+        ),
+        (
+            "diversity",
+            "Diversity",
+            lambda: _plot_diversity(arms),
+            "Per-input: k samples for one prompt, averaged over prompts. Across-input: one sample per prompt. "
+            "Bars: mean over seeds with 95% CIs (Kirk et al. 2023).",
+        ),
         ("cost", "Cost by phase", lambda: _plot_cost(arms), "Wall seconds per phase, mean over seeds."),
         ("training", "Training curves", lambda: _plot_training(arms, colors), "Logged steps, mean over seeds."),
     ]
-    return [{"id": plot_id, "title": title, "svg": draw(), "caption": caption} for plot_id, title, draw, caption in specs]
+    return [
+        {"id": plot_id, "title": title, "svg": draw(), "caption": caption} for plot_id, title, draw, caption in specs
+    ]

@@ -52,7 +52,9 @@ def _child(job: Job, inputs: dict, threads: int) -> None:
         traceback.print_exc()
         record.update(status="failed", error=f"{type(error).__name__}: {error}")
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    record.update(wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, peak_rss_mb=usage.ru_maxrss / 1024)
+    record.update(
+        wall_s=time.perf_counter() - wall, cpu_s=time.process_time() - cpu, peak_rss_mb=usage.ru_maxrss / 1024
+    )
     staging = folder / f".{RECORD}.tmp"
     staging.write_text(json.dumps(record, indent=1, default=float))
     staging.rename(folder / RECORD)
@@ -77,8 +79,12 @@ def _read_record(path: Path) -> dict | None:
 
 def failures(records: dict[str, dict]) -> list[str]:
     """One line per job that did not finish: its name, failed or not run, and why."""
-    return [f"{name}: {'not run' if r.get('status') == 'skipped' else r.get('status', 'failed')}: "
-            f"{r.get('error') or 'no reason recorded'}" for name, r in records.items() if r.get("status") != "ok"]
+    return [
+        f"{name}: {'not run' if r.get('status') == 'skipped' else r.get('status', 'failed')}: "
+        f"{r.get('error') or 'no reason recorded'}"
+        for name, r in records.items()
+        if r.get("status") != "ok"
+    ]
 
 
 def _prepare(job: Job) -> None:
@@ -128,8 +134,15 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
     folders = {j.name: j.folder for j in jobs}
     context = multiprocessing.get_context("fork")
     running: dict[str, tuple[Job, multiprocessing.Process]] = {}
-    bar = tqdm(total=len(jobs), initial=len(records), desc="experiment", unit="job", disable=not show_progress,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=len(jobs),
+        initial=len(records),
+        desc="experiment",
+        unit="job",
+        disable=not show_progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
 
     def settle(job: Job, record: dict) -> None:
         records[job.name] = record
@@ -146,9 +159,16 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
                 broken = [d for d, state in states.items() if state in ("failed", "skipped")]
                 if broken:  # never wait on the rest: this job cannot run whatever they do
                     pending.remove(job)
-                    settle(job, {"key": job.key, "name": job.name, "kind": job.kind, "status": "skipped",
-                                 "error": f"its input{'s' if len(broken) > 1 else ''} {', '.join(broken)} "
-                                          f"did not finish"})
+                    settle(
+                        job,
+                        {
+                            "key": job.key,
+                            "name": job.name,
+                            "kind": job.kind,
+                            "status": "skipped",
+                            "error": f"its input{'s' if len(broken) > 1 else ''} {', '.join(broken)} did not finish",
+                        },
+                    )
                 elif all(state == "ok" for state in states.values()):
                     pending.remove(job)
                     try:
@@ -157,16 +177,32 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
                         process = context.Process(target=_child, args=(job, inputs, threads), name=job.name)
                         process.start()
                     except OSError as error:  # a folder that cannot be written, no process to be had
-                        settle(job, {"key": job.key, "name": job.name, "kind": job.kind, "status": "failed",
-                                     "error": f"could not start: {type(error).__name__}: {error}"})
+                        settle(
+                            job,
+                            {
+                                "key": job.key,
+                                "name": job.name,
+                                "kind": job.kind,
+                                "status": "failed",
+                                "error": f"could not start: {type(error).__name__}: {error}",
+                            },
+                        )
                         continue
                     running[job.name] = (job, process)
             if pending and not running and all(_waiting(j, records) for j in pending):
                 for job in list(pending):  # inputs that no job produces: nothing left can ever start
                     pending.remove(job)
                     missing = [d for d in job.deps if d not in records]
-                    settle(job, {"key": job.key, "name": job.name, "kind": job.kind, "status": "skipped",
-                                 "error": f"no job produces its input(s) {', '.join(missing)}"})
+                    settle(
+                        job,
+                        {
+                            "key": job.key,
+                            "name": job.name,
+                            "kind": job.kind,
+                            "status": "skipped",
+                            "error": f"no job produces its input(s) {', '.join(missing)}",
+                        },
+                    )
             bar.set_postfix_str(", ".join(running), refresh=False)
             time.sleep(0.2)
             for name, (job, process) in list(running.items()):
@@ -176,9 +212,13 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
                 del running[name]
                 record = _read_record(Path(job.folder) / RECORD)
                 if record is None or record.get("key") != job.key or "status" not in record:
-                    record = {"key": job.key, "name": name, "kind": job.kind, "status": "failed",
-                              "error": f"the job's process died (exit code {process.exitcode}); "
-                                       f"see {job.folder}/log.txt"}
+                    record = {
+                        "key": job.key,
+                        "name": name,
+                        "kind": job.kind,
+                        "status": "failed",
+                        "error": f"the job's process died (exit code {process.exitcode}); see {job.folder}/log.txt",
+                    }
                 settle(job, record)
     finally:  # interrupted (Ctrl-C) or a bug here: no job process outlives the run
         for _, process in running.values():

@@ -22,9 +22,18 @@ def validate(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> None:
     """Register ``validate`` with the top-level CLI's subparsers."""
-    parser = subparsers.add_parser("validate", help="check a data file and count its valid records",
-                                   description="Check every record of a data file; name the first bad one.")
-    parser.add_argument("file", metavar="FILE", help=".jsonl, .json, .csv, .parquet (gzipped JSON too) or a datasets folder")
-    parser.add_argument("--kind", choices=KINDS, default="sft",
-                        help="what the records are (default: sft); kto (alias unpaired): prompt, completion, label")
+    parser = subparsers.add_parser(
+        "validate",
+        help="check a data file and count its valid records",
+        description="Check every record of a data file; name the first bad one.",
+    )
+    parser.add_argument(
+        "file", metavar="FILE", help=".jsonl, .json, .csv, .parquet (gzipped JSON too) or a datasets folder"
+    )
+    parser.add_argument(
+        "--kind",
+        choices=KINDS,
+        default="sft",
+        help="what the records are (default: sft); kto (alias unpaired): prompt, completion, label",
+    )
     parser.set_defaults(func=validate)

@@ -61,14 +61,22 @@ from tuneoff.errors import DataError, TuneoffError
 ROLES = ("system", "developer", "user", "assistant", "tool")
 COMPLETION_ROLES = ("assistant", "tool")
 """Roles of a conversational SFT completion: the assistant's turns (trained on) and the tools' answers between them."""
-KTO_LABEL = ("records with a `label` field are unpaired preference data (KTO), where false marks an undesirable "
-             "completion: train them with `tuneoff kto` (check them with --kind kto), or drop the field to "
-             "fine-tune on every completion")
+KTO_LABEL = (
+    "records with a `label` field are unpaired preference data (KTO), where false marks an undesirable "
+    "completion: train them with `tuneoff kto` (check them with --kind kto), or drop the field to "
+    "fine-tune on every completion"
+)
 EMPTY_FILE = "file is empty: expected at least one record"
 IDENTICAL = "chosen and rejected are the same text: a preference needs two different responses"
 SUPPORTED = ".jsonl, .jsonl.gz, .json, .json.gz, .csv, .parquet, or a folder written by datasets' save_to_disk"
-SUFFIXES = {".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".json": "json", ".json.gz": "json",
-            ".csv": "csv", ".parquet": "parquet"}
+SUFFIXES = {
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json": "json",
+    ".json.gz": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 POSITIONS = {"jsonl": "{}", "csv": "{}", "json": "record {}", "parquet": "row {}", "datasets": "row {}"}
 """How each format names the position of a record in error messages and in ``where``."""
 
@@ -206,8 +214,12 @@ def _check_duplicates(value: Any, file: str, where: Any, field: str = "") -> Non
     if isinstance(value, dict):
         if getattr(value, "duplicate", None) is not None:
             key = value.duplicate
-            raise DataError(file, where, f"{field}.{key}" if field else key,
-                            f"duplicate key '{key}': it appears more than once in one JSON object; keep one")
+            raise DataError(
+                file,
+                where,
+                f"{field}.{key}" if field else key,
+                f"duplicate key '{key}': it appears more than once in one JSON object; keep one",
+            )
         for key, item in value.items():
             _check_duplicates(item, file, where, f"{field}.{key}" if field else key)
     elif isinstance(value, list):
@@ -216,8 +228,16 @@ def _check_duplicates(value: Any, file: str, where: Any, field: str = "") -> Non
 
 
 def _kind(value: Any) -> str:
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "a list", tuple: "a list", bytes: "bytes"}
+    names = {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        tuple: "a list",
+        bytes: "bytes",
+    }
     return "an object" if isinstance(value, dict) else names.get(type(value), type(value).__name__)
 
 
@@ -270,8 +290,12 @@ def _decode_text(data: bytes, file: str, where_for: Callable[[int], Any], offset
         return data[start:].decode("utf-8")
     except UnicodeDecodeError as error:
         bad = start + error.start
-        raise DataError(file, where_for(bad), None,
-                        f"not valid UTF-8 at byte {offset + bad} (0x{data[bad]:02x}): save the file as UTF-8") from None
+        raise DataError(
+            file,
+            where_for(bad),
+            None,
+            f"not valid UTF-8 at byte {offset + bad} (0x{data[bad]:02x}): save the file as UTF-8",
+        ) from None
 
 
 def _line_of(data: bytes, byte: int) -> int:
@@ -320,8 +344,12 @@ def _records_of(value: Any, file: str) -> list:
         found = f"an object with keys {_braces(value)}"
     else:
         found = _describe(value)
-    raise DataError(file, None, None,
-                    f'expected a list of records or an object with one list field such as {{"data": [...]}}, got {found}')
+    raise DataError(
+        file,
+        None,
+        None,
+        f'expected a list of records or an object with one list field such as {{"data": [...]}}, got {found}',
+    )
 
 
 def _read_json(path: Path, file: str) -> Iterator[tuple[int, dict]]:
@@ -338,8 +366,12 @@ def _json_cell(text: str, file: str, where: int, field: str) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_object_pairs)
     except json.JSONDecodeError as error:
-        raise DataError(file, where, field,
-                        f"expected a JSON list of messages, got invalid JSON: {error.msg} (column {error.colno})") from None
+        raise DataError(
+            file,
+            where,
+            field,
+            f"expected a JSON list of messages, got invalid JSON: {error.msg} (column {error.colno})",
+        ) from None
 
 
 def _read_csv(path: Path, file: str) -> Iterator[tuple[int, dict]]:
@@ -358,7 +390,9 @@ def _read_csv(path: Path, file: str) -> Iterator[tuple[int, dict]]:
             if not cells:
                 continue  # a blank line
             if len(cells) != len(header):
-                raise DataError(file, number, None, f"expected {len(header)} cells as in the header, found {len(cells)}")
+                raise DataError(
+                    file, number, None, f"expected {len(header)} cells as in the header, found {len(cells)}"
+                )
             row = dict(zip(header, cells))
             if "messages" in row:
                 row["messages"] = _json_cell(row["messages"], file, number, "messages")
@@ -391,8 +425,9 @@ def _read_parquet(path: Path, file: str) -> Iterator[tuple[int, dict]]:
 def _read_datasets(path: Path, file: str) -> Iterator[tuple[int, dict]]:
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     if not any((path / marker).exists() for marker in markers):
-        raise DataError(file, None, None,
-                        f"a folder, but not one written by datasets' save_to_disk (no {' or '.join(markers)})")
+        raise DataError(
+            file, None, None, f"a folder, but not one written by datasets' save_to_disk (no {' or '.join(markers)})"
+        )
     from datasets import DatasetDict, load_from_disk  # lazy: importing datasets takes seconds
 
     try:
@@ -401,14 +436,24 @@ def _read_datasets(path: Path, file: str) -> Iterator[tuple[int, dict]]:
         raise DataError(file, None, None, f"cannot load the datasets folder: {error}") from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:
-            raise DataError(file, None, None,
-                            f"expected a 'train' split, found splits {_braces(dataset)}; pass one split's folder instead")
+            raise DataError(
+                file,
+                None,
+                None,
+                f"expected a 'train' split, found splits {_braces(dataset)}; pass one split's folder instead",
+            )
         dataset = dataset["train"]
     for number, row in enumerate(dataset, 1):
         yield number, _without_nulls(row)
 
 
-READERS = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "parquet": _read_parquet, "datasets": _read_datasets}
+READERS = {
+    "jsonl": _read_jsonl,
+    "json": _read_json,
+    "csv": _read_csv,
+    "parquet": _read_parquet,
+    "datasets": _read_datasets,
+}
 
 
 def read_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
@@ -466,16 +511,29 @@ def _tool_calls(item: dict, field: str, file: str, where: Any) -> tuple[dict, ..
         at = f"{field}.tool_calls[{index}]"
         function = call.get("function") if isinstance(call, dict) else None
         if not isinstance(function, dict):
-            raise DataError(file, where, at, 'expected {"type": "function", "function": {"name": ..., "arguments": '
-                                             f"{{...}}}}}}, got {_describe(call)}")
+            raise DataError(
+                file,
+                where,
+                at,
+                'expected {"type": "function", "function": {"name": ..., "arguments": '
+                f"{{...}}}}}}, got {_describe(call)}",
+            )
         name = function.get("name")
         if not isinstance(name, str) or not name.strip():
-            raise DataError(file, where, f"{at}.function.name",
-                            f"expected the function's name, a non-empty string, got {_describe(name)}")
+            raise DataError(
+                file,
+                where,
+                f"{at}.function.name",
+                f"expected the function's name, a non-empty string, got {_describe(name)}",
+            )
         arguments = function.get("arguments")
         if arguments is not None and not isinstance(arguments, (dict, str)):
-            raise DataError(file, where, f"{at}.function.arguments",
-                            f"expected an object (or a JSON string), got {_describe(arguments)}")
+            raise DataError(
+                file,
+                where,
+                f"{at}.function.arguments",
+                f"expected an object (or a JSON string), got {_describe(arguments)}",
+            )
     return tuple(value)
 
 
@@ -495,10 +553,19 @@ def _message(item: Any, field: str, file: str, where: Any) -> Message:
     if not isinstance(content, str):
         raise DataError(file, where, f"{field}.content", f"expected a string, got {_describe(content)}")
     if role == "assistant" and calls is None and not content.strip():
-        raise DataError(file, where, f"{field}.content",
-                        f"empty assistant message: expected non-empty text or tool_calls, got {content!r}")
-    return Message(role, content, calls, _optional_text(item, "name", field, file, where),
-                   _optional_text(item, "tool_call_id", field, file, where))
+        raise DataError(
+            file,
+            where,
+            f"{field}.content",
+            f"empty assistant message: expected non-empty text or tool_calls, got {content!r}",
+        )
+    return Message(
+        role,
+        content,
+        calls,
+        _optional_text(item, "name", field, file, where),
+        _optional_text(item, "tool_call_id", field, file, where),
+    )
 
 
 def messages_field(value: Any, field: str, file: str, where: Any) -> tuple[Message, ...]:
@@ -513,8 +580,12 @@ def messages_field(value: Any, field: str, file: str, where: Any) -> tuple[Messa
 
 def _not_ending_with_assistant(messages: tuple[Message, ...], field: str, file: str, where: Any) -> tuple[Message, ...]:
     if messages[-1].role == "assistant":
-        raise DataError(file, where, f"{field}[{len(messages) - 1}].role",
-                        "a prompt must not end with an assistant message: the model writes the next turn")
+        raise DataError(
+            file,
+            where,
+            f"{field}[{len(messages) - 1}].role",
+            "a prompt must not end with an assistant message: the model writes the next turn",
+        )
     return messages
 
 
@@ -546,18 +617,24 @@ def _tools(row: dict, file: str, where: Any) -> tuple[dict, ...] | None:
     return tuple(value)
 
 
-def _completion_messages(value: Any, field: str, file: str, where: Any,
-                         roles: tuple[str, ...] = COMPLETION_ROLES) -> tuple[Message, ...]:
+def _completion_messages(
+    value: Any, field: str, file: str, where: Any, roles: tuple[str, ...] = COMPLETION_ROLES
+) -> tuple[Message, ...]:
     """The turns after a conversational prompt: ``roles`` only, starting with the assistant's."""
     messages = messages_field(value, field, file, where)
     for index, message in enumerate(messages):
         if message.role not in roles:
             expected = " or ".join(map(repr, roles))
-            raise DataError(file, where, f"{field}[{index}].role",
-                            f"expected {expected} in a completion (the model writes it), got {message.role!r}")
+            raise DataError(
+                file,
+                where,
+                f"{field}[{index}].role",
+                f"expected {expected} in a completion (the model writes it), got {message.role!r}",
+            )
     if messages[0].role != "assistant":
-        raise DataError(file, where, f"{field}[0].role",
-                        f"a completion starts with the assistant's turn, got {messages[0].role!r}")
+        raise DataError(
+            file, where, f"{field}[0].role", f"a completion starts with the assistant's turn, got {messages[0].role!r}"
+        )
     return messages
 
 
@@ -571,14 +648,25 @@ def _sft_prompt_completion(row: dict, file: str, where: Any) -> SFTExample:
         elif isinstance(completion, (list, tuple)):
             turns = _completion_messages(completion, "completion", file, where)
         else:
-            raise DataError(file, where, "completion",
-                            f"expected a list of assistant messages or a string, got {_describe(completion)}")
+            raise DataError(
+                file,
+                where,
+                "completion",
+                f"expected a list of assistant messages or a string, got {_describe(completion)}",
+            )
         return SFTExample(prompt=messages, completion=turns, where=_here(file, where), tools=_tools(row, file, where))
     if isinstance(completion, (list, tuple)):
-        raise DataError(file, where, "prompt", f"expected a list of messages before a conversational completion, "
-                                               f"got {_describe(prompt)}")
-    return SFTExample(prompt=text_field(row, "prompt", file, where, allow_empty=True),
-                      completion=text_field(row, "completion", file, where), where=_here(file, where))
+        raise DataError(
+            file,
+            where,
+            "prompt",
+            f"expected a list of messages before a conversational completion, got {_describe(prompt)}",
+        )
+    return SFTExample(
+        prompt=text_field(row, "prompt", file, where, allow_empty=True),
+        completion=text_field(row, "completion", file, where),
+        where=_here(file, where),
+    )
 
 
 def _sft_messages(row: dict, file: str, where: Any) -> SFTExample:
@@ -586,8 +674,9 @@ def _sft_messages(row: dict, file: str, where: Any) -> SFTExample:
     messages = messages_field(row["messages"], "messages", file, where)
     if not any(message.role == "assistant" for message in messages):
         roles = ", ".join(message.role for message in messages)
-        raise DataError(file, where, "messages",
-                        f"expected at least one assistant message to learn from, found roles [{roles}]")
+        raise DataError(
+            file, where, "messages", f"expected at least one assistant message to learn from, found roles [{roles}]"
+        )
     return SFTExample(messages=messages, where=_here(file, where), tools=_tools(row, file, where))
 
 
@@ -629,8 +718,12 @@ def _reply(row: dict, field: str, file: str, where: Any) -> str:
         messages = messages_field(value, field, file, where)
         if len(messages) != 1 or messages[0].role != "assistant":
             roles = ", ".join(message.role for message in messages)
-            raise DataError(file, where, field,
-                            f"expected a string or one assistant message, got {len(messages)} message(s) with roles [{roles}]")
+            raise DataError(
+                file,
+                where,
+                field,
+                f"expected a string or one assistant message, got {len(messages)} message(s) with roles [{roles}]",
+            )
         return _text_reply(messages[0], f"{field}[0]", file, where)
     if not isinstance(value, str):
         raise DataError(file, where, field, f"expected a string or a list of messages, got {_describe(value)}")
@@ -640,8 +733,12 @@ def _reply(row: dict, field: str, file: str, where: Any) -> str:
 def _text_reply(message: Message, field: str, file: str, where: Any) -> str:
     """A compared reply's text: a reply that calls tools has no text form to compare."""
     if message.tool_calls is not None:
-        raise DataError(file, where, f"{field}.tool_calls",
-                        "a compared reply must be text: tool calls are supported in prompts, SFT and KTO data")
+        raise DataError(
+            file,
+            where,
+            f"{field}.tool_calls",
+            "a compared reply must be text: tool calls are supported in prompts, SFT and KTO data",
+        )
     return message.content
 
 
@@ -654,7 +751,9 @@ def _annotator(row: dict, file: str, where: Any) -> str | None:
     raise DataError(file, where, "annotator", f"expected a non-empty string or an integer, got {_describe(value)}")
 
 
-def _pair(prompt: str | tuple[Message, ...], chosen: str, rejected: str, row: dict, file: str, where: Any) -> PreferencePair:
+def _pair(
+    prompt: str | tuple[Message, ...], chosen: str, rejected: str, row: dict, file: str, where: Any
+) -> PreferencePair:
     if chosen.strip() == rejected.strip():
         raise DataError(file, where, "rejected", IDENTICAL)
     return PreferencePair(prompt, chosen, rejected, _annotator(row, file, where), _here(file, where))
@@ -669,26 +768,46 @@ def _split_conversations(row: dict, file: str, where: Any) -> tuple[tuple[Messag
     chosen, rejected = (messages_field(row[field], field, file, where) for field in ("chosen", "rejected"))
     for field, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1].role != "assistant":
-            raise DataError(file, where, f"{field}[{len(messages) - 1}].role",
-                            f"expected the conversation to end with an assistant message, got {messages[-1].role!r}")
+            raise DataError(
+                file,
+                where,
+                f"{field}[{len(messages) - 1}].role",
+                f"expected the conversation to end with an assistant message, got {messages[-1].role!r}",
+            )
     if chosen[:-1] != rejected[:-1]:
-        differ = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1)
-        raise DataError(file, where, None, "chosen and rejected must share every message but the last assistant turn; "
-                                           f"they differ at message {differ}")
+        differ = next(
+            (i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)) - 1
+        )
+        raise DataError(
+            file,
+            where,
+            None,
+            "chosen and rejected must share every message but the last assistant turn; "
+            f"they differ at message {differ}",
+        )
     last = len(chosen) - 1
-    return chosen[:-1], _text_reply(chosen[-1], f"chosen[{last}]", file, where), \
-        _text_reply(rejected[-1], f"rejected[{last}]", file, where)
+    return (
+        chosen[:-1],
+        _text_reply(chosen[-1], f"chosen[{last}]", file, where),
+        _text_reply(rejected[-1], f"rejected[{last}]", file, where),
+    )
 
 
 def _preference_implicit(row: dict, file: str, where: Any) -> PreferencePair:
-    kinds = {field: "list" if isinstance(row[field], (list, tuple)) else "string" if isinstance(row[field], str) else None
-             for field in ("chosen", "rejected")}
+    kinds = {
+        field: "list" if isinstance(row[field], (list, tuple)) else "string" if isinstance(row[field], str) else None
+        for field in ("chosen", "rejected")
+    }
     for field, kind in kinds.items():
         if kind is None:
             raise DataError(file, where, field, f"expected a string or a list of messages, got {_describe(row[field])}")
     if kinds["chosen"] != kinds["rejected"]:
-        raise DataError(file, where, "rejected",
-                        f"expected the same type as chosen (a {kinds['chosen']}), got a {kinds['rejected']}")
+        raise DataError(
+            file,
+            where,
+            "rejected",
+            f"expected the same type as chosen (a {kinds['chosen']}), got a {kinds['rejected']}",
+        )
     if kinds["chosen"] == "list":
         prompt, chosen, rejected = _split_conversations(row, file, where)
     else:
@@ -697,15 +816,27 @@ def _preference_implicit(row: dict, file: str, where: Any) -> PreferencePair:
         prompt, chosen, rejected = split_shared_prompt(row["chosen"], row["rejected"])
         for field, reply in (("chosen", chosen), ("rejected", rejected)):
             if not reply.strip():
-                raise DataError(file, where, field,
-                                f"empty {field}: expected a non-empty reply after the shared prompt {prompt[-40:]!r}")
+                raise DataError(
+                    file,
+                    where,
+                    field,
+                    f"empty {field}: expected a non-empty reply after the shared prompt {prompt[-40:]!r}",
+                )
     if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-        raise DataError(file, where, None, "chosen and rejected share no prompt; "
-                                           'for pairs without one write {"prompt": "", "chosen": ..., "rejected": ...}')
+        raise DataError(
+            file,
+            where,
+            None,
+            "chosen and rejected share no prompt; "
+            'for pairs without one write {"prompt": "", "chosen": ..., "rejected": ...}',
+        )
     return _pair(prompt, chosen, rejected, row, file, where)
 
 
-PREFERENCE_SHAPES = {("prompt", "chosen", "rejected"): _preference_explicit, ("chosen", "rejected"): _preference_implicit}
+PREFERENCE_SHAPES = {
+    ("prompt", "chosen", "rejected"): _preference_explicit,
+    ("chosen", "rejected"): _preference_implicit,
+}
 
 
 # ---------------------------------------------------------------- unpaired preferences (KTO)
@@ -714,8 +845,12 @@ PREFERENCE_SHAPES = {("prompt", "chosen", "rejected"): _preference_explicit, ("c
 def _label(row: dict, file: str, where: Any) -> bool:
     value = row["label"]
     if not isinstance(value, bool):
-        raise DataError(file, where, "label", "expected a boolean (true: a desirable completion, false: an "
-                                              f"undesirable one), got {_describe(value)}")
+        raise DataError(
+            file,
+            where,
+            "label",
+            f"expected a boolean (true: a desirable completion, false: an undesirable one), got {_describe(value)}",
+        )
     return value
 
 
@@ -724,15 +859,24 @@ def _unpaired(row: dict, file: str, where: Any) -> UnpairedExample:
     value = row["completion"]
     if isinstance(value, (list, tuple)):
         if isinstance(prompt, str):
-            raise DataError(file, where, "prompt", f"expected a list of messages before a conversational completion, "
-                                                   f"got {_describe(prompt)}")
+            raise DataError(
+                file,
+                where,
+                "prompt",
+                f"expected a list of messages before a conversational completion, got {_describe(prompt)}",
+            )
         completion = _completion_messages(value, "completion", file, where, roles=("assistant",))
     elif isinstance(value, str):
         completion = text_field(row, "completion", file, where)
     else:
         raise DataError(file, where, "completion", f"expected a string or a list of messages, got {_describe(value)}")
-    return UnpairedExample(prompt, completion, _label(row, file, where), _here(file, where),
-                           _tools(row, file, where) if isinstance(prompt, tuple) else None)
+    return UnpairedExample(
+        prompt,
+        completion,
+        _label(row, file, where),
+        _here(file, where),
+        _tools(row, file, where) if isinstance(prompt, tuple) else None,
+    )
 
 
 UNPAIRED_SHAPES = {("prompt", "completion", "label"): _unpaired}
@@ -749,7 +893,9 @@ def _prompt_text(row: dict, file: str, where: Any) -> Prompt:
 
 
 def _prompt_messages(row: dict, file: str, where: Any) -> Prompt:
-    messages = _not_ending_with_assistant(messages_field(row["messages"], "messages", file, where), "messages", file, where)
+    messages = _not_ending_with_assistant(
+        messages_field(row["messages"], "messages", file, where), "messages", file, where
+    )
     return Prompt(messages=messages, where=_here(file, where))
 
 
@@ -810,8 +956,13 @@ def _load(path: str | os.PathLike, shapes: dict) -> list:
         if first is None:
             first = (shape, where)
         elif shape != first[0]:
-            raise DataError(file, where, None, f"this record has the shape {_braces(shape)} but the first record "
-                                               f"({first[1]}) has {_braces(first[0])}: use one shape per file")
+            raise DataError(
+                file,
+                where,
+                None,
+                f"this record has the shape {_braces(shape)} but the first record "
+                f"({first[1]}) has {_braces(first[0])}: use one shape per file",
+            )
         records.append(shapes[shape](row, file, where))
     return records
 
@@ -844,8 +995,13 @@ def load_prompts(path: str | os.PathLike) -> list[Prompt]:
     return _load(path, PROMPT_SHAPES)
 
 
-LOADERS = {"sft": load_sft, "preference": load_preferences, "kto": load_unpaired, "unpaired": load_unpaired,
-           "prompt": load_prompts}
+LOADERS = {
+    "sft": load_sft,
+    "preference": load_preferences,
+    "kto": load_unpaired,
+    "unpaired": load_unpaired,
+    "prompt": load_prompts,
+}
 
 
 def validate_file(path: str | os.PathLike, kind: str = "sft") -> int:

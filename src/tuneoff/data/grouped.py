@@ -19,7 +19,9 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_id: int = 0, width: int | None = None) -> dict:
+def pack(
+    sequences: list[list[int]], groups: list[list[int]] | None = None, pad_id: int = 0, width: int | None = None
+) -> dict:
     """The sequences laid into rows of ``width`` tokens, each group's shared prefix (its prompt) once, no padding.
 
     ``groups`` lists sequence numbers that share a prompt (each sequence in one group; default: each alone;
@@ -48,7 +50,9 @@ def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_
         else:
             groups.append(g)
             shared.append(s)
-    runs = [Tokenized(sequences[g[0]][:s] + [t for m in g for t in sequences[m][s:]], []) for g, s in zip(groups, shared)]
+    runs = [
+        Tokenized(sequences[g[0]][:s] + [t for m in g for t in sequences[m][s:]], []) for g, s in zip(groups, shared)
+    ]
     width = max(width or row_width([len(r.input_ids) for r in runs]), max(len(r.input_ids) for r in runs))
     bins = first_fit(runs, width)
     ids = torch.full((len(bins), width), filler_id(pad_id), dtype=torch.long)
@@ -79,8 +83,13 @@ def pack(sequences: list[list[int]], groups: list[list[int]] | None = None, pad_
     mask = (same & causal & visible) | torch.eye(width, dtype=torch.bool)  # filler attends to itself only
     token_index = torch.tensor([j for i in range(len(sequences)) for j in flat[i]])
     segments = torch.tensor([k for k, seq in enumerate(sequences) for _ in seq])
-    return {"packed_ids": ids, "packed_positions": positions, "packed_mask": mask[:, None], "token_index": token_index,
-            "segments": segments}
+    return {
+        "packed_ids": ids,
+        "packed_positions": positions,
+        "packed_mask": mask[:, None],
+        "token_index": token_index,
+        "segments": segments,
+    }
 
 
 def pair_pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int = 0, width: int | None = None) -> dict:

@@ -48,24 +48,38 @@ def encode(tokenizer, prompt, response: str) -> tuple[list[int], list[int]]:
     return prompt_ids, full[len(prompt_ids) :]
 
 
-def tokenize_pairs(path: str, tokenizer, max_length: int, max_prompt_length: int, overlong: str) -> tuple[list[TokenizedPair], str]:
+def tokenize_pairs(
+    path: str, tokenizer, max_length: int, max_prompt_length: int, overlong: str
+) -> tuple[list[TokenizedPair], str]:
     """Validated preference pairs of ``path`` -> token ids under the over-long policy; and a summary line."""
     from tuneoff.data.formats import load_preferences
 
     out, truncated, dropped = [], 0, []
     for pair in load_preferences(path):
-        (prompt, chosen), (_, rejected) = encode(tokenizer, pair.prompt, pair.chosen), encode(tokenizer, pair.prompt, pair.rejected)
+        (prompt, chosen), (_, rejected) = (
+            encode(tokenizer, pair.prompt, pair.chosen),
+            encode(tokenizer, pair.prompt, pair.rejected),
+        )
         longest = len(prompt) + max(len(chosen), len(rejected))
         if len(prompt) > max_prompt_length or longest > max_length:
             if overlong == "error":
                 file, _, line = pair.where.rpartition(":")
-                limit = f"max_prompt_length {max_prompt_length}" if len(prompt) > max_prompt_length else f"max_length {max_length}"
-                raise DataError(file or pair.where, line or None, None, f"pair is {longest} tokens, {len(prompt)} of them the "
-                                f"prompt: over {limit} (set --overlong truncate or drop)")
+                limit = (
+                    f"max_prompt_length {max_prompt_length}"
+                    if len(prompt) > max_prompt_length
+                    else f"max_length {max_length}"
+                )
+                raise DataError(
+                    file or pair.where,
+                    line or None,
+                    None,
+                    f"pair is {longest} tokens, {len(prompt)} of them the "
+                    f"prompt: over {limit} (set --overlong truncate or drop)",
+                )
             if overlong == "drop":
                 dropped.append(f"{pair.where} ({longest} tokens)")
                 continue
-            prompt = prompt[-max_prompt_length :]  # the prompt's end is what the response follows
+            prompt = prompt[-max_prompt_length:]  # the prompt's end is what the response follows
             room = max_length - len(prompt)
             chosen, rejected, truncated = chosen[:room], rejected[:room], truncated + 1
         group = pair.prompt if isinstance(pair.prompt, str) else json.dumps([[m.role, m.content] for m in pair.prompt])
@@ -97,9 +111,15 @@ def split_by_prompt(pairs: list, fraction: float, seed: int, key=lambda p: p.gro
     return train, [p for p in pairs if key(p) in held]
 
 
-def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
+def make_batches(
+    pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[dict]:
     """Micro-batches of one epoch in a seeded order; each holds the B chosen rows, then the B rejected rows."""
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else range(len(pairs))
+    order = (
+        torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        if shuffle
+        else range(len(pairs))
+    )
     ordered = [pairs[i] for i in order]
     batches = []
     for start in range(0, len(ordered), batch_size):

@@ -63,7 +63,7 @@ def hh_pair_or_reason(chosen: str, rejected: str) -> tuple[str, str, str] | str:
     prompt, chosen_reply = split
     if not rejected.startswith(prompt):
         return "rejected does not share the chosen prompt"
-    rejected_reply = rejected[len(prompt):]
+    rejected_reply = rejected[len(prompt) :]
     for name, reply in (("chosen", chosen_reply), ("rejected", rejected_reply)):
         if not reply.strip():
             return f"{name} reply is empty"
@@ -86,8 +86,12 @@ def hh_rlhf_pairs(path: str | os.PathLike) -> tuple[list[PreferencePair], list[s
         where = position_label(path, line)
         for field in ("chosen", "rejected"):
             if field not in row:
-                raise DataError(file, where, field,
-                                f"missing: an HH-RLHF record has keys {{chosen, rejected}}, found keys {sorted(row)}")
+                raise DataError(
+                    file,
+                    where,
+                    field,
+                    f"missing: an HH-RLHF record has keys {{chosen, rejected}}, found keys {sorted(row)}",
+                )
         result = hh_pair_or_reason(text_field(row, "chosen", file, where), text_field(row, "rejected", file, where))
         if isinstance(result, str):
             skipped.append(f"record {record}: {result}")
@@ -196,8 +200,10 @@ def pandalm_pairs(path: str | os.PathLike) -> PandaLMData:
     file, records, skipped = str(path), [], []
     for number, row in read_rows(path):
         where = position_label(path, number)
-        parts = [text_field(_require(row, field, file, where), field, file, where, allow_empty=True)
-                 for field in ("instruction", "input")]
+        parts = [
+            text_field(_require(row, field, file, where), field, file, where, allow_empty=True)
+            for field in ("instruction", "input")
+        ]
         labels = _pandalm_labels(row, file, where)
         idx = row.get("idx", number - 1)
         prompt = "\n\n".join(part for part in parts if part.strip())
@@ -211,8 +217,13 @@ def pandalm_pairs(path: str | os.PathLike) -> PandaLMData:
 
 def _require(row: dict, field: str, file: str, where: Any) -> dict:
     if field not in row:
-        raise DataError(file, where, field, f"missing: a PandaLM record has instruction, input, response1, response2 and "
-                                            f"annotator1..3, found keys {sorted(row)}")
+        raise DataError(
+            file,
+            where,
+            field,
+            f"missing: a PandaLM record has instruction, input, response1, response2 and "
+            f"annotator1..3, found keys {sorted(row)}",
+        )
     return row
 
 
@@ -257,7 +268,9 @@ def sst2_sentences(path: str | os.PathLike | None = None, label: int | None = No
     return out
 
 
-def sst2_sft_records(path: str | os.PathLike | None = None, label: int = 1, prompt_words: int = 4, min_words: int = 8) -> list[dict]:
+def sst2_sft_records(
+    path: str | os.PathLike | None = None, label: int = 1, prompt_words: int = 4, min_words: int = 8
+) -> list[dict]:
     """``{"prompt","completion"}`` records: the first ``prompt_words`` words of a review, then its rest."""
     records = []
     for sentence in sst2_sentences(path, label, min_words):
@@ -277,5 +290,12 @@ def self_instruct_messages(path: str | os.PathLike | None = None) -> list[dict]:
         for instance in task["instances"]:
             user = task["instruction"] + (f"\n\n{instance['input']}" if instance["input"].strip() else "")
             if instance["output"].strip():
-                records.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": instance["output"]}]})
+                records.append(
+                    {
+                        "messages": [
+                            {"role": "user", "content": user},
+                            {"role": "assistant", "content": instance["output"]},
+                        ]
+                    }
+                )
     return records

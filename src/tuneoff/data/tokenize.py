@@ -64,12 +64,17 @@ def _as_dict(message) -> dict:
 def _render(tokenizer, messages, add_generation_prompt: bool = False, tools=None) -> str:
     """The chat template's text of ``messages``; TuneoffError naming the roles when the template cannot render them."""
     try:
-        return tokenizer.apply_chat_template([_as_dict(m) for m in messages], tools=list(tools) if tools else None,
-                                             tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            [_as_dict(m) for m in messages],
+            tools=list(tools) if tools else None,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
     except Exception as error:  # a template's raise_exception, or a role or field it does not handle
         roles = ", ".join(m.role for m in messages)
-        raise TuneoffError(f"the chat template cannot render this conversation (roles [{roles}]): "
-                           f"{type(error).__name__}: {error}") from None
+        raise TuneoffError(
+            f"the chat template cannot render this conversation (roles [{roles}]): {type(error).__name__}: {error}"
+        ) from None
 
 
 def chat_ids(tokenizer, messages, add_generation_prompt: bool = False, tools=None) -> list[int]:
@@ -92,19 +97,28 @@ def check_rendered(tokenizer, messages, tools=None) -> None:
     marked = list(messages)
     for i in checked:
         message = messages[i]
-        calls = tuple({**call, "function": {**call["function"], "name": f"@@{i}.{k}@@"}}
-                      for k, call in enumerate(message.tool_calls or ())) or None
+        calls = (
+            tuple(
+                {**call, "function": {**call["function"], "name": f"@@{i}.{k}@@"}}
+                for k, call in enumerate(message.tool_calls or ())
+            )
+            or None
+        )
         content = f"@@{i}@@" if message.role != "assistant" or message.content.strip() else message.content
         marked[i] = replace(message, content=content, tool_calls=calls)
     text = _render(tokenizer, marked, tools=tools)
     for i in checked:
         message = messages[i]
         if (message.role != "assistant" or message.content.strip()) and f"@@{i}@@" not in text:
-            raise TuneoffError(f"the chat template leaves out message {i} (role {message.role!r}): use a model "
-                               "whose chat template renders that role, or records without it")
+            raise TuneoffError(
+                f"the chat template leaves out message {i} (role {message.role!r}): use a model "
+                "whose chat template renders that role, or records without it"
+            )
         if any(f"@@{i}.{k}@@" not in text for k in range(len(message.tool_calls or ()))):
-            raise TuneoffError(f"the chat template leaves out the tool_calls of message {i}: use a model whose chat "
-                               "template renders tool calls")
+            raise TuneoffError(
+                f"the chat template leaves out the tool_calls of message {i}: use a model whose chat "
+                "template renders tool calls"
+            )
 
 
 def tokenize_messages(tokenizer, messages, tools=None, first_target: int = 0) -> Tokenized:
@@ -156,15 +170,18 @@ def tokenize_sft(example, tokenizer, completion_only_loss: bool = True) -> Token
     return tokenized
 
 
-def fit_length(tokenized: Tokenized, max_length: int, overlong: str, where: str, report: TokenizeReport) -> Tokenized | None:
+def fit_length(
+    tokenized: Tokenized, max_length: int, overlong: str, where: str, report: TokenizeReport
+) -> Tokenized | None:
     """Apply the over-long policy; None means the example is dropped (recorded in ``report``)."""
     n = len(tokenized.input_ids)
     if n <= max_length:
         report.kept += 1
         return tokenized
     if overlong == "error":
-        raise _data_error(where, f"record is {n} tokens, over max_length {max_length} "
-                                 "(set --overlong truncate or drop)")
+        raise _data_error(
+            where, f"record is {n} tokens, over max_length {max_length} (set --overlong truncate or drop)"
+        )
     if overlong == "truncate":
         cut = Tokenized(tokenized.input_ids[:max_length], tokenized.labels[:max_length])
         if any(label != IGNORE for label in cut.labels):
@@ -175,7 +192,9 @@ def fit_length(tokenized: Tokenized, max_length: int, overlong: str, where: str,
     return None
 
 
-def tokenize_dataset(examples, tokenizer, max_length: int, overlong: str = "truncate", completion_only_loss: bool = True):
+def tokenize_dataset(
+    examples, tokenizer, max_length: int, overlong: str = "truncate", completion_only_loss: bool = True
+):
     """All examples -> (list[Tokenized], TokenizeReport). Examples without any trainable token are dropped."""
     report, out = TokenizeReport(), []
     for example in examples:
@@ -226,8 +245,14 @@ def encode_unpaired(tokenizer, example) -> tuple[list[int], list[int]]:
     return prompt_ids, full[len(prompt_ids) :]
 
 
-def tokenize_unpaired(examples, tokenizer, max_length: int, max_prompt_length: int, overlong: str = "truncate",
-                      report: TokenizeReport | None = None) -> list[UnpairedIds]:
+def tokenize_unpaired(
+    examples,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    overlong: str = "truncate",
+    report: TokenizeReport | None = None,
+) -> list[UnpairedIds]:
     """UnpairedExamples -> token ids under DPO's over-long policy (:func:`tuneoff.data.pairs.tokenize_pairs`).
 
     An example is over-long when its prompt exceeds ``max_prompt_length`` or prompt + completion exceed
@@ -251,10 +276,16 @@ def tokenize_unpaired(examples, tokenizer, max_length: int, max_prompt_length: i
         total = len(prompt) + len(completion)
         if len(prompt) > max_prompt_length or total > max_length:
             if overlong == "error":
-                limit = (f"max_prompt_length {max_prompt_length}" if len(prompt) > max_prompt_length
-                         else f"max_length {max_length}")
-                raise _data_error(where, f"record is {total} tokens, {len(prompt)} of them the prompt: over {limit} "
-                                         "(set --overlong truncate or drop)")
+                limit = (
+                    f"max_prompt_length {max_prompt_length}"
+                    if len(prompt) > max_prompt_length
+                    else f"max_length {max_length}"
+                )
+                raise _data_error(
+                    where,
+                    f"record is {total} tokens, {len(prompt)} of them the prompt: over {limit} "
+                    "(set --overlong truncate or drop)",
+                )
             if overlong == "truncate":
                 prompt = prompt[-max_prompt_length:]
                 completion = completion[: max(0, max_length - len(prompt))]
@@ -280,7 +311,12 @@ def pad_batch(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[row, :n] = torch.tensor(e.input_ids)
         labels[row, :n] = torch.tensor(e.labels)
         attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "num_tokens": attention_mask.sum()}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "num_tokens": attention_mask.sum(),
+    }
 
 
 def pack(examples: list[Tokenized], max_length: int) -> list[list[Tokenized]]:

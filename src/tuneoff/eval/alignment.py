@@ -71,8 +71,18 @@ def exact_kl_per_token(model, reference, batches, temperature: float = 1.0) -> f
     total, count = 0.0, 0
     for full_ids, full_mask, P, mask in batches:
         positions = position_ids_from_mask(full_mask)
-        logp = torch.log_softmax(model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
-        ref = torch.log_softmax(reference(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float() / temperature, -1)  # (B, R, V)
+        logp = torch.log_softmax(
+            model(input_ids=full_ids, attention_mask=full_mask, position_ids=positions).logits[:, P - 1 : -1].float()
+            / temperature,
+            -1,
+        )  # (B, R, V)
+        ref = torch.log_softmax(
+            reference(input_ids=full_ids, attention_mask=full_mask, position_ids=positions)
+            .logits[:, P - 1 : -1]
+            .float()
+            / temperature,
+            -1,
+        )  # (B, R, V)
         kl = (logp.exp() * (logp - ref)).sum(-1)  # (B, R)
         total += float((kl * mask.to(kl.dtype)).sum())
         count += int(mask.sum())
@@ -84,25 +94,32 @@ def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 @torch.inference_mode()
-def continuations(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, temperature: float = 1.0,
-                  batch: int = 64) -> list[str]:
+def continuations(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, temperature: float = 1.0, batch: int = 64
+) -> list[str]:
     """One sampled continuation per prompt, decoded without special tokens."""
     from tuneoff.rollout import sample_responses
 
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    return sample_responses(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, temperature, generator, batch)[1]
+    return sample_responses(
+        model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, temperature, generator, batch
+    )[1]
 
 
 @torch.inference_mode()
-def kl_per_token(model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch: int = 64) -> float:
+def kl_per_token(
+    model, reference, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, batch: int = 64
+) -> float:
     """KL(π‖π_ref) per response token on held-out prompts, on responses sampled from π (temperature 1)."""
     from tuneoff.rollout import sample_responses
 
     model.eval()
     reference.eval()
     generator = torch.Generator().manual_seed(seed)
-    _, _, batches = sample_responses(model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, 1.0, generator, batch)
+    _, _, batches = sample_responses(
+        model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, 1.0, generator, batch
+    )
     return exact_kl_per_token(model, reference, batches)
 
 
@@ -114,8 +131,14 @@ class Evaluation:
     continuations: list[str]
 
 
-def evaluate_policy(model_name: str, prompts: list[str], seed: int, max_new_tokens: int = 32, reference: str | None = None,
-                    reward_model: str | None = None) -> Evaluation:
+def evaluate_policy(
+    model_name: str,
+    prompts: list[str],
+    seed: int,
+    max_new_tokens: int = 32,
+    reference: str | None = None,
+    reward_model: str | None = None,
+) -> Evaluation:
     """Continuations of ``prompts`` by ``model_name``, gold P(positive) of each, proxy reward, KL to ``reference``."""
     from tuneoff.feedback.gold import load_gold_judge
     from tuneoff.feedback.judges import judge_text

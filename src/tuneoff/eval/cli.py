@@ -11,28 +11,42 @@ def _eval(args) -> int:
     from tuneoff.eval.alignment import distinct_n, evaluate_policy, held_out_prompts, mean_ci
 
     prompts = held_out_prompts(args.prompts, args.prompt_words, args.prompt_seed)
-    result = evaluate_policy(args.model, prompts, args.seed, args.max_new_tokens, args.reference or None, args.reward_model or None)
+    result = evaluate_policy(
+        args.model, prompts, args.seed, args.max_new_tokens, args.reference or None, args.reward_model or None
+    )
     summary = {
-        "model": args.model, "prompts": len(prompts), "seed": args.seed,
-        "gold_reward": mean_ci(result.gold), "proxy_reward": mean_ci(result.proxy) if result.proxy else None,
-        "kl_per_token": result.kl_per_token, "distinct_1": distinct_n(result.continuations, 1),
+        "model": args.model,
+        "prompts": len(prompts),
+        "seed": args.seed,
+        "gold_reward": mean_ci(result.gold),
+        "proxy_reward": mean_ci(result.proxy) if result.proxy else None,
+        "kl_per_token": result.kl_per_token,
+        "distinct_1": distinct_n(result.continuations, 1),
         "distinct_2": distinct_n(result.continuations, 2),
-        "samples": [{"prompt": p, "continuation": c, "gold": g} for p, c, g in list(zip(prompts, result.continuations, result.gold))[:5]],
+        "samples": [
+            {"prompt": p, "continuation": c, "gold": g}
+            for p, c, g in list(zip(prompts, result.continuations, result.gold))[:5]
+        ],
     }
     text = json.dumps(summary, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
     g = summary["gold_reward"]
-    print(f"gold reward {g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}] over {g['n']} held-out prompts"
-          + (f"; KL per token {result.kl_per_token:.4f}" if result.kl_per_token is not None else ""))
+    print(
+        f"gold reward {g['mean']:.3f} [{g['ci_low']:.3f}, {g['ci_high']:.3f}] over {g['n']} held-out prompts"
+        + (f"; KL per token {result.kl_per_token:.4f}" if result.kl_per_token is not None else "")
+    )
     return 0
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="gold reward, proxy reward and KL of a model on held-out prompts",
-                                   description="Sample one continuation per held-out SST-2 dev review beginning, score it "
-                                   "with the gold judge (P(positive)), optionally with a proxy reward model, and measure "
-                                   "KL(pi||pi_ref) per token against --reference.")
+    parser = subparsers.add_parser(
+        "eval",
+        help="gold reward, proxy reward and KL of a model on held-out prompts",
+        description="Sample one continuation per held-out SST-2 dev review beginning, score it "
+        "with the gold judge (P(positive)), optionally with a proxy reward model, and measure "
+        "KL(pi||pi_ref) per token against --reference.",
+    )
     parser.add_argument("--model", required=True, help="model preset or folder")
     parser.add_argument("--reference", default="", help="reference model for the KL (e.g. review-gpt)")
     parser.add_argument("--reward-model", default="", help="a `tuneoff rm` folder: also report the proxy reward")

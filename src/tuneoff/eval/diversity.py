@@ -91,8 +91,14 @@ def embedding_diversity(texts: list[str], embedder=None) -> float:
     return embedding_diversity_from_vectors(embedder.encode(list(texts), convert_to_numpy=True))
 
 
-def diversity_report(groups: list[list[str]], group_tokens: list[list[list]], singles: list[str],
-                     single_tokens: list[list], vocab_size: int, embedder=None) -> dict:
+def diversity_report(
+    groups: list[list[str]],
+    group_tokens: list[list[list]],
+    singles: list[str],
+    single_tokens: list[list],
+    vocab_size: int,
+    embedder=None,
+) -> dict:
     """EAD, self-BLEU and embedding diversity, per-input and across-input (Kirk et al. 2023).
 
     per_input: each metric over the k samples of one prompt (``groups[i]``, token lists ``group_tokens[i]``),

@@ -29,8 +29,9 @@ def _present(row: dict, key: str):
     return None if value is None else float(value)
 
 
-def divergence_events(curve: list[dict], kl_bound: float, collapse_drop: float = 0.5, *,
-                      min_rise: float = 0.0) -> list[dict]:
+def divergence_events(
+    curve: list[dict], kl_bound: float, collapse_drop: float = 0.5, *, min_rise: float = 0.0
+) -> list[dict]:
     """Divergence events along a training curve, each {"step", "kind", "value"}, in row order.
 
     kinds, each reported once per contiguous episode (at its first row) — an episode is a run of consecutive
@@ -87,8 +88,10 @@ def gold_proxy_gap(curve: list[dict]) -> list[dict]:
     p0, g0 = rows[0][1], rows[0][2]
     sd_p = seed_spread([p for _, p, _ in rows])["sd"]
     sd_g = seed_spread([g for _, _, g in rows])["sd"]
-    return [{"step": s, "gap": ((p - p0) / sd_p if sd_p > 0 else 0.0) - ((g - g0) / sd_g if sd_g > 0 else 0.0)}
-            for s, p, g in rows]
+    return [
+        {"step": s, "gap": ((p - p0) / sd_p if sd_p > 0 else 0.0) - ((g - g0) / sd_g if sd_g > 0 else 0.0)}
+        for s, p, g in rows
+    ]
 
 
 def fit_overoptimization(kl: list[float], gold_gain: list[float]) -> dict | None:

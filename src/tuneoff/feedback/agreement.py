@@ -185,8 +185,10 @@ def summarize(judgments: Sequence) -> dict:
         "skips": sum(j.choice == "skip" for j in judgments),
         "tasks_labelled": len(ratings),
         "annotators": names,
-        "cohen_kappa": [{"annotators": list(pair), "kappa": kappa, "n": n}
-                        for pair, (kappa, n) in pairwise_cohen_kappa(ratings).items()],
+        "cohen_kappa": [
+            {"annotators": list(pair), "kappa": kappa, "n": n}
+            for pair, (kappa, n) in pairwise_cohen_kappa(ratings).items()
+        ],
         "fleiss_kappa": {"value": fleiss, "items": fleiss_items},
         "krippendorff_alpha": {"value": alpha, "items": alpha_items},
         "agreement_with_majority": {name: rate.as_dict() for name, rate in agreement_with_majority(ratings).items()},
@@ -194,7 +196,9 @@ def summarize(judgments: Sequence) -> dict:
         "length_bias": _by_annotator(length_bias, labelled, lambda j: (j.len_a, j.len_b, j.preferred)),
         # Without a recorded order (imported labels) this is the only trace of position bias left:
         # PandaLM, for one, listed response a first.
-        "a_chosen": Rate(sum(j.preferred == "a" for j in labelled), sum(j.preferred != "tie" for j in labelled)).as_dict(),
+        "a_chosen": Rate(
+            sum(j.preferred == "a" for j in labelled), sum(j.preferred != "tie" for j in labelled)
+        ).as_dict(),
         "median_seconds": median_seconds(j.seconds for j in judgments),
         "timed_judgments": sum(j.seconds is not None for j in judgments),
     }
@@ -203,12 +207,17 @@ def summarize(judgments: Sequence) -> dict:
 def _by_annotator(metric, judgments: Sequence, fields) -> dict:
     """A bias ``metric`` over all ``judgments`` and over each annotator's own."""
     names = sorted({j.annotator for j in judgments})
-    return {"overall": metric(map(fields, judgments)).as_dict(),
-            "per_annotator": {name: metric(fields(j) for j in judgments if j.annotator == name).as_dict() for name in names}}
+    return {
+        "overall": metric(map(fields, judgments)).as_dict(),
+        "per_annotator": {
+            name: metric(fields(j) for j in judgments if j.annotator == name).as_dict() for name in names
+        },
+    }
 
 
 def format_summary(summary: dict) -> str:
     """The summary as the few lines a person reads."""
+
     def pct(rate: dict, test: bool = True) -> str:
         if not rate["n"]:
             return "n/a (no judgments to count)"
@@ -222,8 +231,10 @@ def format_summary(summary: dict) -> str:
         f"Krippendorff's alpha (nominal): {summary['krippendorff_alpha']['value']:.3f} "
         f"over {summary['krippendorff_alpha']['items']} tasks",
         "Cohen's kappa per pair:",
-        *[f"  {row['annotators'][0]} ~ {row['annotators'][1]}: {row['kappa']:.3f} (n = {row['n']})"
-          for row in summary["cohen_kappa"]],
+        *[
+            f"  {row['annotators'][0]} ~ {row['annotators'][1]}: {row['kappa']:.3f} (n = {row['n']})"
+            for row in summary["cohen_kappa"]
+        ],
         "agreement with the majority of the other annotators:",
         *[f"  {name}: {pct(rate, test=False)}" for name, rate in summary["agreement_with_majority"].items()],
         f"position bias (chose the left side; only judgments with a recorded order): "
@@ -233,7 +244,10 @@ def format_summary(summary: dict) -> str:
         f"length bias (chose the longer response): {pct(summary['length_bias']['overall'])}",
         *[f"  {name}: {pct(rate)}" for name, rate in summary["length_bias"]["per_annotator"].items()],
         "median time per judgment: "
-        + (f"{summary['median_seconds']:.1f} s over {summary['timed_judgments']} timed judgments"
-           if summary["timed_judgments"] else "n/a (no timed judgments)"),
+        + (
+            f"{summary['median_seconds']:.1f} s over {summary['timed_judgments']} timed judgments"
+            if summary["timed_judgments"]
+            else "n/a (no timed judgments)"
+        ),
     ]
     return "\n".join(lines)

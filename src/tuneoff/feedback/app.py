@@ -65,9 +65,16 @@ def create_app(db_path: str | Path, *, annotators_per_task: int = 3, lease_secon
 
     def deny(path: str) -> Response:
         if path.startswith("/api/"):
-            return JSONResponse({"detail": "missing or invalid token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        return page("message.html", 401, title="Please log in", message="This page needs an annotator token.",
-                    link=("/login", "Log in"))
+            return JSONResponse(
+                {"detail": "missing or invalid token"}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+        return page(
+            "message.html",
+            401,
+            title="Please log in",
+            message="This page needs an annotator token.",
+            link=("/login", "Log in"),
+        )
 
     app.add_middleware(Authenticate, store=store, deny=deny)
 
@@ -81,8 +88,9 @@ def create_app(db_path: str | Path, *, annotators_per_task: int = 3, lease_secon
         if store.annotator_by_token(token) is None:
             return page("login.html", 401, error="That token is not valid.")
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/",
-                            secure=request.url.scheme == "https")
+        response.set_cookie(
+            COOKIE, token, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
+        )
         return response
 
     @app.post("/logout")
@@ -103,13 +111,25 @@ def create_app(db_path: str | Path, *, annotators_per_task: int = 3, lease_secon
         form = await request.form()
         seconds = _float_or_none(form.get("seconds"))
         try:
-            await _run_sync(store.record_judgment, request.state.annotator.id, str(form.get("task_id", "")),
-                            str(form.get("choice", "")), seconds=seconds)
+            await _run_sync(
+                store.record_judgment,
+                request.state.annotator.id,
+                str(form.get("task_id", "")),
+                str(form.get("choice", "")),
+                seconds=seconds,
+            )
         except NotAssigned:
-            return page("message.html", 403, title="Refused", message="That task is not yours to judge.", link=("/", "Back"))
+            return page(
+                "message.html", 403, title="Refused", message="That task is not yours to judge.", link=("/", "Back")
+            )
         except ConflictingJudgment:
-            return page("message.html", 409, title="Already judged",
-                        message="You judged this task already; your first answer stands.", link=("/", "Next task"))
+            return page(
+                "message.html",
+                409,
+                title="Already judged",
+                message="You judged this task already; your first answer stands.",
+                link=("/", "Next task"),
+            )
         except TuneoffError as error:
             return page("message.html", 422, title="Not recorded", message=str(error), link=("/", "Back"))
         return RedirectResponse("/", status_code=303)
@@ -121,15 +141,21 @@ def create_app(db_path: str | Path, *, annotators_per_task: int = 3, lease_secon
         progress = store.progress(me.id, annotators_per_task=annotators_per_task)
         body = {"task": None, "progress": {"done": progress.done, "remaining": progress.remaining}}
         if assignment is not None:
-            body["task"] = {"task_id": assignment.task.id, "prompt": assignment.task.prompt,
-                            "left": assignment.left, "right": assignment.right, "choices": list(CHOICES)}
+            body["task"] = {
+                "task_id": assignment.task.id,
+                "prompt": assignment.task.prompt,
+                "left": assignment.left,
+                "right": assignment.right,
+                "choices": list(CHOICES),
+            }
         return body
 
     @app.post("/api/judgments")
     def api_judgment(request: Request, judgment: JudgmentIn):
         try:
-            judgment_id, created = store.record_judgment(request.state.annotator.id, judgment.task_id,
-                                                         judgment.choice, seconds=judgment.seconds)
+            judgment_id, created = store.record_judgment(
+                request.state.annotator.id, judgment.task_id, judgment.choice, seconds=judgment.seconds
+            )
         except NotAssigned as error:
             return JSONResponse({"detail": str(error)}, status_code=403)
         except ConflictingJudgment as error:
@@ -159,6 +185,7 @@ class Authenticate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
@@ -179,8 +206,11 @@ class Authenticate:
         await self.app(scope, receive, send_with_headers)
 
 
-SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
-                    (b"cache-control", b"no-store")]
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+]
 
 
 async def _run_sync(function, *args, **kwargs):
@@ -197,8 +227,15 @@ def _float_or_none(value) -> float | None:
         return None
 
 
-def serve(db_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000, annotators_per_task: int = 3,
-          lease_seconds: float = 1800.0, log_level: str = "info") -> None:
+def serve(
+    db_path: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    annotators_per_task: int = 3,
+    lease_seconds: float = 1800.0,
+    log_level: str = "info",
+) -> None:
     """Run the labelling server until interrupted."""
     import uvicorn
 

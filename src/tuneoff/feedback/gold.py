@@ -41,10 +41,18 @@ FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------- text normalisation (PTB, like SST-2)
 
-_UNICODE_PUNCTUATION = str.maketrans({
-    "\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": " -- ", "\u2014": " -- ",
-    "\u2026": " ... ", "\u00a0": " ",
-})
+_UNICODE_PUNCTUATION = str.maketrans(
+    {
+        "\u2018": "'",
+        "\u2019": "'",
+        "\u201c": '"',
+        "\u201d": '"',
+        "\u2013": " -- ",
+        "\u2014": " -- ",
+        "\u2026": " ... ",
+        "\u00a0": " ",
+    }
+)
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 # A period ends these tokens without ending the sentence (SST-2 keeps "mr." and "u.s." whole).
 _ABBREVIATIONS = frozenset("mr mrs ms dr jr sr st vs etc inc co ltd bros mt no prof gen rev lt sgt capt col".split())
@@ -52,24 +60,24 @@ _CLITIC = r"(?:s|m|d|ll|re|ve|em|n|til|tis|twas)\b|n'"  # 's 're 'em 'n' 'til ..
 
 # Ordered (pattern, replacement) rules after the Penn Treebank tokenizer; each keeps SST-2 text unchanged.
 _RULES = [
-    (re.compile(r'^"'), " `` "),                                      # opening double quotes ...
+    (re.compile(r'^"'), " `` "),  # opening double quotes ...
     (re.compile(r'(?<=[\s(\[{<])"'), " `` "),
     (re.compile(r"``"), " `` "),
     (re.compile(r"(?<!\S)'(?!" + _CLITIC + r")(?=[^\W\d_])"), " ` "),  # ... and single: 'great' -> ` great '
-    (re.compile(r"([:,])([^\d])"), r" \1 \2"),                       # not inside numbers: 2,500 and 1:30
+    (re.compile(r"([:,])([^\d])"), r" \1 \2"),  # not inside numbers: 2,500 and 1:30
     (re.compile(r"([:,])$"), r" \1 "),
     (re.compile(r"\.\.\.+"), " ... "),
     (re.compile(r"[;@#$%?!]"), r" \g<0> "),
-    (re.compile(r"(?<!\w)&|&(?!\w)"), " & "),                           # but r&b stays whole
-    (re.compile(r"(?<!\\)/"), r"\\/"),                                  # PTB escapes the slash
+    (re.compile(r"(?<!\w)&|&(?!\w)"), " & "),  # but r&b stays whole
+    (re.compile(r"(?<!\\)/"), r"\\/"),  # PTB escapes the slash
     (re.compile(r"[()\[\]{}]"), lambda m: f" {_BRACKETS[m.group()]} "),
     (re.compile(r"--"), " -- "),
-    (re.compile(r"''"), " '' "),                                       # closing double quotes
+    (re.compile(r"''"), " '' "),  # closing double quotes
     (re.compile(r'"'), " '' "),
-    (re.compile(r"(?<!')([^' ])('s|'m|'d|') "), r"\1 \2 "),            # clitics: it's -> it 's (not 'n')
-    (re.compile(r"([^' ])('ll|'re|'ve|n't) "), r"\1 \2 "),           # don't -> do n't
-    (re.compile(r"\b(can)(not)\b"), r"\1 \2"),                         # cannot -> can not
-    (re.compile(r"\b(gon|wan|got)(na|ta)\b"), r"\1 \2"),               # gonna -> gon na
+    (re.compile(r"(?<!')([^' ])('s|'m|'d|') "), r"\1 \2 "),  # clitics: it's -> it 's (not 'n')
+    (re.compile(r"([^' ])('ll|'re|'ve|n't) "), r"\1 \2 "),  # don't -> do n't
+    (re.compile(r"\b(can)(not)\b"), r"\1 \2"),  # cannot -> can not
+    (re.compile(r"\b(gon|wan|got)(na|ta)\b"), r"\1 \2"),  # gonna -> gon na
 ]
 
 
@@ -113,8 +121,9 @@ def read_sst2(split: str) -> tuple[list[str], np.ndarray]:
             if line_number == 1:
                 continue  # header: label<TAB>sentence (train) or label<TAB>content (dev, test)
             if len(row) != 2 or row[0] not in ("0", "1"):
-                raise DataError(str(path), line_number, "label",
-                                f"expected '0' or '1' and one text column, got {row!r}")
+                raise DataError(
+                    str(path), line_number, "label", f"expected '0' or '1' and one text column, got {row!r}"
+                )
             labels.append(int(row[0]))
             texts.append(row[1])
     return texts, np.asarray(labels, dtype=np.int64)
@@ -158,8 +167,14 @@ class FeatureBlock:
 
         self.ngram_range = tuple(self.ngram_range)
         # Given the vocabulary, a CountVectorizer needs no fitting: it counts exactly these terms.
-        self._counter = CountVectorizer(analyzer=self.analyzer, ngram_range=self.ngram_range, token_pattern=r"\S+",
-                                        vocabulary=self.vocabulary, lowercase=True, dtype=np.float64)
+        self._counter = CountVectorizer(
+            analyzer=self.analyzer,
+            ngram_range=self.ngram_range,
+            token_pattern=r"\S+",
+            vocabulary=self.vocabulary,
+            lowercase=True,
+            dtype=np.float64,
+        )
 
     def tfidf(self, texts: Sequence[str]):
         """L2-normalised tf-idf rows (sparse, (N, V)), computed as ``TfidfVectorizer.transform`` does."""
@@ -218,8 +233,9 @@ class GoldJudge:
                 (staging / f"vocabulary_{index}.json").write_text(vocabulary, encoding="utf-8")
                 np.save(staging / f"idf_{index}.npy", block.idf)
                 np.save(staging / f"coef_{index}.npy", weights)
-                blocks.append(dict(analyzer=block.analyzer, ngram_range=list(block.ngram_range),
-                                   sublinear_tf=block.sublinear_tf))
+                blocks.append(
+                    dict(analyzer=block.analyzer, ngram_range=list(block.ngram_range), sublinear_tf=block.sublinear_tf)
+                )
             meta = dict(format_version=FORMAT_VERSION, intercept=self.intercept, blocks=blocks, info=self.info)
             (staging / "judge.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
             try:
@@ -240,14 +256,16 @@ class GoldJudge:
         folder = Path(folder)
         meta = json.loads((folder / "judge.json").read_text(encoding="utf-8"))
         if meta.get("format_version") != FORMAT_VERSION:
-            raise TuneoffError(f"{folder} holds a gold judge of format {meta.get('format_version')}, "
-                               f"expected {FORMAT_VERSION}")
+            raise TuneoffError(
+                f"{folder} holds a gold judge of format {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            )
         blocks, coef = [], []
         for index, spec in enumerate(meta["blocks"]):
             vocabulary = json.loads((folder / f"vocabulary_{index}.json").read_text(encoding="utf-8"))
             idf = np.load(folder / f"idf_{index}.npy", allow_pickle=False)
-            blocks.append(FeatureBlock(spec["analyzer"], tuple(spec["ngram_range"]), vocabulary, idf,
-                                       spec["sublinear_tf"]))
+            blocks.append(
+                FeatureBlock(spec["analyzer"], tuple(spec["ngram_range"]), vocabulary, idf, spec["sublinear_tf"])
+            )
             coef.append(np.load(folder / f"coef_{index}.npy", allow_pickle=False))
         return cls(blocks, coef, float(meta["intercept"]), meta["info"], path=folder)
 
@@ -256,11 +274,20 @@ def make_vectorizers(config: GoldConfig) -> list:
     """The unfitted scikit-learn ``TfidfVectorizer``s of ``config``, one per feature block."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    vectorizers = [TfidfVectorizer(analyzer="word", ngram_range=config.word_ngram_range, token_pattern=r"\S+",
-                                   sublinear_tf=config.sublinear_tf)]
+    vectorizers = [
+        TfidfVectorizer(
+            analyzer="word", ngram_range=config.word_ngram_range, token_pattern=r"\S+", sublinear_tf=config.sublinear_tf
+        )
+    ]
     if config.char_ngram_range is not None:
-        vectorizers.append(TfidfVectorizer(analyzer="char_wb", ngram_range=config.char_ngram_range,
-                                           min_df=config.char_min_df, sublinear_tf=config.sublinear_tf))
+        vectorizers.append(
+            TfidfVectorizer(
+                analyzer="char_wb",
+                ngram_range=config.char_ngram_range,
+                min_df=config.char_min_df,
+                sublinear_tf=config.sublinear_tf,
+            )
+        )
     return vectorizers
 
 
@@ -285,9 +312,16 @@ def judge_from_sklearn(vectorizers: list, classifier, info: dict | None = None) 
     weights = classifier.coef_[0]  # (ΣV,)
     for vectorizer in vectorizers:
         vocabulary = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)
-        blocks.append(FeatureBlock(vectorizer.analyzer, vectorizer.ngram_range, vocabulary,
-                                   np.asarray(vectorizer.idf_, dtype=np.float64), vectorizer.sublinear_tf))
-        coef.append(np.ascontiguousarray(weights[start:start + len(vocabulary)], dtype=np.float64))
+        blocks.append(
+            FeatureBlock(
+                vectorizer.analyzer,
+                vectorizer.ngram_range,
+                vocabulary,
+                np.asarray(vectorizer.idf_, dtype=np.float64),
+                vectorizer.sublinear_tf,
+            )
+        )
+        coef.append(np.ascontiguousarray(weights[start : start + len(vocabulary)], dtype=np.float64))
         start += len(vocabulary)
     return GoldJudge(blocks, coef, float(classifier.intercept_[0]), dict(info or {}))
 
@@ -300,8 +334,13 @@ def build_gold_judge(config: GoldConfig = GoldConfig()) -> GoldJudge:
     judge = judge_from_sklearn(*fit_sklearn(config, normalized, labels))
     build_seconds = time.perf_counter() - start
     config_as_saved = json.loads(json.dumps(asdict(config)))  # tuples become lists, as a reload reads them
-    judge.info = dict(config=config_as_saved, key=cache_key(config), train_examples=len(texts),
-                      build_seconds=round(build_seconds, 2), accuracy=evaluate(judge))
+    judge.info = dict(
+        config=config_as_saved,
+        key=cache_key(config),
+        train_examples=len(texts),
+        build_seconds=round(build_seconds, 2),
+        accuracy=evaluate(judge),
+    )
     return judge
 
 

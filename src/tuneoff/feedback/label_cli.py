@@ -24,16 +24,22 @@ from tuneoff.errors import TuneoffError
 
 
 def add_parser(subparsers) -> None:
-    label = subparsers.add_parser("label", help="collect human preferences in a browser and measure agreement",
-                                  description="Human feedback collection: queue, serve, export, statistics.")
+    label = subparsers.add_parser(
+        "label",
+        help="collect human preferences in a browser and measure agreement",
+        description="Human feedback collection: queue, serve, export, statistics.",
+    )
     verbs = label.add_subparsers(dest="label_verb", required=True, metavar="SUBVERB")
 
     add = verbs.add_parser("add", help="queue comparison tasks (from generation files, models or a preference file)")
     _db(add)
-    add.add_argument("--prompts", help="prompts file, {\"prompt\"} or {\"messages\"} per line")
-    add.add_argument("--responses-a",
-                     help="generation file for side a: {\"completion\"|\"response\"|\"output\", \"prompt\"?} per line")
-    add.add_argument("--responses-b", help="generation file for side b, line i answering the same prompt as line i of a")
+    add.add_argument("--prompts", help='prompts file, {"prompt"} or {"messages"} per line')
+    add.add_argument(
+        "--responses-a", help='generation file for side a: {"completion"|"response"|"output", "prompt"?} per line'
+    )
+    add.add_argument(
+        "--responses-b", help="generation file for side b, line i answering the same prompt as line i of a"
+    )
     add.add_argument("--model-a", help="sample response a from this model (preset name or HF folder); with --prompts")
     add.add_argument("--model-b", help="sample response b from this model (default: a second sample from --model-a)")
     add.add_argument("--max-new-tokens", type=int, default=128)
@@ -42,7 +48,7 @@ def add_parser(subparsers) -> None:
     add.add_argument("--seed", type=int, default=0)
     add.add_argument("--batch-size", type=int, default=8)
     add.add_argument("--pandalm", help="import PandaLM's human test set with its three annotators' labels")
-    add.add_argument("--preferences", help="import the pairs of a {\"prompt\",\"chosen\",\"rejected\"} file as tasks")
+    add.add_argument("--preferences", help='import the pairs of a {"prompt","chosen","rejected"} file as tasks')
     add.add_argument("--as-annotator", help="with --preferences: also keep the file's labels under this annotator name")
     add.set_defaults(func=run_add)
 
@@ -50,10 +56,18 @@ def add_parser(subparsers) -> None:
     _db(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--annotators-per-task", type=int, default=3,
-                       help="distinct annotators each task gets (overlap makes agreement measurable)")
-    serve.add_argument("--lease-minutes", type=float, default=30.0,
-                       help="an assigned task left unanswered this long is offered to someone else")
+    serve.add_argument(
+        "--annotators-per-task",
+        type=int,
+        default=3,
+        help="distinct annotators each task gets (overlap makes agreement measurable)",
+    )
+    serve.add_argument(
+        "--lease-minutes",
+        type=float,
+        default=30.0,
+        help="an assigned task left unanswered this long is offered to someone else",
+    )
     serve.set_defaults(func=run_serve)
 
     annotators = verbs.add_parser("annotators", help="create or list annotators")
@@ -71,7 +85,9 @@ def add_parser(subparsers) -> None:
     export.add_argument("--out", required=True)
     export.add_argument("--mode", choices=("majority", "per-annotator"), default="majority")
     export.add_argument("--ties", choices=("drop", "keep"), default="drop")
-    export.add_argument("--min-annotators", type=int, default=1, help="majority mode: tasks with fewer labels are left out")
+    export.add_argument(
+        "--min-annotators", type=int, default=1, help="majority mode: tasks with fewer labels are left out"
+    )
     export.set_defaults(func=run_export)
 
     stats = verbs.add_parser("stats", help="agreement (Cohen, Fleiss, Krippendorff) and biases (position, length)")
@@ -87,9 +103,16 @@ def _db(parser: argparse.ArgumentParser) -> None:
 def run_add(args: argparse.Namespace) -> int:
     from tuneoff.feedback import store as fb
 
-    sources = [bool(args.pandalm), bool(args.preferences), bool(args.responses_a or args.responses_b), bool(args.model_a)]
+    sources = [
+        bool(args.pandalm),
+        bool(args.preferences),
+        bool(args.responses_a or args.responses_b),
+        bool(args.model_a),
+    ]
     if sum(sources) != 1:
-        raise TuneoffError("give exactly one source: --pandalm, --preferences, --responses-a/--responses-b, or --model-a")
+        raise TuneoffError(
+            "give exactly one source: --pandalm, --preferences, --responses-a/--responses-b, or --model-a"
+        )
     if args.as_annotator and not args.preferences:
         raise TuneoffError("--as-annotator goes with --preferences")
     if args.model_b and not args.model_a:
@@ -108,11 +131,21 @@ def run_add(args: argparse.Namespace) -> int:
         if not args.prompts:
             raise TuneoffError("--model-a needs --prompts")
         prompts = fb.load_prompt_texts(args.prompts)
-        pairs = sample_responses(prompts, args.model_a, args.model_b, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+        pairs = sample_responses(
+            prompts,
+            args.model_a,
+            args.model_b,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
         source_b = args.model_b or args.model_a
-        tasks = [fb.NewTask(prompt, a, b, messages, source_a=args.model_a, source_b=source_b)
-                 for (prompt, messages), (a, b) in zip(prompts, pairs)]
+        tasks = [
+            fb.NewTask(prompt, a, b, messages, source_a=args.model_a, source_b=source_b)
+            for (prompt, messages), (a, b) in zip(prompts, pairs)
+        ]
         added, existing = store.add_tasks(tasks)
         counts = {"tasks_added": added, "tasks_existing": existing}
     store.close()
@@ -120,9 +153,17 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_responses(prompts: list[tuple[str, list | None]], model_a: str, model_b: str | None = None, *,
-                     max_new_tokens: int = 128, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                     batch_size: int = 8) -> list[tuple[str, str]]:
+def sample_responses(
+    prompts: list[tuple[str, list | None]],
+    model_a: str,
+    model_b: str | None = None,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> list[tuple[str, str]]:
     """Two sampled responses per prompt: one from each model, or two from ``model_a`` alone."""
     import torch
 
@@ -144,20 +185,33 @@ def _generate(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, 
 
     # Instruct models (with a chat template) get the prompt as a user turn; base models continue the text.
     chat = getattr(tokenizer, "chat_template", None) is not None
-    texts = [tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True) if chat else prompt
-             for prompt, messages in prompts]
+    texts = [
+        tokenizer.apply_chat_template(
+            messages or [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        if chat
+        else prompt
+        for prompt, messages in prompts
+    ]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # generation appends on the right, so padding goes left
     model.eval()
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat)
+        batch = tokenizer(
+            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat
+        )
         with torch.no_grad():
-            ids = model.generate(**batch, do_sample=True, temperature=temperature, top_p=top_p,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)  # (B, T + new)
-        new_tokens = ids[:, batch["input_ids"].shape[1]:]  # (B, new)
+            ids = model.generate(
+                **batch,
+                do_sample=True,
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (B, T + new)
+        new_tokens = ids[:, batch["input_ids"].shape[1] :]  # (B, new)
         out.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return out
 
@@ -179,11 +233,17 @@ def run_serve(args: argparse.Namespace) -> int:
     if not math.isfinite(args.lease_minutes) or args.lease_minutes <= 0:
         raise TuneoffError(f"--lease-minutes must be a positive number, got {args.lease_minutes}")
     _check_address(args.host, args.port)
-    app = create_app(args.db, annotators_per_task=args.annotators_per_task,  # opens the database: it must exist
-                     lease_seconds=args.lease_minutes * 60)
+    app = create_app(
+        args.db,
+        annotators_per_task=args.annotators_per_task,  # opens the database: it must exist
+        lease_seconds=args.lease_minutes * 60,
+    )
     if not _is_loopback(args.host):
-        print(f"warning: serving on {args.host} over plain HTTP: tokens cross the network in clear text; "
-              "put a TLS proxy in front", file=sys.stderr)
+        print(
+            f"warning: serving on {args.host} over plain HTTP: tokens cross the network in clear text; "
+            "put a TLS proxy in front",
+            file=sys.stderr,
+        )
     where = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 address goes in brackets in a URL
     print(f"labelling page: http://{where}:{args.port}/login  (annotators log in with their token)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

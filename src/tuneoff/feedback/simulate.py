@@ -67,8 +67,9 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def bias_logit(length_first, length_second, length_bias: float = 0.0, position_bias: float = 0.0,
-               length_scale: float = 10.0) -> np.ndarray:
+def bias_logit(
+    length_first, length_second, length_bias: float = 0.0, position_bias: float = 0.0, length_scale: float = 10.0
+) -> np.ndarray:
     """b_len · (n1 − n2) / L + b_pos: the annotator's habits, added to the logit of preferring the first.  # (N,)"""
     length_difference = np.asarray(length_first, dtype=np.float64) - np.asarray(length_second, dtype=np.float64)
     return length_bias * length_difference / length_scale + position_bias
@@ -94,8 +95,9 @@ def response_length(text: str) -> int:
 
 def probability_first(annotator: Annotator, score_first, score_second, length_first, length_second) -> np.ndarray:
     """P(this annotator prefers the first-shown response) for aligned arrays of scores and lengths.  # (N,)"""
-    bias = bias_logit(length_first, length_second, annotator.length_bias, annotator.position_bias,
-                      annotator.length_scale)
+    bias = bias_logit(
+        length_first, length_second, annotator.length_bias, annotator.position_bias, annotator.length_scale
+    )
     return bradley_terry_probability(score_first, score_second, annotator.temperature, bias)
 
 
@@ -137,31 +139,47 @@ def simulate_preferences(
         mine = kept if every_annotator else [i for i in kept if i % len(annotators) == a]
         rng = np.random.default_rng(annotator.seed)
         swap = rng.random(len(mine)) < 0.5 if shuffle_order else np.zeros(len(mine), dtype=bool)  # (n,)
-        shown = [(pairs[i].second, pairs[i].first) if swapped else (pairs[i].first, pairs[i].second)
-                 for i, swapped in zip(mine, swap)]
+        shown = [
+            (pairs[i].second, pairs[i].first) if swapped else (pairs[i].first, pairs[i].second)
+            for i, swapped in zip(mine, swap)
+        ]
         score_first = [scores[scored_text(pairs[i].prompt, first)] for i, (first, _) in zip(mine, shown)]
         score_second = [scores[scored_text(pairs[i].prompt, second)] for i, (_, second) in zip(mine, shown)]
-        p_first = probability_first(annotator, score_first, score_second,  # (n,)
-                                    [response_length(first) for first, _ in shown],
-                                    [response_length(second) for _, second in shown])
+        p_first = probability_first(
+            annotator,
+            score_first,
+            score_second,  # (n,)
+            [response_length(first) for first, _ in shown],
+            [response_length(second) for _, second in shown],
+        )
         first_wins = rng.random(len(mine)) < p_first  # (n,) one Bradley–Terry draw per pair
         for i, (first, second), p, win in zip(mine, shown, p_first, first_wins):
             chosen, rejected = (first, second) if win else (second, first)
-            labels[i, a] = dict(prompt=pairs[i].prompt, chosen=chosen, rejected=rejected,
-                                annotator=annotator.id, p_first=float(p))
+            labels[i, a] = dict(
+                prompt=pairs[i].prompt, chosen=chosen, rejected=rejected, annotator=annotator.id, p_first=float(p)
+            )
     return [labels[key] for key in sorted(labels)]
 
 
-def make_annotators(n: int, *, temperature: float = 1.0, length_bias: float = 0.0, position_bias: float = 0.0,
-                    seed: int = 0, prefix: str = "sim") -> list[Annotator]:
+def make_annotators(
+    n: int,
+    *,
+    temperature: float = 1.0,
+    length_bias: float = 0.0,
+    position_bias: float = 0.0,
+    seed: int = 0,
+    prefix: str = "sim",
+) -> list[Annotator]:
     """``n`` annotators with the same habits and independent generators (ids ``sim-0``, ``sim-1``, ...).
 
     Their seeds are spawned from ``seed`` (``numpy.random.SeedSequence``), so panels built from nearby
     experiment seeds do not share random streams.
     """
     children = np.random.SeedSequence(seed).spawn(n)
-    return [Annotator(f"{prefix}-{k}", temperature, length_bias, position_bias, int(child.generate_state(1)[0]))
-            for k, child in enumerate(children)]
+    return [
+        Annotator(f"{prefix}-{k}", temperature, length_bias, position_bias, int(child.generate_state(1)[0]))
+        for k, child in enumerate(children)
+    ]
 
 
 def mixed_panel(seed: int = 0) -> list[Annotator]:
@@ -170,8 +188,14 @@ def mixed_panel(seed: int = 0) -> list[Annotator]:
     careful (little noise), typical, hasty (noisy, favours the first shown), verbose-lover (favours the
     longer response: +0.5 logit per 10 words).
     """
-    settings = [("careful", 0.5, 0.0, 0.0), ("typical", 1.0, 0.0, 0.0), ("hasty", 2.0, 0.0, 0.5),
-                ("verbose-lover", 1.0, 0.5, 0.0)]
+    settings = [
+        ("careful", 0.5, 0.0, 0.0),
+        ("typical", 1.0, 0.0, 0.0),
+        ("hasty", 2.0, 0.0, 0.5),
+        ("verbose-lover", 1.0, 0.5, 0.0),
+    ]
     children = np.random.SeedSequence(seed).spawn(len(settings))
-    return [Annotator(name, temperature, length_bias, position_bias, int(child.generate_state(1)[0]))
-            for (name, temperature, length_bias, position_bias), child in zip(settings, children)]
+    return [
+        Annotator(name, temperature, length_bias, position_bias, int(child.generate_state(1)[0]))
+        for (name, temperature, length_bias, position_bias), child in zip(settings, children)
+    ]

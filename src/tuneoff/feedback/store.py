@@ -188,7 +188,9 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, create: bool = True):
         self.path = Path(path)
         if not create and not self.path.exists():
-            raise TuneoffError(f"no feedback database at {self.path}: create one with `tuneoff label add --db {self.path} ...`")
+            raise TuneoffError(
+                f"no feedback database at {self.path}: create one with `tuneoff label add --db {self.path} ...`"
+            )
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
@@ -273,8 +275,17 @@ class Store:
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO tasks (id, prompt, prompt_messages, response_a, response_b, source_a,"
                     " source_b, origin, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (task.id, task.prompt, None if task.prompt_messages is None else json.dumps(task.prompt_messages),
-                     task.response_a, task.response_b, task.source_a, task.source_b, task.key, now),
+                    (
+                        task.id,
+                        task.prompt,
+                        None if task.prompt_messages is None else json.dumps(task.prompt_messages),
+                        task.response_a,
+                        task.response_b,
+                        task.source_a,
+                        task.source_b,
+                        task.key,
+                        now,
+                    ),
                 )
                 added += cursor.rowcount
                 existing += 1 - cursor.rowcount
@@ -291,7 +302,9 @@ class Store:
         return self._conn().execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
 
     # -- annotators --------------------------------------------------------------------------------
-    def add_annotator(self, name: str, *, with_token: bool = True, now: float | None = None) -> tuple[Annotator, str | None]:
+    def add_annotator(
+        self, name: str, *, with_token: bool = True, now: float | None = None
+    ) -> tuple[Annotator, str | None]:
         """Create an annotator; returns it and its token (shown once: only the token's hash is kept)."""
         name = name.strip()
         if not name or len(name) > 100:
@@ -318,7 +331,11 @@ class Store:
         if not token or len(token) > 512:
             return None
         digest = hash_token(token)
-        row = self._conn().execute("SELECT id, name, token_sha256 FROM annotators WHERE token_sha256 = ?", (digest,)).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT id, name, token_sha256 FROM annotators WHERE token_sha256 = ?", (digest,))
+            .fetchone()
+        )
         # The lookup is by hash (nothing about the token leaks); the final check is constant-time anyway.
         if row is None or not hmac.compare_digest(row["token_sha256"], digest):
             return None
@@ -329,8 +346,9 @@ class Store:
         return [Annotator(r["id"], r["name"], r["token_sha256"] is not None) for r in rows]
 
     # -- assignment --------------------------------------------------------------------------------
-    def next_task(self, annotator_id: int, *, annotators_per_task: int, lease_seconds: float = 1800.0,
-                  now: float | None = None) -> Assignment | None:
+    def next_task(
+        self, annotator_id: int, *, annotators_per_task: int, lease_seconds: float = 1800.0, now: float | None = None
+    ) -> Assignment | None:
         """The annotator's open task, or a new one that still lacks annotators; None when nothing is left.
 
         A task takes ``annotators_per_task`` distinct annotators, counted in ``tasks.taken``: open
@@ -341,24 +359,32 @@ class Store:
         now = time.time() if now is None else now
         with self._write(durable=False) as db:
             self._expire(db, now - lease_seconds)
-            row = db.execute("SELECT task_id, a_on_left, assigned_at FROM assignments WHERE annotator_id = ? AND state = 'open'"
-                             " ORDER BY assigned_at LIMIT 1", (annotator_id,)).fetchone()
+            row = db.execute(
+                "SELECT task_id, a_on_left, assigned_at FROM assignments WHERE annotator_id = ? AND state = 'open'"
+                " ORDER BY assigned_at LIMIT 1",
+                (annotator_id,),
+            ).fetchone()
             if row is not None:
                 return Assignment(self.task(row["task_id"]), bool(row["a_on_left"]), row["assigned_at"])
-            row = db.execute(f"SELECT t.id FROM tasks t WHERE {_OPEN_FOR_ME} ORDER BY t.seq LIMIT 1",
-                             {"me": annotator_id, "k": annotators_per_task}).fetchone()
+            row = db.execute(
+                f"SELECT t.id FROM tasks t WHERE {_OPEN_FOR_ME} ORDER BY t.seq LIMIT 1",
+                {"me": annotator_id, "k": annotators_per_task},
+            ).fetchone()
             if row is None:
                 return None
             a_on_left = secrets.randbelow(2) == 1  # the order this annotator sees, drawn once and recorded
-            db.execute("INSERT INTO assignments (task_id, annotator_id, a_on_left, assigned_at) VALUES (?, ?, ?, ?)",
-                       (row["id"], annotator_id, int(a_on_left), now))
+            db.execute(
+                "INSERT INTO assignments (task_id, annotator_id, a_on_left, assigned_at) VALUES (?, ?, ?, ?)",
+                (row["id"], annotator_id, int(a_on_left), now),
+            )
             db.execute("UPDATE tasks SET taken = taken + 1 WHERE id = ?", (row["id"],))
         return Assignment(self.task(row["id"]), a_on_left, now)
 
     @staticmethod
     def _expire(db: sqlite3.Connection, cutoff: float) -> None:
-        for row in db.execute("SELECT task_id, annotator_id FROM assignments WHERE state = 'open' AND assigned_at <= ?",
-                              (cutoff,)).fetchall():
+        for row in db.execute(
+            "SELECT task_id, annotator_id FROM assignments WHERE state = 'open' AND assigned_at <= ?", (cutoff,)
+        ).fetchall():
             db.execute("UPDATE assignments SET state = 'expired' WHERE task_id = ? AND annotator_id = ?", tuple(row))
             db.execute("UPDATE tasks SET taken = taken - 1 WHERE id = ?", (row["task_id"],))
 
@@ -366,15 +392,18 @@ class Store:
         """Done: tasks this annotator answered (skips included). Remaining: their open task + tasks open to them."""
         db = self._conn()
         done = db.execute("SELECT COUNT(*) FROM judgments WHERE annotator_id = ?", (annotator_id,)).fetchone()[0]
-        mine_open = db.execute("SELECT COUNT(*) FROM assignments WHERE annotator_id = ? AND state = 'open'",
-                               (annotator_id,)).fetchone()[0]
-        free = db.execute(f"SELECT COUNT(*) FROM tasks t WHERE {_OPEN_FOR_ME}",
-                          {"me": annotator_id, "k": annotators_per_task}).fetchone()[0]
+        mine_open = db.execute(
+            "SELECT COUNT(*) FROM assignments WHERE annotator_id = ? AND state = 'open'", (annotator_id,)
+        ).fetchone()[0]
+        free = db.execute(
+            f"SELECT COUNT(*) FROM tasks t WHERE {_OPEN_FOR_ME}", {"me": annotator_id, "k": annotators_per_task}
+        ).fetchone()[0]
         return Progress(done, mine_open + free)
 
     # -- judgments ---------------------------------------------------------------------------------
-    def record_judgment(self, annotator_id: int, task_id: str, choice: str, *, seconds: float | None = None,
-                        now: float | None = None) -> tuple[int, bool]:
+    def record_judgment(
+        self, annotator_id: int, task_id: str, choice: str, *, seconds: float | None = None, now: float | None = None
+    ) -> tuple[int, bool]:
         """Store a judgment on an assigned task; returns (judgment id, newly created).
 
         Idempotent per annotator and task: repeating the same choice returns the stored judgment; a
@@ -385,19 +414,25 @@ class Store:
             raise TuneoffError(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}")
         now = time.time() if now is None else now
         with self._write() as db:
-            row = db.execute("SELECT id, choice FROM judgments WHERE task_id = ? AND annotator_id = ?",
-                             (task_id, annotator_id)).fetchone()
+            row = db.execute(
+                "SELECT id, choice FROM judgments WHERE task_id = ? AND annotator_id = ?", (task_id, annotator_id)
+            ).fetchone()
             if row is not None:
                 if row["choice"] != choice:
                     raise ConflictingJudgment(f"task {task_id} was already judged '{row['choice']}' by this annotator")
                 return row["id"], False
-            assigned = db.execute("SELECT a_on_left, assigned_at, state FROM assignments WHERE task_id = ? AND annotator_id = ?",
-                                  (task_id, annotator_id)).fetchone()
+            assigned = db.execute(
+                "SELECT a_on_left, assigned_at, state FROM assignments WHERE task_id = ? AND annotator_id = ?",
+                (task_id, annotator_id),
+            ).fetchone()
             if assigned is None:
                 raise NotAssigned(f"task {task_id!r} is not assigned to this annotator")
             # The slot counter: an open slot becomes a label (a skip gives it back); a late label retakes one.
             change = {("open", True): -1, ("expired", False): 1}.get((assigned["state"], choice == "skip"), 0)
-            db.execute("UPDATE assignments SET state = 'judged' WHERE task_id = ? AND annotator_id = ?", (task_id, annotator_id))
+            db.execute(
+                "UPDATE assignments SET state = 'judged' WHERE task_id = ? AND annotator_id = ?",
+                (task_id, annotator_id),
+            )
             db.execute("UPDATE tasks SET taken = taken + ? WHERE id = ?", (change, task_id))
             if not _plausible_seconds(seconds):
                 seconds = max(0.0, now - assigned["assigned_at"])
@@ -405,7 +440,15 @@ class Store:
             cursor = db.execute(
                 "INSERT INTO judgments (task_id, annotator_id, a_on_left, choice, preferred, seconds, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (task_id, annotator_id, int(a_on_left), choice, preferred_from_choice(choice, a_on_left), float(seconds), now),
+                (
+                    task_id,
+                    annotator_id,
+                    int(a_on_left),
+                    choice,
+                    preferred_from_choice(choice, a_on_left),
+                    float(seconds),
+                    now,
+                ),
             )
         return cursor.lastrowid, True
 
@@ -437,8 +480,18 @@ class Store:
             " JOIN annotators a ON a.id = j.annotator_id JOIN tasks t ON t.id = j.task_id ORDER BY j.id"
         )
         return [
-            Judgment(r["id"], r["task_id"], r["name"], None if r["a_on_left"] is None else bool(r["a_on_left"]),
-                     r["choice"], r["preferred"], r["seconds"], r["created_at"], r["len_a"], r["len_b"])
+            Judgment(
+                r["id"],
+                r["task_id"],
+                r["name"],
+                None if r["a_on_left"] is None else bool(r["a_on_left"]),
+                r["choice"],
+                r["preferred"],
+                r["seconds"],
+                r["created_at"],
+                r["len_a"],
+                r["len_b"],
+            )
             for r in rows
         ]
 
@@ -457,8 +510,16 @@ def _plausible_seconds(seconds) -> bool:
 
 def _task(row: sqlite3.Row) -> Task:
     messages = None if row["prompt_messages"] is None else json.loads(row["prompt_messages"])
-    return Task(row["id"], row["prompt"], row["response_a"], row["response_b"], messages,
-                row["source_a"], row["source_b"], row["origin"])
+    return Task(
+        row["id"],
+        row["prompt"],
+        row["response_a"],
+        row["response_b"],
+        messages,
+        row["source_a"],
+        row["source_b"],
+        row["origin"],
+    )
 
 
 # -- building the queue from files -----------------------------------------------------------------
@@ -510,8 +571,12 @@ def load_prompt_texts(path: str | os.PathLike) -> list[tuple[str, list | None]]:
         load_prompts = None
     if load_prompts is not None:
         prompts = load_prompts(path)
-        return [(p.prompt, None) if p.prompt is not None else (render_messages(_as_dicts(p.messages)), _as_dicts(p.messages))
-                for p in prompts]
+        return [
+            (p.prompt, None)
+            if p.prompt is not None
+            else (render_messages(_as_dicts(p.messages)), _as_dicts(p.messages))
+            for p in prompts
+        ]
     out = []
     for number, record in read_json_records(path):
         prompt, messages = _prompt_of(record, path, number)
@@ -542,7 +607,9 @@ def read_generations(path: str | os.PathLike) -> list[tuple[str | None, str]]:
     for number, record in read_json_records(path):
         field = next((f for f in RESPONSE_FIELDS if f in record), None)
         if field is None or not isinstance(record[field], str):
-            raise DataError(str(path), number, field or "completion", f"expected a string in one of {', '.join(RESPONSE_FIELDS)}")
+            raise DataError(
+                str(path), number, field or "completion", f"expected a string in one of {', '.join(RESPONSE_FIELDS)}"
+            )
         out.append((_prompt_of(record, path, number)[0], record[field]))
     return out
 
@@ -555,8 +622,9 @@ def tasks_from_generations(prompts_path, responses_a, responses_b) -> list[NewTa
     if prompts_path is not None:
         prompts = load_prompt_texts(prompts_path)
         if len(prompts) != len(gen_a):
-            raise DataError(str(responses_a), None, None,
-                            f"has {len(gen_a)} responses for {len(prompts)} prompts in {prompts_path}")
+            raise DataError(
+                str(responses_a), None, None, f"has {len(gen_a)} responses for {len(prompts)} prompts in {prompts_path}"
+            )
     else:
         prompts = [(p, None) for p, _ in gen_a]
     tasks = []
@@ -566,7 +634,9 @@ def tasks_from_generations(prompts_path, responses_a, responses_b) -> list[NewTa
                 raise DataError(str(path), f"record {i + 1}", "prompt", "expected a prompt (or pass --prompts)")
             if own is not None and own != prompt:
                 raise DataError(str(path), f"record {i + 1}", "prompt", "does not match the prompt it is paired with")
-        tasks.append(NewTask(prompt, ra, rb, messages, source_a=Path(responses_a).name, source_b=Path(responses_b).name))
+        tasks.append(
+            NewTask(prompt, ra, rb, messages, source_a=Path(responses_a).name, source_b=Path(responses_b).name)
+        )
     return tasks
 
 
@@ -581,14 +651,22 @@ def read_pandalm(path: str | os.PathLike) -> list[tuple[NewTask, list[str]]]:
     for number, record in read_json_records(path):
         try:
             prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-            responses = [r if isinstance(r, str) else json.dumps(r).capitalize() if isinstance(r, bool) else str(r)
-                         for r in (record["response1"], record["response2"])]
+            responses = [
+                r if isinstance(r, str) else json.dumps(r).capitalize() if isinstance(r, bool) else str(r)
+                for r in (record["response1"], record["response2"])
+            ]
             votes = [labels[record[f"annotator{k}"]] for k in (1, 2, 3)]
         except (KeyError, TypeError) as error:
             raise DataError(str(path), number, str(error).strip("'"), "expected a PandaLM record") from error
         models = str(record.get("cmp_key", "_")).split("_", 1) + [None]
-        task = NewTask(prompt, responses[0], responses[1], source_a=models[0], source_b=models[1],
-                       key=f"pandalm:{record.get('idx', number - 1)}")
+        task = NewTask(
+            prompt,
+            responses[0],
+            responses[1],
+            source_a=models[0],
+            source_b=models[1],
+            key=f"pandalm:{record.get('idx', number - 1)}",
+        )
         out.append((task, votes))
     return out
 
@@ -599,7 +677,12 @@ def import_pandalm(store: Store, path: str | os.PathLike) -> dict:
     annotators = [store.imported_annotator(f"pandalm-annotator{k}") for k in (1, 2, 3)]
     labels = [(annotators[k].id, task.id, votes[k]) for task, votes in records for k in range(3)]
     labels_added, labels_existing = store.import_judgments(labels)
-    return {"tasks_added": added, "tasks_existing": existing, "labels_added": labels_added, "labels_existing": labels_existing}
+    return {
+        "tasks_added": added,
+        "tasks_existing": existing,
+        "labels_added": labels_added,
+        "labels_existing": labels_existing,
+    }
 
 
 def import_preferences(store: Store, path: str | os.PathLike, *, as_annotator: str | None = None) -> dict:
@@ -627,7 +710,8 @@ def import_preferences(store: Store, path: str | os.PathLike, *, as_annotator: s
     if as_annotator:
         annotator = store.imported_annotator(as_annotator)
         counts["labels_added"], counts["labels_existing"] = store.import_judgments(
-            (annotator.id, task.id, label) for task, label in zip(tasks, labels))
+            (annotator.id, task.id, label) for task, label in zip(tasks, labels)
+        )
     return counts
 
 
@@ -636,8 +720,9 @@ EXPORT_MODES = ("majority", "per-annotator")
 TIE_POLICIES = ("drop", "keep")
 
 
-def export_preferences(store: Store, out: str | os.PathLike, *, mode: str = "majority", ties: str = "drop",
-                       min_annotators: int = 1) -> dict:
+def export_preferences(
+    store: Store, out: str | os.PathLike, *, mode: str = "majority", ties: str = "drop", min_annotators: int = 1
+) -> dict:
     """Write the preference JSONL the reward model reads ({"prompt","chosen","rejected"} + provenance).
 
     ``majority``: one record per task, the strict plurality of its labels (skips ignored); tasks with
@@ -685,8 +770,11 @@ def export_preferences(store: Store, out: str | os.PathLike, *, mode: str = "maj
 def _preference_record(task: Task, label: str, annotators: list[str], extra: dict) -> dict:
     chosen, rejected = (task.response_b, task.response_a) if label == "b" else (task.response_a, task.response_b)
     if task.prompt_messages is not None:  # the conversational form of the same record (TRL's)
-        record = {"prompt": task.prompt_messages, "chosen": [{"role": "assistant", "content": chosen}],
-                  "rejected": [{"role": "assistant", "content": rejected}]}
+        record = {
+            "prompt": task.prompt_messages,
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
     else:
         record = {"prompt": task.prompt, "chosen": chosen, "rejected": rejected}
     record.update(task_id=task.id, annotators=annotators, tie=label == "tie", **extra)

@@ -22,13 +22,19 @@ def supports(model) -> bool:
     config = getattr(model, "config", None)
     if type(model).__name__ != "GPT2LMHeadModel" or config is None:
         return False
-    plain = (config.activation_function == "gelu_new" and config.scale_attn_weights
-             and not config.scale_attn_by_inverse_layer_idx and not config.reorder_and_upcast_attn)
+    plain = (
+        config.activation_function == "gelu_new"
+        and config.scale_attn_weights
+        and not config.scale_attn_by_inverse_layer_idx
+        and not config.reorder_and_upcast_attn
+    )
     dropout_live = model.training and any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
     return bool(plain) and not dropout_live
 
 
-def block_forward(block, x: torch.Tensor, mask: torch.Tensor, heads: int, eps: float, kv: torch.Tensor | None = None) -> torch.Tensor:
+def block_forward(
+    block, x: torch.Tensor, mask: torch.Tensor, heads: int, eps: float, kv: torch.Tensor | None = None
+) -> torch.Tensor:
     """One GPT-2 block over whole sequences: x (B, T, C), mask (B, 1, T, T) bool (True: the query sees the key)
     -> (B, T, C). Writes the keys and values into ``kv`` (2, B, H, T, D) when given."""
     B, T, C = x.shape
@@ -66,7 +72,12 @@ class GPT2Decoder:
     def __init__(self, model, prompt_mask: torch.Tensor, max_new_tokens: int):
         transformer, config = model.transformer, model.config
         self.heads, self.width, self.eps = config.n_head, config.n_embd, config.layer_norm_epsilon
-        self.wte, self.wpe, self.ln_f, self.lm_head = transformer.wte.weight, transformer.wpe.weight, transformer.ln_f, model.lm_head.weight
+        self.wte, self.wpe, self.ln_f, self.lm_head = (
+            transformer.wte.weight,
+            transformer.wpe.weight,
+            transformer.ln_f,
+            model.lm_head.weight,
+        )
         self.blocks = transformer.h
         B, P = prompt_mask.shape
         D = self.width // self.heads
@@ -82,7 +93,9 @@ class GPT2Decoder:
         C, H = self.width, self.heads
         causal = torch.ones((P, P), dtype=torch.bool, device=prompt_ids.device).tril()
         # real keys up to the query; a padding query sees itself only (its output is never read)
-        mask = (self.allowed[..., :P] & causal) | torch.eye(P, dtype=torch.bool, device=prompt_ids.device)  # (B, 1, P, P)
+        mask = (self.allowed[..., :P] & causal) | torch.eye(
+            P, dtype=torch.bool, device=prompt_ids.device
+        )  # (B, 1, P, P)
         x = self.wte[prompt_ids] + self.wpe[positions]  # (B, P, C)
         for i, block in enumerate(self.blocks):
             x = block_forward(block, x, mask, H, self.eps, self.kv[i, :, :, :, :P])
@@ -98,10 +111,14 @@ class GPT2Decoder:
         for i, block in enumerate(self.blocks):
             attn, mlp = block.attn, block.mlp
             h = F.layer_norm(x, (C,), block.ln_1.weight, block.ln_1.bias, self.eps)
-            q, k, v = torch.addmm(attn.c_attn.bias, h, attn.c_attn.weight).view(B, 3, H, 1, C // H).unbind(1)  # (B, H, 1, D) each
+            q, k, v = (
+                torch.addmm(attn.c_attn.bias, h, attn.c_attn.weight).view(B, 3, H, 1, C // H).unbind(1)
+            )  # (B, H, 1, D) each
             self.kv[i, 0, :, :, t : t + 1] = k
             self.kv[i, 1, :, :, t : t + 1] = v
-            a = F.scaled_dot_product_attention(q, self.kv[i, 0, :, :, : t + 1], self.kv[i, 1, :, :, : t + 1], attn_mask=mask)  # (B, H, 1, D)
+            a = F.scaled_dot_product_attention(
+                q, self.kv[i, 0, :, :, : t + 1], self.kv[i, 1, :, :, : t + 1], attn_mask=mask
+            )  # (B, H, 1, D)
             x = torch.addmm(attn.c_proj.bias, a.view(B, C), attn.c_proj.weight).add_(x)
             h = F.layer_norm(x, (C,), block.ln_2.weight, block.ln_2.bias, self.eps)
             h = F.gelu(torch.addmm(mlp.c_fc.bias, h, mlp.c_fc.weight), approximate="tanh")  # gelu_new

@@ -31,30 +31,45 @@ def without_last_block(transformer):
         transformer.h, transformer.ln_f = blocks, ln_f
 
 
-def at_positions(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+def at_positions(
+    model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
     """Final hidden states (after ln_f) at flat ``positions`` (K,) of (R, W) rows: (K, C).
 
     attention_mask (R, 1, W, W) bool, True where a query may attend to a key (a packed layout's own mask)."""
     transformer, config = model.transformer, model.config
     block = transformer.h[-1]
     with without_last_block(transformer) as trunk:
-        hidden = trunk(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                       use_cache=False).last_hidden_state  # (R, W, C): the last block's input
+        hidden = trunk(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (R, W, C): the last block's input
     R, W, C = hidden.shape
     H, eps = config.n_head, config.layer_norm_epsilon
     D = C // H
     rows = positions // W  # (K,)
     x = F.layer_norm(hidden, (C,), block.ln_1.weight, block.ln_1.bias, eps)  # (R, W, C)
     weight, bias = block.attn.c_attn.weight, block.attn.c_attn.bias  # Conv1D: (C, 3C), (3C,) = [q | k | v]
-    kv = torch.addmm(bias[C:], x.reshape(-1, C), weight[:, C:]).view(R, W, 2, H, D).permute(2, 0, 3, 1, 4)  # (2, R, H, W, D)
+    kv = (
+        torch.addmm(bias[C:], x.reshape(-1, C), weight[:, C:]).view(R, W, 2, H, D).permute(2, 0, 3, 1, 4)
+    )  # (2, R, H, W, D)
     # index_select, not indexing: its backward is index_add, many times faster on a CPU than indexing's index_put
-    q = torch.addmm(bias[:C], x.reshape(-1, C).index_select(0, positions), weight[:, :C]).view(-1, H, 1, D)  # (K, H, 1, D)
+    q = torch.addmm(bias[:C], x.reshape(-1, C).index_select(0, positions), weight[:, :C]).view(
+        -1, H, 1, D
+    )  # (K, H, 1, D)
     mask = attention_mask[rows, 0, positions % W][:, None, None, :]  # (K, 1, 1, W) what each read position sees
     keys, values = kv[0].index_select(0, rows), kv[1].index_select(0, rows)  # (K, H, W, D) each
     a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (K, H, 1, D)
     attn, mlp = block.attn, block.mlp
-    h = torch.addmm(attn.c_proj.bias, a.reshape(-1, C), attn.c_proj.weight) + hidden.reshape(-1, C).index_select(0, positions)  # (K, C)
+    h = torch.addmm(attn.c_proj.bias, a.reshape(-1, C), attn.c_proj.weight) + hidden.reshape(-1, C).index_select(
+        0, positions
+    )  # (K, C)
     m = F.layer_norm(h, (C,), block.ln_2.weight, block.ln_2.bias, eps)
-    h = torch.addmm(mlp.c_proj.bias, F.gelu(torch.addmm(mlp.c_fc.bias, m, mlp.c_fc.weight), approximate="tanh"), mlp.c_proj.weight) + h
+    h = (
+        torch.addmm(
+            mlp.c_proj.bias,
+            F.gelu(torch.addmm(mlp.c_fc.bias, m, mlp.c_fc.weight), approximate="tanh"),
+            mlp.c_proj.weight,
+        )
+        + h
+    )
     return F.layer_norm(h, (C,), transformer.ln_f.weight, transformer.ln_f.bias, eps)  # (K, C)

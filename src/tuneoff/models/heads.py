@@ -22,8 +22,8 @@ from typing import Sequence
 
 import torch
 
-from tuneoff.errors import TuneoffError
 from tuneoff.data.tokenize import text_ids
+from tuneoff.errors import TuneoffError
 from tuneoff.models import gpt2_last_block
 
 HEAD_FILE = "reward_head.safetensors"
@@ -99,12 +99,23 @@ class RewardModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards (B,) of (B, T) token ids, padded on either side."""
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask,  # (B, T, H)
-                         position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,  # (B, T, H)
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
         return self.head(POOLINGS[self.pooling](hidden, attention_mask)).squeeze(-1).float()  # (B,)
 
-    def forward_packed(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_index: torch.Tensor,
-                       segments: torch.Tensor, count: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_index: torch.Tensor,
+        segments: torch.Tensor,
+        count: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rewards (count,) of sequences packed into rows without padding between them.
 
         input_ids, position_ids (R, W). Without ``attention_mask``, positions restart at 0 for each sequence, which
@@ -113,13 +124,24 @@ class RewardModel(torch.nn.Module):
         position (in R·W) of every token of every sequence, in sequence order (shared positions repeat);
         segments (N,): its sequence. Equal to :meth:`forward` on the padded batch (tested)."""
         if self.pooling == "last":
-            ends = token_index[torch.cat([(segments[1:] != segments[:-1]).nonzero().squeeze(-1),
-                                          segments.new_tensor([len(segments) - 1])])]  # (count,) flat position of each last token
+            ends = token_index[
+                torch.cat(
+                    [(segments[1:] != segments[:-1]).nonzero().squeeze(-1), segments.new_tensor([len(segments) - 1])]
+                )
+            ]  # (count,) flat position of each last token
             if attention_mask is not None and gpt2_last_block.supports(self.model):
-                return self.head(gpt2_last_block.at_positions(self.model, input_ids, position_ids, attention_mask, ends)).squeeze(-1).float()
+                return (
+                    self.head(gpt2_last_block.at_positions(self.model, input_ids, position_ids, attention_mask, ends))
+                    .squeeze(-1)
+                    .float()
+                )
         decoder = self.model.get_decoder()
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,  # (R, W, H)
-                         use_cache=False).last_hidden_state
+        hidden = decoder(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,  # (R, W, H)
+            use_cache=False,
+        ).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1])  # (R·W, H)
         if self.pooling == "last":
             pooled = hidden.index_select(0, ends)  # index_select: its backward (index_add) is fast on a CPU

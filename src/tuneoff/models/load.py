@@ -22,7 +22,9 @@ from tuneoff.errors import TuneoffError
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 REVIEW_GPT_DIR = ASSETS / "review-gpt"
 PRESETS = ("tiny", "review-gpt", "smollm2-135m")
-TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: tests compare runs exactly
+TINY_CONFIG = dict(
+    n_layer=2, n_head=2, n_embd=64, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+)  # no dropout: tests compare runs exactly
 
 
 def cache_dir() -> Path:
@@ -99,8 +101,11 @@ def load_model(name: str, *, from_scratch: bool = False, dtype: str = "float32")
     if name == "tiny":
         tokenizer = load_tokenizer(name)
         config = GPT2Config(
-            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **TINY_CONFIG,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **TINY_CONFIG,
         )
         return fuse_activations(AutoModelForCausalLM.from_config(config, dtype=torch_dtype))
     if from_scratch:

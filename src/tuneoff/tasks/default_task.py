@@ -43,7 +43,12 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 """Bump when the recipe above changes: it is part of the cache key."""
-TRAIN_FILE, EVAL_FILE, EVAL_ANNOTATED_FILE, INFO_FILE = "train.jsonl", "eval_gold.jsonl", "eval_annotated.jsonl", "info.json"
+TRAIN_FILE, EVAL_FILE, EVAL_ANNOTATED_FILE, INFO_FILE = (
+    "train.jsonl",
+    "eval_gold.jsonl",
+    "eval_annotated.jsonl",
+    "info.json",
+)
 GENERATE_BATCH = 256
 """Prompts per ``generate`` call. Part of the recipe: a prompt's samples depend on the batch it is drawn in."""
 
@@ -80,13 +85,21 @@ class DefaultTaskConfig:
     """The model whose continuations are compared."""
 
     def __post_init__(self):
-        problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in [
-            ("pairs", self.pairs >= 1, "at least 1"), ("responses", self.responses >= 2, "at least 2"),
-            ("eval_pairs", self.eval_pairs >= 1, "at least 1"), ("prompt_words", self.prompt_words >= 1, "at least 1"),
-            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"), ("annotators", self.annotators >= 1, "at least 1"),
-            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "finite and at least 0"),
-            ("length_bias", math.isfinite(self.length_bias), "finite"), ("flip_rate", 0 <= self.flip_rate <= 1, "in [0, 1]")]
-            if not ok]
+        problems = [
+            f"{name} must be {rule}, got {getattr(self, name)!r}"
+            for name, ok, rule in [
+                ("pairs", self.pairs >= 1, "at least 1"),
+                ("responses", self.responses >= 2, "at least 2"),
+                ("eval_pairs", self.eval_pairs >= 1, "at least 1"),
+                ("prompt_words", self.prompt_words >= 1, "at least 1"),
+                ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+                ("annotators", self.annotators >= 1, "at least 1"),
+                ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "finite and at least 0"),
+                ("length_bias", math.isfinite(self.length_bias), "finite"),
+                ("flip_rate", 0 <= self.flip_rate <= 1, "in [0, 1]"),
+            ]
+            if not ok
+        ]
         if problems:
             raise ValueError("default task: " + "; ".join(problems))
 
@@ -100,8 +113,9 @@ def train_prompts(words: int, seed: int) -> list[str]:
     return prompts
 
 
-def sample_responses(model_name: str, prompts: list[str], count: int, max_new_tokens: int, seed: int,
-                     batch_size: int = GENERATE_BATCH) -> list[tuple[str, list[str]]]:
+def sample_responses(
+    model_name: str, prompts: list[str], count: int, max_new_tokens: int, seed: int, batch_size: int = GENERATE_BATCH
+) -> list[tuple[str, list[str]]]:
     """(prompt, responses): ``count`` sampled continuations of each prompt (decoded, special tokens dropped).
 
     Drawn by transformers' ``generate``, not :func:`tuneoff.rollout.sample_responses`: these draws are part of the
@@ -120,24 +134,37 @@ def sample_responses(model_name: str, prompts: list[str], count: int, max_new_to
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            generated = model.generate(**encoded, do_sample=True, top_p=1.0, top_k=0, temperature=1.0,
-                                       max_new_tokens=max_new_tokens, num_return_sequences=count,
-                                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            generated = model.generate(
+                **encoded,
+                do_sample=True,
+                top_p=1.0,
+                top_k=0,
+                temperature=1.0,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=count,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
             groups += [(prompt, texts[count * i : count * (i + 1)]) for i, prompt in enumerate(chunk)]
     return groups
 
 
-def sample_pairs(model_name: str, prompts: list[str], max_new_tokens: int, seed: int,
-                 batch_size: int = GENERATE_BATCH) -> list[tuple[str, str, str]]:
+def sample_pairs(
+    model_name: str, prompts: list[str], max_new_tokens: int, seed: int, batch_size: int = GENERATE_BATCH
+) -> list[tuple[str, str, str]]:
     """(prompt, first, second): two sampled continuations of each prompt."""
     return [(p, a, b) for p, (a, b) in sample_responses(model_name, prompts, 2, max_new_tokens, seed, batch_size)]
 
 
 def all_pairs(groups: list[tuple[str, list[str]]]) -> list[tuple[str, str, str]]:
     """(prompt, a, b) for every pair of a prompt's responses (in sampling order), skipping empty and equal ones."""
-    return [(prompt, a, b) for prompt, responses in groups for a, b in itertools.combinations(responses, 2)
-            if a.strip() and b.strip() and a != b]
+    return [
+        (prompt, a, b)
+        for prompt, responses in groups
+        for a, b in itertools.combinations(responses, 2)
+        if a.strip() and b.strip() and a != b
+    ]
 
 
 def flip_labels(records: list[dict], rate: float, seed: int) -> list[dict]:
@@ -145,8 +172,10 @@ def flip_labels(records: list[dict], rate: float, seed: int) -> list[dict]:
     if not 0 <= rate <= 1:
         raise ValueError(f"flip_rate must be in [0, 1], got {rate}")
     flipped = set(random.Random(seed).sample(range(len(records)), round(rate * len(records))))
-    return [{**r, "chosen": r["rejected"], "rejected": r["chosen"], "flipped": True} if i in flipped else r
-            for i, r in enumerate(records)]
+    return [
+        {**r, "chosen": r["rejected"], "rejected": r["chosen"], "flipped": True} if i in flipped else r
+        for i, r in enumerate(records)
+    ]
 
 
 def gold_ordered(pairs: list[tuple[str, str, str]], judge) -> list[dict]:
@@ -156,9 +185,17 @@ def gold_ordered(pairs: list[tuple[str, str, str]], judge) -> list[dict]:
     kept = [p for p in pairs if p[1].strip() and p[2].strip() and p[1] != p[2]]
     first = judge.logit([judge_text(p, a) for p, a, _ in kept])  # (N,)
     second = judge.logit([judge_text(p, b) for p, _, b in kept])  # (N,)
-    return [{"prompt": p, "chosen": a if s1 > s2 else b, "rejected": b if s1 > s2 else a, "annotator": "gold",
-             "gold_gap": float(abs(s1 - s2))}
-            for (p, a, b), s1, s2 in zip(kept, first, second) if s1 != s2]
+    return [
+        {
+            "prompt": p,
+            "chosen": a if s1 > s2 else b,
+            "rejected": b if s1 > s2 else a,
+            "annotator": "gold",
+            "gold_gap": float(abs(s1 - s2)),
+        }
+        for (p, a, b), s1, s2 in zip(kept, first, second)
+        if s1 != s2
+    ]
 
 
 def agreement_with_gold(records: list[dict], judge) -> float:
@@ -185,27 +222,42 @@ def build(config: DefaultTaskConfig, folder: str | Path) -> Path:
     prompts = train_prompts(config.prompt_words, config.seed)
     start = time.perf_counter()
     if config.responses == 2:
-        pairs = sample_pairs(config.model, prompts[: config.eval_pairs + config.pairs], config.max_new_tokens, config.seed)
+        pairs = sample_pairs(
+            config.model, prompts[: config.eval_pairs + config.pairs], config.max_new_tokens, config.seed
+        )
         held_out, training = pairs[: config.eval_pairs], pairs[config.eval_pairs :]
     else:  # held-out: the K = 2 build's samples (its first generate batches, sampled the same way), then K per prompt
-        span = min(len(prompts), config.eval_pairs + config.pairs, -(-config.eval_pairs // GENERATE_BATCH) * GENERATE_BATCH)
+        span = min(
+            len(prompts), config.eval_pairs + config.pairs, -(-config.eval_pairs // GENERATE_BATCH) * GENERATE_BATCH
+        )
         held_out = sample_pairs(config.model, prompts[:span], config.max_new_tokens, config.seed)[: config.eval_pairs]
         training_prompts = prompts[config.eval_pairs : config.eval_pairs + math.ceil(config.pairs / per_prompt)]
-        training = all_pairs(sample_responses(config.model, training_prompts, config.responses, config.max_new_tokens, config.seed))
+        training = all_pairs(
+            sample_responses(config.model, training_prompts, config.responses, config.max_new_tokens, config.seed)
+        )
         training = training[: config.pairs]
     generation_s = time.perf_counter() - start
-    panel = make_annotators(config.annotators, temperature=config.temperature, length_bias=config.length_bias,
-                            seed=config.seed)
-    train_records = flip_labels(simulate_preferences(training, panel, judge.logit, shuffle_order=True), config.flip_rate, config.seed)
+    panel = make_annotators(
+        config.annotators, temperature=config.temperature, length_bias=config.length_bias, seed=config.seed
+    )
+    train_records = flip_labels(
+        simulate_preferences(training, panel, judge.logit, shuffle_order=True), config.flip_rate, config.seed
+    )
     eval_records = gold_ordered(held_out, judge)
     eval_annotated = simulate_preferences(held_out, panel, judge.logit, shuffle_order=True)
     write_jsonl(folder / TRAIN_FILE, train_records)
     write_jsonl(folder / EVAL_FILE, eval_records)
     write_jsonl(folder / EVAL_ANNOTATED_FILE, eval_annotated)
-    info = {"config": dataclasses.asdict(config), "format": FORMAT_VERSION, "train_pairs": len(train_records),
-            "eval_pairs": len(eval_records), "train_label_agreement_with_gold": agreement_with_gold(train_records, judge),
-            "eval_annotated_agreement_with_gold": agreement_with_gold(eval_annotated, judge),
-            "generation_s": round(generation_s, 1), "gold_judge": judge.info.get("key", "")}
+    info = {
+        "config": dataclasses.asdict(config),
+        "format": FORMAT_VERSION,
+        "train_pairs": len(train_records),
+        "eval_pairs": len(eval_records),
+        "train_label_agreement_with_gold": agreement_with_gold(train_records, judge),
+        "eval_annotated_agreement_with_gold": agreement_with_gold(eval_annotated, judge),
+        "generation_s": round(generation_s, 1),
+        "gold_judge": judge.info.get("key", ""),
+    }
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
     return folder
 
@@ -258,8 +310,10 @@ def task_config(data: str) -> DefaultTaskConfig:
     if spec.isdigit() and int(spec) > 0:
         return DefaultTaskConfig(pairs=int(spec))
     if "=" not in spec:
-        raise TuneoffError(f"--data {data}: expected default, default:PAIRS with PAIRS a positive whole number, "
-                           "or default:KEY=VALUE,... (e.g. default:pairs=72000,responses=4)")
+        raise TuneoffError(
+            f"--data {data}: expected default, default:PAIRS with PAIRS a positive whole number, "
+            "or default:KEY=VALUE,... (e.g. default:pairs=72000,responses=4)"
+        )
     types = field_types(DefaultTaskConfig)
     settings: dict = {}
     for item in spec.split(","):
@@ -273,7 +327,9 @@ def task_config(data: str) -> DefaultTaskConfig:
         try:
             settings[key] = kind(value.strip())
         except ValueError:
-            raise TuneoffError(f"--data {data}: {key}={value!r} is not {'a whole number' if kind is int else 'a number'}") from None
+            raise TuneoffError(
+                f"--data {data}: {key}={value!r} is not {'a whole number' if kind is int else 'a number'}"
+            ) from None
     try:
         return DefaultTaskConfig(**settings)
     except ValueError as error:

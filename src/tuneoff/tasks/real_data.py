@@ -24,8 +24,10 @@ TURN = re.compile(r"\n\n(Human|Assistant):")
 def hh_messages(transcript: str) -> list[dict]:
     """An HH-RLHF prompt transcript (ending with "\\n\\nAssistant:") as chat messages, the empty last turn dropped."""
     parts = TURN.split("\n\n" + transcript.lstrip("\n") if not transcript.startswith("\n\n") else transcript)
-    messages = [{"role": "user" if who == "Human" else "assistant", "content": text.strip()}
-                for who, text in zip(parts[1::2], parts[2::2])]
+    messages = [
+        {"role": "user" if who == "Human" else "assistant", "content": text.strip()}
+        for who, text in zip(parts[1::2], parts[2::2])
+    ]
     return [m for m in messages if m["content"]]
 
 
@@ -40,15 +42,28 @@ def preference_records(sources: list[str]) -> tuple[list[dict], list[str]]:
         for p in pairs:
             messages = hh_messages(p.prompt)
             if messages and messages[-1]["role"] == "user":
-                records.append({"prompt": messages, "chosen": p.chosen.strip(), "rejected": p.rejected.strip(), "source": "hh-rlhf"})
+                records.append(
+                    {
+                        "prompt": messages,
+                        "chosen": p.chosen.strip(),
+                        "rejected": p.rejected.strip(),
+                        "source": "hh-rlhf",
+                    }
+                )
             else:
                 skipped.append(f"hh-rlhf {p.where}: the prompt does not end with a human turn")
     if "pandalm" in sources:
         data = pandalm_pairs(shipped_data(PANDALM_TEST))
         skipped += [f"pandalm: {r}" for r in data.skipped]
         for p in data.to_preference_pairs(majority=True, drop_ties=True):
-            records.append({"prompt": [{"role": "user", "content": p.prompt}], "chosen": p.chosen, "rejected": p.rejected,
-                            "source": "pandalm"})
+            records.append(
+                {
+                    "prompt": [{"role": "user", "content": p.prompt}],
+                    "chosen": p.chosen,
+                    "rejected": p.rejected,
+                    "source": "pandalm",
+                }
+            )
     return [r for r in records if r["chosen"] and r["rejected"] and r["chosen"] != r["rejected"]], skipped
 
 
@@ -89,7 +104,15 @@ def build(spec: dict, folder: Path) -> dict:
         rows = splits[name][: caps[name]] if caps[name] > 0 else splits[name]
         files[name] = write_jsonl(folder / f"{name}.jsonl", rows)
     files["prompts"] = write_jsonl(folder / "prompts.jsonl", _unique_prompts(splits["train"], spec.get("prompts", 0)))
-    files["eval_prompts"] = write_jsonl(folder / "eval_prompts.jsonl", _unique_prompts(splits["eval_prompts"], spec.get("eval_prompts", 0)))
+    files["eval_prompts"] = write_jsonl(
+        folder / "eval_prompts.jsonl", _unique_prompts(splits["eval_prompts"], spec.get("eval_prompts", 0))
+    )
     counts = {name: sum(1 for _ in open(path)) for name, path in files.items()}
-    return {**{k: str(v) for k, v in files.items()}, "pairs": counts["train"], "counts": counts, "skipped": len(skipped),
-            "agreement_with_gold": None, "sources": spec.get("sources", ["hh-rlhf-harmless", "pandalm"])}
+    return {
+        **{k: str(v) for k, v in files.items()},
+        "pairs": counts["train"],
+        "counts": counts,
+        "skipped": len(skipped),
+        "agreement_with_gold": None,
+        "sources": spec.get("sources", ["hh-rlhf-harmless", "pandalm"]),
+    }

@@ -33,7 +33,9 @@ CHATML = (
 )
 MODEL_CONFIG = dict(n_layer=4, n_head=4, n_embd=256, n_positions=256, resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2)
 # Training recipe: 32 packed rows × 128 tokens per step. Sized to finish within an hour on 2 CPU cores.
-RECIPE = dict(steps=1200, batch_size=32, max_length=128, lr=2e-3, warmup_ratio=0.03, weight_decay=0.1, seed=0, eval_fraction=0.02)
+RECIPE = dict(
+    steps=1200, batch_size=32, max_length=128, lr=2e-3, warmup_ratio=0.03, weight_decay=0.1, seed=0, eval_fraction=0.02
+)
 
 
 def read_phrases(path: Path = SST2_TRAIN) -> list[str]:
@@ -68,11 +70,17 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     tokenizer.chat_template = CHATML
@@ -86,8 +94,12 @@ def write_base(folder: Path, texts: list[str]) -> None:
     tokenizer = train_tokenizer(texts)
     tokenizer.save_pretrained(folder)
     GPT2Config(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **MODEL_CONFIG,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+        **MODEL_CONFIG,
     ).save_pretrained(folder)
 
 
@@ -110,10 +122,23 @@ def build(work: Path, steps: int, export: Path | None, device_note: str = "") ->
     write_base(base, texts)
     r = RECIPE
     config = SFTConfig(
-        model=str(base), data=str(data), out=str(work / "run"), from_scratch=True, packing=True, max_steps=steps,
-        batch_size=r["batch_size"], max_length=r["max_length"], lr=r["lr"], warmup_ratio=r["warmup_ratio"],
-        weight_decay=r["weight_decay"], seed=r["seed"], eval_fraction=r["eval_fraction"], eval_every=max(1, steps // 6),
-        save_every=max(1, steps // 6), log_every=max(1, steps // 100), resume=(work / "run" / "checkpoints").exists(),
+        model=str(base),
+        data=str(data),
+        out=str(work / "run"),
+        from_scratch=True,
+        packing=True,
+        max_steps=steps,
+        batch_size=r["batch_size"],
+        max_length=r["max_length"],
+        lr=r["lr"],
+        warmup_ratio=r["warmup_ratio"],
+        weight_decay=r["weight_decay"],
+        seed=r["seed"],
+        eval_fraction=r["eval_fraction"],
+        eval_every=max(1, steps // 6),
+        save_every=max(1, steps // 6),
+        log_every=max(1, steps // 100),
+        resume=(work / "run" / "checkpoints").exists(),
     )
     start = time.perf_counter()
     final = train(config)

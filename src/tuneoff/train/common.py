@@ -67,8 +67,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
-                                 for p in params)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params
+    )
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None)
 
 
@@ -152,7 +153,10 @@ class MetricsLog:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            **{k: (float(v) if isinstance(v, (int, float, torch.Tensor)) else v) for k, v in metrics.items()},
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
@@ -188,8 +192,17 @@ def unwrap_for_saving(model):
     return getattr(model, "module", model)
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int,
-                    extra: dict[str, dict] | None = None) -> Path:
+def save_checkpoint(
+    out: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    extra: dict[str, dict] | None = None,
+) -> Path:
     """Write checkpoints/step-N atomically and keep only the ``keep`` most recent.
 
     ``extra``: more state dicts to keep beside the model, each saved as ``NAME.safetensors`` (e.g. a critic).
@@ -225,7 +238,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     target = unwrap_for_saving(model)
-    weights = path / ("adapter_model.safetensors" if (path / "adapter_model.safetensors").exists() else "model.safetensors")
+    weights = path / (
+        "adapter_model.safetensors" if (path / "adapter_model.safetensors").exists() else "model.safetensors"
+    )
     if hasattr(target, "peft_config"):
         from peft import set_peft_model_state_dict
 
@@ -235,7 +250,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         # Tied weights (lm_head = embeddings) are stored once; anything else missing is an error.
         missing = [k for k in missing if k not in getattr(target, "_tied_weights_keys", {}) and "lm_head" not in k]
         if missing or unexpected:
-            raise TuneoffError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise TuneoffError(
+                f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     rng = torch.load(path / "rng.pt", weights_only=True)
@@ -267,8 +284,15 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True):
     from tqdm.auto import tqdm
 
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="step", dynamic_ncols=interactive,
-                mininterval=0.2 if interactive else 15.0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        desc=desc,
+        unit="step",
+        dynamic_ncols=interactive,
+        mininterval=0.2 if interactive else 15.0,
+    )
 
 
 class Throughput:

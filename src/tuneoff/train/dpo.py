@@ -23,12 +23,27 @@ import torch
 from tuneoff.config import DPOConfig
 from tuneoff.data.pairs import TokenizedPair, make_batches, split_by_prompt, tokenize_pairs
 from tuneoff.errors import TuneoffError
-from tuneoff.losses import DPO_LOSSES, IGNORE, MEAN_LOGPS, implicit_rewards, selected_logprobs, shift_targets, sum_by_row
+from tuneoff.losses import (
+    DPO_LOSSES,
+    IGNORE,
+    MEAN_LOGPS,
+    implicit_rewards,
+    selected_logprobs,
+    shift_targets,
+    sum_by_row,
+)
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
 
-METRICS = ("loss", names.REWARDS_CHOSEN, names.REWARDS_REJECTED, names.REWARDS_ACCURACIES, names.REWARDS_MARGINS,
-           names.LOGPS_CHOSEN, names.LOGPS_REJECTED)
+METRICS = (
+    "loss",
+    names.REWARDS_CHOSEN,
+    names.REWARDS_REJECTED,
+    names.REWARDS_ACCURACIES,
+    names.REWARDS_MARGINS,
+    names.LOGPS_CHOSEN,
+    names.LOGPS_REJECTED,
+)
 """What pair_terms sums; logged as TRL names them (the loss as train/loss; held out with an eval/ prefix)."""
 
 
@@ -45,7 +60,9 @@ class SequenceLogProbs(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (2B, T, H)
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (2B, T, H)
         targets = shift_targets(labels)  # (2B, T)
         keep = targets != IGNORE
         per_token = selected_logprobs(head(hidden[keep]), targets[keep])  # (N,)
@@ -58,11 +75,22 @@ def pair_terms(logps, counts, ref_logps, config: DPOConfig) -> tuple[torch.Tenso
         logps, ref_logps = logps / counts.clamp(min=1), ref_logps / counts.clamp(min=1)
     pi_chosen, pi_rejected = logps.chunk(2)  # (B,), (B,)
     ref_chosen, ref_rejected = ref_logps.to(logps).chunk(2)
-    losses = DPO_LOSSES[config.loss_type](pi_chosen, pi_rejected, ref_chosen, ref_rejected, config.beta, config.label_smoothing)
+    losses = DPO_LOSSES[config.loss_type](
+        pi_chosen, pi_rejected, ref_chosen, ref_rejected, config.beta, config.label_smoothing
+    )
     reward_chosen = implicit_rewards(pi_chosen.detach(), ref_chosen, config.beta)  # (B,)
     reward_rejected = implicit_rewards(pi_rejected.detach(), ref_rejected, config.beta)
-    stats = torch.stack([losses.detach().sum(), reward_chosen.sum(), reward_rejected.sum(), (reward_chosen > reward_rejected).float().sum(),
-                         (reward_chosen - reward_rejected).sum(), pi_chosen.detach().sum(), pi_rejected.detach().sum()])
+    stats = torch.stack(
+        [
+            losses.detach().sum(),
+            reward_chosen.sum(),
+            reward_rejected.sum(),
+            (reward_chosen > reward_rejected).float().sum(),
+            (reward_chosen - reward_rejected).sum(),
+            pi_chosen.detach().sum(),
+            pi_rejected.detach().sum(),
+        ]
+    )
     return losses, stats
 
 
@@ -84,13 +112,20 @@ def reference_logps(model, pairs: list[TokenizedPair], config: DPOConfig, pad_id
     from accelerate.utils import gather_object
 
     scorer = SequenceLogProbs(model).to(accelerator.device).eval()
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected)))
+    order = sorted(
+        range(len(pairs)), key=lambda i: len(pairs[i].prompt) + max(len(pairs[i].chosen), len(pairs[i].rejected))
+    )
     batches = make_batches([pairs[i] for i in order], config.ref_batch_size, pad_id, 0, 0, shuffle=False)
     rows = []
     for index in range(accelerator.process_index, len(batches), accelerator.num_processes):
-        logps, _ = scorer(*(batches[index][k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels")))
+        logps, _ = scorer(
+            *(batches[index][k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels"))
+        )
         chosen, rejected = logps.cpu().chunk(2)
-        rows += [(order[index * config.ref_batch_size + i], c, r) for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))]
+        rows += [
+            (order[index * config.ref_batch_size + i], c, r)
+            for i, (c, r) in enumerate(zip(chosen.tolist(), rejected.tolist()))
+        ]
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     return torch.tensor([[c, r] for _, c, r in sorted(rows)], dtype=torch.float32)  # (N, 2)
 
@@ -102,13 +137,18 @@ def attach_reference(model, pairs: list[TokenizedPair], config: DPOConfig, pad_i
     from tuneoff.models.load import load_model
 
     ref_name = config.ref_model or config.model
-    identity = weights_identity(ref_name, not config.ref_model and (config.from_scratch or ref_name == "tiny"), config.seed)
+    identity = weights_identity(
+        ref_name, not config.ref_model and (config.from_scratch or ref_name == "tiny"), config.seed
+    )
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for p in pairs:
         digest.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())
     path = out / f"reference-logps-{digest.hexdigest()[:16]}.safetensors"
     if path.exists():
-        values, how = torch.stack([load_file(path)[k] for k in ("chosen", "rejected")], 1), f"reused from {path.name}"  # (N, 2)
+        values, how = (
+            torch.stack([load_file(path)[k] for k in ("chosen", "rejected")], 1),
+            f"reused from {path.name}",
+        )  # (N, 2)
     else:
         start = time.perf_counter()
         if config.ref_model:
@@ -120,7 +160,11 @@ def attach_reference(model, pairs: list[TokenizedPair], config: DPOConfig, pad_i
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             staging = path.with_suffix(".tmp")
-            save_file({"chosen": values[:, 0].contiguous(), "rejected": values[:, 1].contiguous()}, staging, metadata={"reference": ref_name})
+            save_file(
+                {"chosen": values[:, 0].contiguous(), "rejected": values[:, 1].contiguous()},
+                staging,
+                metadata={"reference": ref_name},
+            )
             staging.rename(path)  # atomic: a kill never leaves a half-written cache
         how = f"computed once for {len(pairs)} pairs in {time.perf_counter() - start:.1f} s, cached in {path.name}"
     for p, (chosen, rejected) in zip(pairs, values.tolist()):
@@ -148,8 +192,10 @@ def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
 
     tokenizer = load_tokenizer(config.model)
     if config.ref_model and load_tokenizer(config.ref_model).get_vocab() != tokenizer.get_vocab():
-        raise TuneoffError(f"ref_model {config.ref_model} has another tokenizer than model {config.model}: DPO compares "
-                           "their log-probs token by token")
+        raise TuneoffError(
+            f"ref_model {config.ref_model} has another tokenizer than model {config.model}: DPO compares "
+            "their log-probs token by token"
+        )
     limits = (tokenizer, config.max_length, config.max_prompt_length, config.overlong)
     train_pairs, summary = tokenize_pairs(config.data, *limits)
     if config.eval_data:
@@ -157,8 +203,12 @@ def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
     else:
         train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
     pad_id = tokenizer.pad_token_id
-    batches = loop.MicroBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
-                                math.ceil(len(train_pairs) / config.batch_size), config, accelerator)
+    batches = loop.MicroBatches(
+        lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+        math.ceil(len(train_pairs) / config.batch_size),
+        config,
+        accelerator,
+    )
     total = loop.total_steps(config, batches.steps_per_epoch)
     model = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
@@ -185,18 +235,32 @@ def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
         metrics = loop.optimizer_step(context, batches.next(), loss, counts, (names.LOSS, *METRICS[1:]))
         pairs, tokens, trained = metrics.pop("counts").tolist()
         speed = rates.add(pairs=int(pairs), tokens=int(tokens), trained=int(trained))
-        return {**metrics, names.PAIRS_PER_S: speed["pairs"], names.TOKENS_PER_S: speed["tokens"],
-                names.TRAINED_TOKENS_PER_S: speed["trained"], names.EPOCH: batches.epoch}
+        return {
+            **metrics,
+            names.PAIRS_PER_S: speed["pairs"],
+            names.TOKENS_PER_S: speed["tokens"],
+            names.TRAINED_TOKENS_PER_S: speed["trained"],
+            names.EPOCH: batches.epoch,
+        }
 
     micro = config.grad_accum * accelerator.num_processes
     return loop.Run(
-        "dpo", model, tokenizer, [SequenceLogProbs(model)], total, step,
-        evaluate=(lambda context: evaluate(context.modules[0], eval_batches, accelerator, config)) if eval_batches else None,
+        "dpo",
+        model,
+        tokenizer,
+        [SequenceLogProbs(model)],
+        total,
+        step,
+        evaluate=(lambda context: evaluate(context.modules[0], eval_batches, accelerator, config))
+        if eval_batches
+        else None,
         describe=f"{summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; {config.loss_type} loss, beta "
-                 f"{config.beta}; reference log-probs {reference}; {total} steps of {micro} micro-batches of "
-                 f"{config.batch_size} pairs",
-        state=batches.state, restore=batches.restore,
-        postfix={"loss": names.LOSS, "acc": names.REWARDS_ACCURACIES, "pairs_s": names.PAIRS_PER_S})
+        f"{config.beta}; reference log-probs {reference}; {total} steps of {micro} micro-batches of "
+        f"{config.batch_size} pairs",
+        state=batches.state,
+        restore=batches.restore,
+        postfix={"loss": names.LOSS, "acc": names.REWARDS_ACCURACIES, "pairs_s": names.PAIRS_PER_S},
+    )
 
 
 def train(config: DPOConfig) -> Path:

@@ -19,8 +19,17 @@ from tuneoff.config import GRPOConfig
 from tuneoff.losses import KL_ESTIMATORS, kl_k1, ppo_policy_loss
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
-from tuneoff.train.policy import (PolicyLogprobs, episode_metrics, gold_metrics, load_actors, minibatch_updates,
-                                  prompt_batch, sample_and_score, total_iterations, updates_per_iteration)
+from tuneoff.train.policy import (
+    PolicyLogprobs,
+    episode_metrics,
+    gold_metrics,
+    load_actors,
+    minibatch_updates,
+    prompt_batch,
+    sample_and_score,
+    total_iterations,
+    updates_per_iteration,
+)
 
 
 def sequence_advantages(scores: torch.Tensor, k: int, baseline: str, scale_rewards: bool) -> torch.Tensor:
@@ -44,8 +53,16 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
         iteration = context.step * context.world + accelerator.process_index
         index = [i for i in prompt_batch(len(actors.prompts.ids), groups, iteration, config.seed) for _ in range(k)]
         batch = sample_and_score(policy, tokenizer, actors.prompts, index, actors.scorer, config, context.device)
-        full_ids, full_mask, P, mask, old_logp = batch.full_ids, batch.full_mask, batch.prompt_len, batch.mask, batch.old_logp
-        advantages = sequence_advantages(batch.scores, k, config.baseline, config.scale_rewards)[:, None] * mask  # (B, R)
+        full_ids, full_mask, P, mask, old_logp = (
+            batch.full_ids,
+            batch.full_mask,
+            batch.prompt_len,
+            batch.mask,
+            batch.old_logp,
+        )
+        advantages = (
+            sequence_advantages(batch.scores, k, config.baseline, config.scale_rewards)[:, None] * mask
+        )  # (B, R)
         ref_logp = None
         if need_reference:
             with torch.inference_mode():
@@ -61,24 +78,41 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
             entropy_mean = masked_mean(entropy, m)
             loss = pg_loss + config.kl_coef * kl_loss - config.entropy_coef * entropy_mean
             accelerator.backward(loss / config.grad_accum)
-            return {names.POLICY_LOSS: pg_loss, names.KL_LOSS: kl_loss, names.CLIPFRAC: clipfrac,
-                    names.APPROX_KL: approx_kl, names.ENTROPY: entropy_mean.detach()}
+            return {
+                names.POLICY_LOSS: pg_loss,
+                names.KL_LOSS: kl_loss,
+                names.CLIPFRAC: clipfrac,
+                names.APPROX_KL: approx_kl,
+                names.ENTROPY: entropy_mean.detach(),
+            }
 
         updated = minibatch_updates(context, len(index), micro_step)
         episodes[0] += len(index) * context.world
 
         # 3. Metrics.
         seq_kl = float((kl_k1(old_logp, ref_logp) * mask).sum(-1).mean()) if need_reference else 0.0
-        return {names.OBJECTIVE_KL: seq_kl, names.SCORES_STD_IN_GROUP: float(batch.scores.view(-1, k).std(-1).mean()),
-                **updated, **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
-                **gold_metrics(actors, batch, context.step + 1, total, config.eval_every)}
+        return {
+            names.OBJECTIVE_KL: seq_kl,
+            names.SCORES_STD_IN_GROUP: float(batch.scores.view(-1, k).std(-1).mean()),
+            **updated,
+            **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
+            **gold_metrics(actors, batch, context.step + 1, total, config.eval_every),
+        }
 
     return loop.Run(
-        config.baseline, policy, tokenizer, [PolicyLogprobs(policy)], total, step,
-        updates_per_step=updates_per_iteration(config), finite=(names.POLICY_LOSS,), kl=names.OBJECTIVE_KL,
-        postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S})
+        config.baseline,
+        policy,
+        tokenizer,
+        [PolicyLogprobs(policy)],
+        total,
+        step,
+        updates_per_step=updates_per_iteration(config),
+        finite=(names.POLICY_LOSS,),
+        kl=names.OBJECTIVE_KL,
+        postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S},
+    )
 
 
 def train(config: GRPOConfig) -> Path:
     """Run GRPO or RLOO (config.baseline) as configured; returns the folder of the final model."""
-    return loop.run(config, setup, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")
+    return loop.run(config, setup, 'no prompts: pass --data FILE ({"prompt"} or {"messages"} records)')

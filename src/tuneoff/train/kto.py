@@ -27,8 +27,16 @@ from tuneoff.train import loop
 from tuneoff.train import metrics as names
 from tuneoff.train.dpo import SequenceLogProbs
 
-SUMS = ("loss", "desirable", "undesirable", "rewards_desirable", "rewards_undesirable", "logps_desirable",
-        "logps_undesirable", "kl")
+SUMS = (
+    "loss",
+    "desirable",
+    "undesirable",
+    "rewards_desirable",
+    "rewards_undesirable",
+    "logps_desirable",
+    "logps_undesirable",
+    "kl",
+)
 """What a micro-batch sums (the kl: z_0 times the micro-batch's examples)."""
 
 
@@ -43,8 +51,11 @@ def load_examples(path: str):
             pairs = load_preferences(path)
         except DataError:
             raise unpaired_error from None
-    return [UnpairedExample(p.prompt, response, label, p.where) for p in pairs
-            for response, label in ((p.chosen, True), (p.rejected, False))]
+    return [
+        UnpairedExample(p.prompt, response, label, p.where)
+        for p in pairs
+        for response, label in ((p.chosen, True), (p.rejected, False))
+    ]
 
 
 def make_batches(examples: list, config: KTOConfig, pad_id: int, epoch: int, shuffle: bool = True) -> list[dict]:
@@ -56,8 +67,10 @@ def make_batches(examples: list, config: KTOConfig, pad_id: int, epoch: int, shu
     for start in range(0, len(order), config.batch_size):
         chunk = [examples[i] for i in order[start : start + config.batch_size]]
         mismatched = [(e.prompt, chunk[(i + 1) % len(chunk)].completion) for i, e in enumerate(chunk)]
-        rows = [Tokenized(p + c[: config.max_length - len(p)], [IGNORE] * len(p) + c[: config.max_length - len(p)])
-                for p, c in [(e.prompt, e.completion) for e in chunk] + mismatched]
+        rows = [
+            Tokenized(p + c[: config.max_length - len(p)], [IGNORE] * len(p) + c[: config.max_length - len(p)])
+            for p, c in [(e.prompt, e.completion) for e in chunk] + mismatched
+        ]
         batch = pad_batch(rows, pad_id)  # (2B, T)
         batch["label"] = torch.tensor([e.label for e in chunk])  # (B,)
         batches.append(batch)
@@ -73,12 +86,23 @@ def batch_terms(scorer, reference, batch: dict, config: KTOConfig, accelerator) 
         policy_kl_logps, _ = scorer(*(t[B:] for t in inputs))  # (B,) the mismatched rows, no gradient
     z0 = kto_kl_from_sum(accelerator.reduce(kto_kl_sum(policy_kl_logps, ref_logps[B:]), "sum"))
     logps, _ = scorer(*(t[:B] for t in inputs))  # (B,)
-    losses, rewards = kto_loss(logps, ref_logps[:B], batch["label"], z0, config.beta, config.desirable_weight,
-                               config.undesirable_weight)
+    losses, rewards = kto_loss(
+        logps, ref_logps[:B], batch["label"], z0, config.beta, config.desirable_weight, config.undesirable_weight
+    )
     good, bad = batch["label"].float(), (~batch["label"]).float()
     logps = logps.detach()
-    stats = torch.stack([losses.detach().sum(), good.sum(), bad.sum(), (rewards * good).sum(), (rewards * bad).sum(),
-                         (logps * good).sum(), (logps * bad).sum(), z0 * B])
+    stats = torch.stack(
+        [
+            losses.detach().sum(),
+            good.sum(),
+            bad.sum(),
+            (rewards * good).sum(),
+            (rewards * bad).sum(),
+            (logps * good).sum(),
+            (logps * bad).sum(),
+            z0 * B,
+        ]
+    )
     return losses.sum(), stats
 
 
@@ -86,8 +110,10 @@ def named(sums: dict) -> dict:
     """Means per example (SUMS divided by the example count) -> TRL's metric names; a side the step did not see
     is left out rather than logged as 0."""
     out = {names.KL: sums["kl"]}
-    for side, count, reward, logp in (("desirable", sums["desirable"], names.REWARDS_CHOSEN, names.LOGPS_CHOSEN),
-                                      ("undesirable", sums["undesirable"], names.REWARDS_REJECTED, names.LOGPS_REJECTED)):
+    for side, count, reward, logp in (
+        ("desirable", sums["desirable"], names.REWARDS_CHOSEN, names.LOGPS_CHOSEN),
+        ("undesirable", sums["undesirable"], names.REWARDS_REJECTED, names.LOGPS_REJECTED),
+    ):
         if count > 0:
             out[reward], out[logp] = sums[f"rewards_{side}"] / count, sums[f"logps_{side}"] / count
     if names.REWARDS_CHOSEN in out and names.REWARDS_REJECTED in out:
@@ -121,14 +147,21 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
     if config.eval_data:
         eval_examples = tokenize_unpaired(load_examples(config.eval_data), *limits)
     else:
-        train_examples, eval_examples = split_by_prompt(train_examples, config.eval_fraction, config.seed,
-                                                        key=lambda e: tuple(e.prompt))
+        train_examples, eval_examples = split_by_prompt(
+            train_examples, config.eval_fraction, config.seed, key=lambda e: tuple(e.prompt)
+        )
     if len({e.label for e in train_examples}) < 2:
-        raise TuneoffError(f"{config.data}: KTO needs desirable and undesirable examples; all are "
-                           f"{'desirable' if train_examples[0].label else 'undesirable'}")
+        raise TuneoffError(
+            f"{config.data}: KTO needs desirable and undesirable examples; all are "
+            f"{'desirable' if train_examples[0].label else 'undesirable'}"
+        )
     pad_id = tokenizer.pad_token_id
-    batches = loop.MicroBatches(lambda epoch: make_batches(train_examples, config, pad_id, epoch),
-                                math.ceil(len(train_examples) / config.batch_size), config, accelerator)
+    batches = loop.MicroBatches(
+        lambda epoch: make_batches(train_examples, config, pad_id, epoch),
+        math.ceil(len(train_examples) / config.batch_size),
+        config,
+        accelerator,
+    )
     total = loop.total_steps(config, batches.steps_per_epoch)
     model = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
@@ -165,19 +198,33 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
         examples, tokens, trained = metrics.pop("counts").tolist()
         speed = rates.add(examples=int(examples), tokens=int(tokens), trained=int(trained))
         sums = {k: metrics.pop(k) for k in SUMS[1:]}
-        return {**metrics, **named(sums), names.EXAMPLES_PER_S: speed["examples"], names.TOKENS_PER_S: speed["tokens"],
-                names.TRAINED_TOKENS_PER_S: speed["trained"], names.EPOCH: batches.epoch}
+        return {
+            **metrics,
+            **named(sums),
+            names.EXAMPLES_PER_S: speed["examples"],
+            names.TOKENS_PER_S: speed["tokens"],
+            names.TRAINED_TOKENS_PER_S: speed["trained"],
+            names.EPOCH: batches.epoch,
+        }
 
     n_good = sum(e.label for e in train_examples)
     return loop.Run(
-        "kto", model, tokenizer, [policy_scorer], total, step,
+        "kto",
+        model,
+        tokenizer,
+        [policy_scorer],
+        total,
+        step,
         evaluate=(lambda context: evaluate(context.modules[0], reference, eval_batches, config, accelerator))
-        if eval_batches else None,
+        if eval_batches
+        else None,
         describe=f"{len(train_examples)} train ({n_good} desirable) / {len(eval_examples)} eval; beta {config.beta}; "
-                 f"{total} steps of {config.grad_accum * accelerator.num_processes} micro-batches of "
-                 f"{config.batch_size} examples",
-        state=batches.state, restore=batches.restore,
-        postfix={"loss": names.LOSS, "kl": names.KL, "ex_s": names.EXAMPLES_PER_S})
+        f"{total} steps of {config.grad_accum * accelerator.num_processes} micro-batches of "
+        f"{config.batch_size} examples",
+        state=batches.state,
+        restore=batches.restore,
+        postfix={"loss": names.LOSS, "kl": names.KL, "ex_s": names.EXAMPLES_PER_S},
+    )
 
 
 def train(config: KTOConfig) -> Path:

@@ -119,19 +119,31 @@ def run(config, setup: Callable, missing_data: str) -> Path:
         bar.update(1)
         bar.set_postfix({label: f"{metrics[key]:,.3g}" for label, key in method.postfix.items()}, refresh=False)
         if method.kl and metrics[method.kl] > config.kl_stop:
-            raise TuneoffError(f"KL(π‖π_ref) reached {metrics[method.kl]:.1f} nats at iteration {step}, above kl_stop "
-                               f"{config.kl_stop}; stopped. Last good checkpoint: {last_checkpoint(out)}")
+            raise TuneoffError(
+                f"KL(π‖π_ref) reached {metrics[method.kl]:.1f} nats at iteration {step}, above kl_stop "
+                f"{config.kl_stop}; stopped. Last good checkpoint: {last_checkpoint(out)}"
+            )
         if method.evaluate is not None and (step % config.eval_every == 0 or step == method.total_steps):
             held_out = method.evaluate(context)
             log.log(step, held_out)
             if is_main:
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items()
-                                                       if isinstance(v, float)))
+                bar.write(
+                    f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in held_out.items() if isinstance(v, float))
+                )
         if step % config.save_every == 0 or step == method.total_steps:
             accelerator.wait_for_everyone()
             if is_main:
-                common.save_checkpoint(out, step, method.model, method.tokenizer, optimizer, scheduler, method.state(),
-                                       config.keep_checkpoints, extra=method.tensors())
+                common.save_checkpoint(
+                    out,
+                    step,
+                    method.model,
+                    method.tokenizer,
+                    optimizer,
+                    scheduler,
+                    method.state(),
+                    config.keep_checkpoints,
+                    extra=method.tensors(),
+                )
     bar.close()
     accelerator.wait_for_everyone()
     final = out / "model"
@@ -150,7 +162,9 @@ def last_checkpoint(out: Path) -> str:
 
 def check_finite(name: str, value: float, step: int, out: Path) -> None:
     if not math.isfinite(value):
-        raise TuneoffError(f"{name} became {value} at step {step}; stopped. Last good checkpoint: {last_checkpoint(out)}")
+        raise TuneoffError(
+            f"{name} became {value} at step {step}; stopped. Last good checkpoint: {last_checkpoint(out)}"
+        )
 
 
 def total_steps(config, steps_per_epoch: float) -> int:
@@ -171,8 +185,9 @@ class MicroBatches:
         self.config, self.accelerator, self.world = config, accelerator, accelerator.num_processes
         self.steps_per_epoch = count // (config.grad_accum * self.world)
         if self.steps_per_epoch < 1:
-            raise TuneoffError(f"{count} micro-batches are fewer than grad_accum × processes = "
-                               f"{config.grad_accum * self.world}")
+            raise TuneoffError(
+                f"{count} micro-batches are fewer than grad_accum × processes = {config.grad_accum * self.world}"
+            )
         self.per_epoch = self.steps_per_epoch * config.grad_accum * self.world
         self.batches = common.EpochBatches(make, self.per_epoch)
         self.cursor = 0

@@ -63,47 +63,126 @@ def _critic_free_flops(n: int, config) -> float:
 
 
 _SETTINGS = " Every field below can be set in the --config YAML (same names) or as a flag; flags win."
-_RL = (names.OBJECTIVE_KL, names.SCORES, names.ENTROPY, names.POLICY_LOSS, names.CLIPFRAC, names.APPROX_KL,
-       names.EPISODE_LENGTH, names.EPISODE_ENDED, names.EPISODES_PER_S, names.GOLD, names.GOLD_P)
-_PREFERENCE = (names.REWARDS_CHOSEN, names.REWARDS_REJECTED, names.REWARDS_MARGINS, names.LOGPS_CHOSEN,
-               names.LOGPS_REJECTED)
-_CRITIC_FREE = ("GRPO (Shao et al. 2024): advantages = (r - group mean) / group std",
-                "RLOO (Ahmadian et al. 2024): advantages = r - mean of the other k-1 samples")
+_RL = (
+    names.OBJECTIVE_KL,
+    names.SCORES,
+    names.ENTROPY,
+    names.POLICY_LOSS,
+    names.CLIPFRAC,
+    names.APPROX_KL,
+    names.EPISODE_LENGTH,
+    names.EPISODE_ENDED,
+    names.EPISODES_PER_S,
+    names.GOLD,
+    names.GOLD_P,
+)
+_PREFERENCE = (
+    names.REWARDS_CHOSEN,
+    names.REWARDS_REJECTED,
+    names.REWARDS_MARGINS,
+    names.LOGPS_CHOSEN,
+    names.LOGPS_REJECTED,
+)
+_CRITIC_FREE = (
+    "GRPO (Shao et al. 2024): advantages = (r - group mean) / group std",
+    "RLOO (Ahmadian et al. 2024): advantages = r - mean of the other k-1 samples",
+)
 
-METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("sft", configs.SFTConfig, "sft", "supervised fine-tuning (or pretraining on {text} records)",
-           "Supervised fine-tuning: next-token loss on completion/assistant tokens." + _SETTINGS, "sft",
-           metrics=(names.LOSS, names.TOKENS_PER_S, names.TRAINED_TOKENS_PER_S, names.EVAL_LOSS, names.EVAL_PERPLEXITY)),
-    Method("rm", configs.RMConfig, "reward", "train a reward model on preference pairs (Bradley-Terry)",
-           "Reward model: a scalar head on a causal LM, trained with the Bradley-Terry loss -log sigmoid(r_chosen - "
-           "r_rejected - margin); held-out pairwise accuracy, calibration (ECE) and a length-bias probe. --data default "
-           "trains on the default task (review-gpt continuations judged by simulated annotators, evaluated against the "
-           "gold judge)." + _SETTINGS, "pairs", arm=False,
-           metrics=(names.LOSS, names.ACCURACY, names.PAIRS_PER_S, names.EVAL_ACCURACY, names.EVAL_ECE)),
-    Method("dpo", configs.DPOConfig, "dpo", "direct preference optimisation (DPO or IPO) on preference pairs",
-           "DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) on {prompt, chosen, rejected} pairs: the reference "
-           "model's log-probs are computed once and cached in --out; TRL-named metrics (rewards/chosen, "
-           "rewards/accuracies, rewards/margins, logps/chosen...). --data default trains on the default task's pairs."
-           + _SETTINGS, "pairs", metrics=(names.LOSS, names.REWARDS_ACCURACIES, *_PREFERENCE, names.PAIRS_PER_S)),
-    Method("kto", configs.KTOConfig, "kto", "KTO on unpaired data: completions labelled desirable or not",
-           "KTO (Ethayarajh et al. 2024) on {prompt, completion, label: true|false} records (TRL's unpaired format, "
-           "also with message lists) or on preference pairs, unpaired: per-example loss against a reference point "
-           "z_0 = KL(pi||pi_ref) from mismatched pairs; TRL-named metrics (rewards/chosen, rewards/rejected, kl...). "
-           "--data default trains on the default task's pairs, unpaired." + _SETTINGS, "unpaired",
-           metrics=(names.LOSS, *_PREFERENCE, names.KL, names.EXAMPLES_PER_S)),
-    Method("ppo", configs.PPOConfig, "ppo", "RLHF with PPO and a KL penalty against a reward model",
-           "PPO (Ziegler 2019; Stiennon 2020; Ouyang 2022): sample responses to --data prompts, score them with "
-           "--reward-model (a `tuneoff rm` folder, or gold), per-token reward -beta*KL + score, GAE, clipped policy "
-           "and value losses, adaptive KL; PPO-ptx with --ptx-data and --ptx-coef. --max-steps counts iterations."
-           + _SETTINGS, "prompts", online=True, flops_per_token=_ppo_flops,
-           metrics=(*_RL, names.RLHF_REWARD, names.KL_COEF, names.VALUE_LOSS, names.VALUE_CLIPFRAC, names.RATIO,
-                    names.PTX_LOSS)),
-    *(Method(verb, configs.GRPOConfig, "grpo", f"critic-free RLHF: {verb.upper()}",
-             f"{paper}; k = --num-generations samples per prompt, clipped ratio, beta*KL(k3) to the reference. "
-             "--max-steps counts iterations." + _SETTINGS, "prompts", online=True, flops_per_token=_critic_free_flops,
-             metrics=(*_RL, names.KL_LOSS, names.SCORES_STD_IN_GROUP), fixed={"baseline": verb})
-      for verb, paper in zip(("grpo", "rloo"), _CRITIC_FREE)),
-)}
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "sft",
+            configs.SFTConfig,
+            "sft",
+            "supervised fine-tuning (or pretraining on {text} records)",
+            "Supervised fine-tuning: next-token loss on completion/assistant tokens." + _SETTINGS,
+            "sft",
+            metrics=(
+                names.LOSS,
+                names.TOKENS_PER_S,
+                names.TRAINED_TOKENS_PER_S,
+                names.EVAL_LOSS,
+                names.EVAL_PERPLEXITY,
+            ),
+        ),
+        Method(
+            "rm",
+            configs.RMConfig,
+            "reward",
+            "train a reward model on preference pairs (Bradley-Terry)",
+            "Reward model: a scalar head on a causal LM, trained with the Bradley-Terry loss -log sigmoid(r_chosen - "
+            "r_rejected - margin); held-out pairwise accuracy, calibration (ECE) and a length-bias probe. --data default "
+            "trains on the default task (review-gpt continuations judged by simulated annotators, evaluated against the "
+            "gold judge)." + _SETTINGS,
+            "pairs",
+            arm=False,
+            metrics=(names.LOSS, names.ACCURACY, names.PAIRS_PER_S, names.EVAL_ACCURACY, names.EVAL_ECE),
+        ),
+        Method(
+            "dpo",
+            configs.DPOConfig,
+            "dpo",
+            "direct preference optimisation (DPO or IPO) on preference pairs",
+            "DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023) on {prompt, chosen, rejected} pairs: the reference "
+            "model's log-probs are computed once and cached in --out; TRL-named metrics (rewards/chosen, "
+            "rewards/accuracies, rewards/margins, logps/chosen...). --data default trains on the default task's pairs."
+            + _SETTINGS,
+            "pairs",
+            metrics=(names.LOSS, names.REWARDS_ACCURACIES, *_PREFERENCE, names.PAIRS_PER_S),
+        ),
+        Method(
+            "kto",
+            configs.KTOConfig,
+            "kto",
+            "KTO on unpaired data: completions labelled desirable or not",
+            "KTO (Ethayarajh et al. 2024) on {prompt, completion, label: true|false} records (TRL's unpaired format, "
+            "also with message lists) or on preference pairs, unpaired: per-example loss against a reference point "
+            "z_0 = KL(pi||pi_ref) from mismatched pairs; TRL-named metrics (rewards/chosen, rewards/rejected, kl...). "
+            "--data default trains on the default task's pairs, unpaired." + _SETTINGS,
+            "unpaired",
+            metrics=(names.LOSS, *_PREFERENCE, names.KL, names.EXAMPLES_PER_S),
+        ),
+        Method(
+            "ppo",
+            configs.PPOConfig,
+            "ppo",
+            "RLHF with PPO and a KL penalty against a reward model",
+            "PPO (Ziegler 2019; Stiennon 2020; Ouyang 2022): sample responses to --data prompts, score them with "
+            "--reward-model (a `tuneoff rm` folder, or gold), per-token reward -beta*KL + score, GAE, clipped policy "
+            "and value losses, adaptive KL; PPO-ptx with --ptx-data and --ptx-coef. --max-steps counts iterations."
+            + _SETTINGS,
+            "prompts",
+            online=True,
+            flops_per_token=_ppo_flops,
+            metrics=(
+                *_RL,
+                names.RLHF_REWARD,
+                names.KL_COEF,
+                names.VALUE_LOSS,
+                names.VALUE_CLIPFRAC,
+                names.RATIO,
+                names.PTX_LOSS,
+            ),
+        ),
+        *(
+            Method(
+                verb,
+                configs.GRPOConfig,
+                "grpo",
+                f"critic-free RLHF: {verb.upper()}",
+                f"{paper}; k = --num-generations samples per prompt, clipped ratio, beta*KL(k3) to the reference. "
+                "--max-steps counts iterations." + _SETTINGS,
+                "prompts",
+                online=True,
+                flops_per_token=_critic_free_flops,
+                metrics=(*_RL, names.KL_LOSS, names.SCORES_STD_IN_GROUP),
+                fixed={"baseline": verb},
+            )
+            for verb, paper in zip(("grpo", "rloo"), _CRITIC_FREE)
+        ),
+    )
+}
 """name -> Method, in the order the CLI lists them."""
 
 ARM_METHODS = ("base", *(name for name, m in METHODS.items() if m.arm))

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneoff.errors import TuneoffError
-from tuneoff.models.heads import disable_dropout, position_ids_from_mask
+from tuneoff.models.heads import disable_dropout
 from tuneoff.train import metrics as names
-
 
 # ---------------------------------------------------------------- prompts
 
@@ -56,7 +54,9 @@ def prompt_batch(n_prompts: int, batch: int, iteration: int, seed: int) -> list[
 # ---------------------------------------------------------------- log-probs of responses
 
 
-def pack_rows(full_ids: torch.Tensor, full_mask: torch.Tensor, pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pack_rows(
+    full_ids: torch.Tensor, full_mask: torch.Tensor, pad_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The real tokens of each (B, T) row (one contiguous run: left padding, then prompt and response, then
     masked-out tail) laid end to end into packed rows, padding-free, by first-fit-decreasing bins.
 
@@ -71,7 +71,9 @@ def pack_rows(full_ids: torch.Tensor, full_mask: torch.Tensor, pad_id: int | Non
     first = real.int().argmax(-1)  # (B,) first real column
     column = torch.arange(T, device=full_mask.device)
     if not bool((real == ((column >= first[:, None]) & (column < (first + lengths)[:, None]))).all()):
-        raise ValueError("each row's real tokens must be one contiguous run (left padding, prompt, response, masked tail)")
+        raise ValueError(
+            "each row's real tokens must be one contiguous run (left padding, prompt, response, masked tail)"
+        )
     if not bool((lengths > 0).all()):
         raise ValueError("a row has no real token")
     sequences = [Tokenized([0] * int(n), []) for n in lengths]
@@ -95,8 +97,15 @@ def pack_rows(full_ids: torch.Tensor, full_mask: torch.Tensor, pad_id: int | Non
     return ids.to(full_ids.device), positions.to(full_ids.device), where
 
 
-def response_logprobs(model, full_ids: torch.Tensor, full_mask: torch.Tensor, prompt_len: int, response_mask: torch.Tensor,
-                      temperature: float, with_entropy: bool = False):
+def response_logprobs(
+    model,
+    full_ids: torch.Tensor,
+    full_mask: torch.Tensor,
+    prompt_len: int,
+    response_mask: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+):
     """log π(y_t | x, y_<t) of the response tokens, and optionally the entropy of π at those positions.
 
     full_ids, full_mask: (B, P + R) left-padded prompt then response; response_mask: (B, R).
@@ -166,8 +175,16 @@ def sample_and_score(model, tokenizer, prompts: EncodedPrompts, index: list[int]
     prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in index], tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
-    rollout = generate(model, prompt_ids.to(device), prompt_mask.to(device), config.max_new_tokens,
-                       tokenizer.eos_token_id, tokenizer.pad_token_id, config.temperature, config.top_p)
+    rollout = generate(
+        model,
+        prompt_ids.to(device),
+        prompt_mask.to(device),
+        config.max_new_tokens,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        config.temperature,
+        config.top_p,
+    )
     model.train(was_training)
     shown = rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
     responses = tokenizer.batch_decode(shown, skip_special_tokens=True)
@@ -176,8 +193,18 @@ def sample_and_score(model, tokenizer, prompts: EncodedPrompts, index: list[int]
     scores, mask = apply_truncation(raw_scores, rollout.ended, rollout.response_mask, config)
     full_ids, _ = rollout.full()
     full_mask = torch.cat([rollout.prompt_mask, mask], 1)
-    return Episodes(full_ids, full_mask, prompt_ids.shape[1], mask, rollout.logprobs * mask, raw_scores, scores,
-                    rollout.ended, prompt_texts, responses)
+    return Episodes(
+        full_ids,
+        full_mask,
+        prompt_ids.shape[1],
+        mask,
+        rollout.logprobs * mask,
+        raw_scores,
+        scores,
+        rollout.ended,
+        prompt_texts,
+        responses,
+    )
 
 
 # ---------------------------------------------------------------- KL coefficient
@@ -213,13 +240,22 @@ class PolicyLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, full_ids=None, full_mask=None, prompt_len: int = 0, response_mask=None, temperature: float = 1.0,
-                sft_batch: dict | None = None):
+    def forward(
+        self,
+        full_ids=None,
+        full_mask=None,
+        prompt_len: int = 0,
+        response_mask=None,
+        temperature: float = 1.0,
+        sft_batch: dict | None = None,
+    ):
         if sft_batch is not None:
             from tuneoff.train.sft import TokenLoss
 
             return TokenLoss(self.model)(**sft_batch)
-        return response_logprobs(self.model, full_ids, full_mask, prompt_len, response_mask, temperature, with_entropy=True)
+        return response_logprobs(
+            self.model, full_ids, full_mask, prompt_len, response_mask, temperature, with_entropy=True
+        )
 
 
 @dataclass
@@ -270,7 +306,11 @@ def load_actors(config, with_reference: bool = True, on_policy: Callable | None 
 
 
 def total_iterations(config, prompts_per_iteration: int, n_prompts: int) -> int:
-    return config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.epochs * n_prompts / prompts_per_iteration))
+    return (
+        config.max_steps
+        if config.max_steps > 0
+        else max(1, math.ceil(config.epochs * n_prompts / prompts_per_iteration))
+    )
 
 
 def updates_per_iteration(config) -> int:
@@ -307,9 +347,13 @@ def minibatch_updates(context, n_episodes: int, micro_step: Callable, after_mini
 
 
 def episode_metrics(batch: Episodes, context, episodes_per_s: float) -> dict:
-    return {names.SCORES: float(batch.raw_scores.mean()), names.EPISODE_LENGTH: float(batch.mask.sum(-1).float().mean()),
-            names.EPISODE_ENDED: float(batch.ended.float().mean()), names.EPISODES_PER_S: episodes_per_s,
-            names.LR: context.scheduler.get_last_lr()[0]}
+    return {
+        names.SCORES: float(batch.raw_scores.mean()),
+        names.EPISODE_LENGTH: float(batch.mask.sum(-1).float().mean()),
+        names.EPISODE_ENDED: float(batch.ended.float().mean()),
+        names.EPISODES_PER_S: episodes_per_s,
+        names.LR: context.scheduler.get_last_lr()[0],
+    }
 
 
 def gold_metrics(actors: Actors, batch: Episodes, iteration: int, total: int, every: int) -> dict:

@@ -25,9 +25,20 @@ from tuneoff.config import PPOConfig
 from tuneoff.losses import KL_ESTIMATORS, ppo_policy_loss, ppo_value_loss
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
-from tuneoff.train.policy import (AdaptiveKL, FixedKL, PolicyLogprobs, episode_metrics, gold_metrics, load_actors,
-                                  minibatch_updates, position_ids_from_mask, prompt_batch, sample_and_score,
-                                  total_iterations, updates_per_iteration)
+from tuneoff.train.policy import (
+    AdaptiveKL,
+    FixedKL,
+    PolicyLogprobs,
+    episode_metrics,
+    gold_metrics,
+    load_actors,
+    minibatch_updates,
+    position_ids_from_mask,
+    prompt_batch,
+    sample_and_score,
+    total_iterations,
+    updates_per_iteration,
+)
 
 
 class Critic(torch.nn.Module):
@@ -41,8 +52,12 @@ class Critic(torch.nn.Module):
         torch.nn.init.zeros_(self.head.bias)
 
     def forward(self, full_ids, full_mask, prompt_len: int):
-        hidden = self.backbone(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask),
-                               use_cache=False).last_hidden_state  # (B, P + R, H)
+        hidden = self.backbone(
+            input_ids=full_ids,
+            attention_mask=full_mask,
+            position_ids=position_ids_from_mask(full_mask),
+            use_cache=False,
+        ).last_hidden_state  # (B, P + R, H)
         return self.head(hidden[:, prompt_len - 1 : -1]).squeeze(-1).float()  # (B, R)
 
 
@@ -75,7 +90,11 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
     ptx = ptx_batches(config, tokenizer, accelerator) if config.ptx_coef > 0 else None
     total = total_iterations(config, config.rollout_batch, len(actors.prompts.ids))
     updates = updates_per_iteration(config)
-    kl_control = AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon) if config.adaptive_kl else FixedKL(config.kl_coef)
+    kl_control = (
+        AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.adaptive_kl
+        else FixedKL(config.kl_coef)
+    )
     started, episodes = time.perf_counter(), [0]
 
     def step(context: loop.Context) -> dict:
@@ -84,7 +103,13 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         iteration = context.step * context.world + accelerator.process_index
         index = prompt_batch(len(actors.prompts.ids), config.rollout_batch, iteration, config.seed)
         batch = sample_and_score(policy, tokenizer, actors.prompts, index, actors.scorer, config, context.device)
-        full_ids, full_mask, P, mask, old_logp = batch.full_ids, batch.full_mask, batch.prompt_len, batch.mask, batch.old_logp
+        full_ids, full_mask, P, mask, old_logp = (
+            batch.full_ids,
+            batch.full_mask,
+            batch.prompt_len,
+            batch.mask,
+            batch.old_logp,
+        )
         with torch.inference_mode():
             ref_logp = actors.reference_logprobs(full_ids, full_mask, P, mask, config.temperature)  # (B, R)
             old_values = critic_module(full_ids, full_mask, P) * mask  # (B, R)
@@ -105,9 +130,15 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_mean
             accelerator.backward(loss / config.grad_accum)
             ratio = masked_mean((logp - old_logp[rows]).exp(), m)
-            return {names.POLICY_LOSS: pg_loss, names.VALUE_LOSS: vf_loss, names.CLIPFRAC: clipfrac,
-                    names.VALUE_CLIPFRAC: vclipfrac, names.APPROX_KL: approx_kl, names.RATIO: ratio,
-                    names.ENTROPY: entropy_mean.detach()}
+            return {
+                names.POLICY_LOSS: pg_loss,
+                names.VALUE_LOSS: vf_loss,
+                names.CLIPFRAC: clipfrac,
+                names.VALUE_CLIPFRAC: vclipfrac,
+                names.APPROX_KL: approx_kl,
+                names.RATIO: ratio,
+                names.ENTROPY: entropy_mean.detach(),
+            }
 
         done = [0]
 
@@ -124,10 +155,14 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         # 3. Metrics and KL control.
         seq_kl = float(kl.sum(-1).mean())
         kl_control.update(seq_kl, config.rollout_batch)
-        return {names.OBJECTIVE_KL: seq_kl, names.RLHF_REWARD: float((batch.scores - kl_control.value * kl.sum(-1)).mean()),
-                names.KL_COEF: kl_control.value, **updated,
-                **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
-                **gold_metrics(actors, batch, context.step + 1, total, config.eval_every)}
+        return {
+            names.OBJECTIVE_KL: seq_kl,
+            names.RLHF_REWARD: float((batch.scores - kl_control.value * kl.sum(-1)).mean()),
+            names.KL_COEF: kl_control.value,
+            **updated,
+            **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
+            **gold_metrics(actors, batch, context.step + 1, total, config.eval_every),
+        }
 
     def restore(state: dict, folder: Path) -> None:
         from safetensors.torch import load_file
@@ -136,12 +171,22 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         kl_control.value = state["kl_coef"]
 
     return loop.Run(
-        "ppo", policy, tokenizer, [PolicyLogprobs(policy), critic], total, step, updates_per_step=updates,
-        state=lambda: {"kl_coef": kl_control.value}, restore=restore, tensors=lambda: {"critic": critic.state_dict()},
-        finite=(names.OBJECTIVE_KL, names.POLICY_LOSS), kl=names.OBJECTIVE_KL,
-        postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S})
+        "ppo",
+        policy,
+        tokenizer,
+        [PolicyLogprobs(policy), critic],
+        total,
+        step,
+        updates_per_step=updates,
+        state=lambda: {"kl_coef": kl_control.value},
+        restore=restore,
+        tensors=lambda: {"critic": critic.state_dict()},
+        finite=(names.OBJECTIVE_KL, names.POLICY_LOSS),
+        kl=names.OBJECTIVE_KL,
+        postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S},
+    )
 
 
 def train(config: PPOConfig) -> Path:
     """Run PPO as configured; returns the folder of the final model."""
-    return loop.run(config, setup, "no prompts: pass --data FILE ({\"prompt\"} or {\"messages\"} records)")
+    return loop.run(config, setup, 'no prompts: pass --data FILE ({"prompt"} or {"messages"} records)')

@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import RMConfig
+from tuneoff.data.grouped import pack
 from tuneoff.data.pairs import split_by_prompt
 from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import bradley_terry_loss
-from tuneoff.data.grouped import pack
 from tuneoff.train import loop
 from tuneoff.train.metrics import ACCURACY, EPOCH, EVAL_REWARD_MEAN, EVAL_REWARD_STD, LOSS, PAIRS_PER_S
 
@@ -49,7 +49,12 @@ def read_margins(path: str, field: str, count: int) -> list[float]:
     for number, row in read_rows(path):
         value = row.get(field)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DataError(path, position_label(path, number), field, f"expected a finite number (the pair's margin), got {value!r}")
+            raise DataError(
+                path,
+                position_label(path, number),
+                field,
+                f"expected a finite number (the pair's margin), got {value!r}",
+            )
         margins.append(float(value))
     assert len(margins) == count, "read_rows and load_preferences disagree on the number of records"
     return margins
@@ -64,17 +69,27 @@ def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[Tokeniz
     margins = read_margins(path, config.margin_field, len(pairs)) if config.margin_field else [0.0] * len(pairs)
     out, truncated, dropped = [], 0, []
     for pair, margin in zip(pairs, margins):
-        (chosen, n_chosen), (rejected, n_rejected) = (encode_response(tokenizer, pair.prompt, r) for r in (pair.chosen, pair.rejected))
+        (chosen, n_chosen), (rejected, n_rejected) = (
+            encode_response(tokenizer, pair.prompt, r) for r in (pair.chosen, pair.rejected)
+        )
         longest = max(len(chosen), len(rejected))
         if longest > config.max_length:
             if config.overlong == "error":
                 file, _, line = pair.where.rpartition(":")
-                raise DataError(file or pair.where, line or None, None,
-                                f"pair is {longest} tokens, over max_length {config.max_length} (set --overlong truncate or drop)")
+                raise DataError(
+                    file or pair.where,
+                    line or None,
+                    None,
+                    f"pair is {longest} tokens, over max_length {config.max_length} (set --overlong truncate or drop)",
+                )
             if config.overlong == "drop":
                 dropped.append(f"{pair.where} ({longest} tokens)")
                 continue
-            chosen, rejected, truncated = fit_left(chosen, config.max_length), fit_left(rejected, config.max_length), truncated + 1
+            chosen, rejected, truncated = (
+                fit_left(chosen, config.max_length),
+                fit_left(rejected, config.max_length),
+                truncated + 1,
+            )
         prompt = pair.prompt if isinstance(pair.prompt, str) else json.dumps([[m.role, m.content] for m in pair.prompt])
         out.append(TokenizedPair(chosen, rejected, n_chosen, n_rejected, config.margin + margin, prompt))
     summary = f"{len(out)} pairs" + (f", {truncated} truncated to max_length" if truncated else "")
@@ -84,7 +99,9 @@ def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[Tokeniz
     return out, summary
 
 
-def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True) -> list[dict]:
+def make_batches(
+    pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[dict]:
     """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt next to each other.
 
     The order is a seeded permutation of the pairs, then stably grouped by prompt (each prompt where its first
@@ -94,7 +111,11 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
     sequences and, per pair, the index of its chosen and its rejected one."""
     from tuneoff.models.heads import pad_right
 
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist() if shuffle else list(range(len(pairs)))
+    order = (
+        torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        if shuffle
+        else list(range(len(pairs)))
+    )
     first: dict[str, int] = {}
     for i in order:
         first.setdefault(pairs[i].prompt, len(first))
@@ -115,11 +136,17 @@ def make_batches(pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed:
                     members[p.prompt].append(index[tokens])
         sequences = [list(t) for t in index]
         input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
-        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, **pack(sequences, [m for m in members.values() if m], pad_id),
-                        "chosen_index": torch.tensor([index[tuple(p.chosen)] for p in chunk]),  # (B,)
-                        "rejected_index": torch.tensor([index[tuple(p.rejected)] for p in chunk]),  # (B,)
-                        "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
-                        "length": torch.tensor([p.chosen_length for p in chunk] + [p.rejected_length for p in chunk])})  # (2B,)
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                **pack(sequences, [m for m in members.values() if m], pad_id),
+                "chosen_index": torch.tensor([index[tuple(p.chosen)] for p in chunk]),  # (B,)
+                "rejected_index": torch.tensor([index[tuple(p.rejected)] for p in chunk]),  # (B,)
+                "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
+                "length": torch.tensor([p.chosen_length for p in chunk] + [p.rejected_length for p in chunk]),
+            }
+        )  # (2B,)
     return batches
 
 
@@ -130,8 +157,14 @@ def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     count = batch["input_ids"].shape[0]
     module = getattr(model, "module", model)  # DDP wraps the reward model; its forward is the padded one
     if module is model:
-        rewards = model.forward_packed(batch["packed_ids"], batch["packed_positions"], batch["token_index"], batch["segments"], count,
-                                       batch["packed_mask"])  # (U,)
+        rewards = model.forward_packed(
+            batch["packed_ids"],
+            batch["packed_positions"],
+            batch["token_index"],
+            batch["segments"],
+            count,
+            batch["packed_mask"],
+        )  # (U,)
     else:
         rewards = model(batch["input_ids"], batch["attention_mask"])  # (U,)
     return rewards.index_select(0, batch["chosen_index"]), rewards.index_select(0, batch["rejected_index"])
@@ -149,7 +182,15 @@ def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
     for batch in batches[accelerator.process_index :: accelerator.num_processes]:
         r_chosen, r_rejected = pair_rewards(model, {k: v.to(accelerator.device) for k, v in batch.items()})
         length_chosen, length_rejected = batch["length"].chunk(2)
-        rows += list(zip(r_chosen.tolist(), r_rejected.tolist(), length_chosen.tolist(), length_rejected.tolist(), batch["margin"].tolist()))
+        rows += list(
+            zip(
+                r_chosen.tolist(),
+                r_rejected.tolist(),
+                length_chosen.tolist(),
+                length_rejected.tolist(),
+                batch["margin"].tolist(),
+            )
+        )
     model.train()
     rows = gather_object(rows) if accelerator.num_processes > 1 else rows
     columns = torch.tensor(rows, dtype=torch.float64).T  # (5, N)
@@ -166,7 +207,9 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
     if config.eval_data:
         eval_pairs, _ = tokenize_pairs(config.eval_data, tokenizer, config)
     else:
-        train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed, key=lambda p: p.prompt)
+        train_pairs, eval_pairs = split_by_prompt(
+            train_pairs, config.eval_fraction, config.seed, key=lambda p: p.prompt
+        )
     lm = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
         disable_dropout(lm)
@@ -174,8 +217,12 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
         lm = apply_lora(lm, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     reward_model = RewardModel(lm, pooling=config.pooling)  # the head sits outside peft: it trains with or without LoRA
     pad_id = tokenizer.pad_token_id
-    batches = loop.MicroBatches(lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
-                                math.ceil(len(train_pairs) / config.batch_size), config, accelerator)
+    batches = loop.MicroBatches(
+        lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+        math.ceil(len(train_pairs) / config.batch_size),
+        config,
+        accelerator,
+    )
     eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False) if eval_pairs else []
     total = loop.total_steps(config, batches.steps_per_epoch)
     reward_model.train()  # from_pretrained leaves it in eval mode (dropout, if not disabled, as its config says)
@@ -187,8 +234,9 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
             loss_sum = bradley_terry_loss(r_chosen, r_rejected, batch["margin"]) * len(r_chosen)
             return loss_sum, torch.stack([loss_sum.detach(), (r_chosen > r_rejected).sum().float()])
 
-        metrics = loop.optimizer_step(context, batches.next(), loss, lambda b: b["margin"].new_tensor([len(b["margin"])]),
-                                      (LOSS, ACCURACY))
+        metrics = loop.optimizer_step(
+            context, batches.next(), loss, lambda b: b["margin"].new_tensor([len(b["margin"])]), (LOSS, ACCURACY)
+        )
         speed = rates.add(pairs=int(metrics.pop("counts")[0].item()))
         return {**metrics, PAIRS_PER_S: speed["pairs"], EPOCH: batches.epoch}
 
@@ -212,11 +260,21 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
 
     micro = config.grad_accum * accelerator.num_processes
     return loop.Run(
-        "rm", reward_model, tokenizer, [reward_model], total, step,
-        evaluate=evaluate_now if eval_batches else None, weights=reward_model.model,
+        "rm",
+        reward_model,
+        tokenizer,
+        [reward_model],
+        total,
+        step,
+        evaluate=evaluate_now if eval_batches else None,
+        weights=reward_model.model,
         describe=f"{summary}; {len(train_pairs)} train / {len(eval_pairs)} eval; "
-                 f"{total} steps of {micro} micro-batches of {config.batch_size} pairs",
-        state=batches.state, restore=restore, save=save, postfix={"loss": LOSS, "acc": ACCURACY, "pairs_s": PAIRS_PER_S})
+        f"{total} steps of {micro} micro-batches of {config.batch_size} pairs",
+        state=batches.state,
+        restore=restore,
+        save=save,
+        postfix={"loss": LOSS, "acc": ACCURACY, "pairs_s": PAIRS_PER_S},
+    )
 
 
 def train(config: RMConfig) -> Path:

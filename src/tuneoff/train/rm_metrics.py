@@ -59,8 +59,9 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((dx * dy).sum() / denominator) if denominator > 0 else float("nan")
 
 
-def length_bias(r_chosen: torch.Tensor, r_rejected: torch.Tensor, length_chosen: torch.Tensor,
-                length_rejected: torch.Tensor) -> dict[str, float]:
+def length_bias(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, length_chosen: torch.Tensor, length_rejected: torch.Tensor
+) -> dict[str, float]:
     """The length-bias probe. All inputs (N,); lengths in tokens.
 
     length_corr: Pearson correlation of reward with length over all 2N responses;
@@ -78,9 +79,14 @@ def length_bias(r_chosen: torch.Tensor, r_rejected: torch.Tensor, length_chosen:
     }
 
 
-def reward_model_metrics(r_chosen: torch.Tensor, r_rejected: torch.Tensor, length_chosen: torch.Tensor,
-                         length_rejected: torch.Tensor, margin: torch.Tensor | float | None = None,
-                         bins: int = 10) -> dict[str, float]:
+def reward_model_metrics(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    length_chosen: torch.Tensor,
+    length_rejected: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    bins: int = 10,
+) -> dict[str, float]:
     """Every held-out metric of a reward model, keyed as logged (without the ``eval/`` prefix)."""
     from tuneoff.losses import bradley_terry_loss
 

@@ -32,8 +32,9 @@ class TokenLoss(torch.nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, num_tokens=None):
         decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False).last_hidden_state  # (B, T, H)
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state  # (B, T, H)
         targets = shift_targets(labels)  # (B, T)
         keep = (targets != IGNORE).view(-1).nonzero().squeeze(-1)  # (N,) flat positions with a target
         # index_select, not a boolean mask: its backward (index_add) is many times faster on a CPU than index_put
@@ -58,8 +59,16 @@ def split(examples: list, fraction: float, seed: int):
     return [examples[i] for i in order[n_eval:]], [examples[i] for i in order[:n_eval]]
 
 
-def make_batches(examples: list, batch_size: int, max_length: int, packing: bool, pad_id: int, seed: int, epoch: int,
-                 shuffle: bool = True) -> list[dict]:
+def make_batches(
+    examples: list,
+    batch_size: int,
+    max_length: int,
+    packing: bool,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[dict]:
     """Micro-batches of one epoch, in a seeded order (the same on every process and after a resume)."""
     units = pack(examples, max_length) if packing else [[e] for e in examples]
     if shuffle:
@@ -102,8 +111,12 @@ def setup(config: SFTConfig, accelerator, out: Path) -> loop.Run:
     if config.lora:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     layout = (config.batch_size, config.max_length, config.packing, tokenizer.pad_token_id, config.seed)
-    batches = loop.MicroBatches(lambda epoch: make_batches(train_examples, *layout, epoch),
-                                len(make_batches(train_examples, *layout, 0, shuffle=False)), config, accelerator)
+    batches = loop.MicroBatches(
+        lambda epoch: make_batches(train_examples, *layout, epoch),
+        len(make_batches(train_examples, *layout, 0, shuffle=False)),
+        config,
+        accelerator,
+    )
     eval_batches = make_batches(eval_examples, *layout, 0, shuffle=False) if eval_examples else []
     total = loop.total_steps(config, batches.steps_per_epoch)
     model.train()  # from_pretrained leaves it in eval mode: dropout as its config says, as in TRL
@@ -118,16 +131,23 @@ def setup(config: SFTConfig, accelerator, out: Path) -> loop.Run:
         metrics = loop.optimizer_step(context, batches.next(), loss, counts, (LOSS,))
         trained, tokens = metrics.pop("counts").tolist()
         speed = rates.add(tokens=int(tokens), trained=int(trained))
-        return {**metrics, TOKENS_PER_S: speed["tokens"], TRAINED_TOKENS_PER_S: speed["trained"],
-                EPOCH: batches.epoch}
+        return {**metrics, TOKENS_PER_S: speed["tokens"], TRAINED_TOKENS_PER_S: speed["trained"], EPOCH: batches.epoch}
 
     micro = config.grad_accum * accelerator.num_processes
     return loop.Run(
-        "sft", model, tokenizer, [TokenLoss(model)], total, step,
+        "sft",
+        model,
+        tokenizer,
+        [TokenLoss(model)],
+        total,
+        step,
         evaluate=(lambda context: evaluate(context.modules[0], eval_batches, accelerator)) if eval_batches else None,
         describe=f"{report.summary()}; {len(train_examples)} train / {len(eval_examples)} eval; "
-                 f"{total} steps of {micro} micro-batches of {config.batch_size}",
-        state=batches.state, restore=batches.restore, postfix={"loss": LOSS, "tok_s": TOKENS_PER_S})
+        f"{total} steps of {micro} micro-batches of {config.batch_size}",
+        state=batches.state,
+        restore=batches.restore,
+        postfix={"loss": LOSS, "tok_s": TOKENS_PER_S},
+    )
 
 
 def train(config: SFTConfig) -> Path:
