@@ -9,7 +9,7 @@ MODULES = [
     "tuneoff.cli.train",
     "tuneoff.data.cli",
     "tuneoff.feedback.gold_cli",
-    "tuneoff.feedback.label_cli",
+    "tuneoff.cli.label",
     "tuneoff.eval.cli",
     "tuneoff.compare.cli",
 ]

@@ -177,7 +177,7 @@ def start_server(db: Path, port: int) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "tuneoff.feedback.label_cli",
+            "tuneoff.cli.label",
             "label",
             "serve",
             "--db",

@@ -58,6 +58,8 @@ def text_ids(tokenizer, text: str) -> list[int]:
 
 
 def _as_dict(message) -> dict:
+    if isinstance(message, dict):
+        return dict(message)
     return message.as_dict() if hasattr(message, "as_dict") else {"role": message.role, "content": message.content}
 
 
@@ -71,7 +73,7 @@ def _render(tokenizer, messages, add_generation_prompt: bool = False, tools=None
             add_generation_prompt=add_generation_prompt,
         )
     except Exception as error:  # a template's raise_exception, or a role or field it does not handle
-        roles = ", ".join(m.role for m in messages)
+        roles = ", ".join(_as_dict(m)["role"] for m in messages)
         raise TuneoffError(
             f"the chat template cannot render this conversation (roles [{roles}]): {type(error).__name__}: {error}"
         ) from None

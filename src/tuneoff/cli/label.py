@@ -131,7 +131,7 @@ def run_add(args: argparse.Namespace) -> int:
         if not args.prompts:
             raise TuneoffError("--model-a needs --prompts")
         prompts = fb.load_prompt_texts(args.prompts)
-        pairs = sample_responses(
+        pairs = sample_response_pairs(
             prompts,
             args.model_a,
             args.model_b,
@@ -153,7 +153,7 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
-def sample_responses(
+def sample_response_pairs(
     prompts: list[tuple[str, list | None]],
     model_a: str,
     model_b: str | None = None,
@@ -169,8 +169,10 @@ def sample_responses(
 
     from tuneoff.models.load import load_model_and_tokenizer
 
-    torch.manual_seed(seed)
-    options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    options = dict(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size, generator=generator
+    )
     model, tokenizer = load_model_and_tokenizer(model_a)
     first = _generate(model, tokenizer, prompts, **options)
     if model_b is not None and model_b != model_a:
@@ -180,40 +182,24 @@ def sample_responses(
     return list(zip(first, second))
 
 
-def _generate(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, batch_size) -> list[str]:
-    import torch
+def _generate(model, tokenizer, prompts, *, max_new_tokens, temperature, top_p, batch_size, generator) -> list[str]:
+    """One sampled response per prompt through tuneoff's sampler (:func:`tuneoff.rollout.sample_responses`)."""
+    from tuneoff.data.tokenize import chat_ids, text_ids
+    from tuneoff.rollout import sample_responses
 
     # Instruct models (with a chat template) get the prompt as a user turn; base models continue the text.
     chat = getattr(tokenizer, "chat_template", None) is not None
-    texts = [
-        tokenizer.apply_chat_template(
-            messages or [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
+    ids = [
+        chat_ids(tokenizer, messages or ({"role": "user", "content": prompt},), add_generation_prompt=True)
         if chat
-        else prompt
+        else text_ids(tokenizer, prompt)
         for prompt, messages in prompts
     ]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"  # generation appends on the right, so padding goes left
     model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=not chat
-        )
-        with torch.no_grad():
-            ids = model.generate(
-                **batch,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (B, T + new)
-        new_tokens = ids[:, batch["input_ids"].shape[1] :]  # (B, new)
-        out.extend(text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return out
+    _, texts, _ = sample_responses(model, tokenizer, ids, max_new_tokens, temperature, generator, batch_size, top_p)
+    return [text.strip() for text in texts]
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -329,7 +315,7 @@ def _finite(value):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``label`` alone, as the ``tuneoff`` CLI would: ``python -m tuneoff.feedback.label_cli label stats --db X``."""
+    """Run ``label`` alone, as the ``tuneoff`` CLI would: ``python -m tuneoff.cli.label label stats --db X``."""
     parser = argparse.ArgumentParser(prog="tuneoff")
     add_parser(parser.add_subparsers(dest="verb", required=True, metavar="VERB"))
     args = parser.parse_args(argv)

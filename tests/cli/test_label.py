@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneoff.feedback import label_cli
+from tuneoff.cli import label as label_cli
 from tuneoff.feedback.store import Store
 
 PANDALM = Path("/work/shared/data/pandalm/testset-v1.json.gz")
