@@ -94,7 +94,10 @@ def row(workload: Workload, label: str, runs: list[dict], reference: list[dict] 
     rss = statistics.median(r["peak_rss_mb"] for r in ok)
     unit = statistics.median(r["time_s"] / r["timed_units"] for r in ok)
     wall = statistics.median(r["wall_s"] for r in ok)
-    return f"| {workload.name} | {label} | {throughput} | {unit:.2f} | {rss:,.0f} | {ratio} | {flops} | {text} | {wall:.0f} |"
+    return (
+        f"| {workload.name} | {label} | {throughput} | {unit:.2f} | {rss:,.0f} | {ratio} | {flops} | {text} | "
+        f"{wall:.0f} |"
+    )
 
 
 def flops_cell(runs: list[dict], peak_flops: float) -> str:
@@ -119,7 +122,8 @@ def ratio_cell(workload: Workload, runs: list[dict], reference: list[dict]) -> s
 
 HEADER = (
     "| workload | run | throughput: median (min–max) | s / unit | peak RSS MB | tuneoff / other: min / median / max "
-    "| model FLOP/s (% of matmul peak) | quality: first → last-half mean loss ± s.e., or mean reward ± s.e. | wall s |\n"
+    "| model FLOP/s (% of matmul peak) | quality: first → last-half mean loss ± s.e., or mean reward ± s.e. | wall "
+    "s |\n"
     "|---|---|---|---|---|---|---|---|---|"
 )
 
@@ -158,7 +162,8 @@ METHOD = """\
   passes are excluded. `s / unit` is the window over its units; `wall s` is the whole child, start to exit.
 - Tokens: the decoder classes (GPT-2, Llama) are wrapped to count the real (attention-mask) tokens of every
   call, in both frameworks alike (and tuneoff's lean GPT-2 paths, which do that work without calling them: the
-  packed RL passes, the prefill and each decode step): with autograd on (training forward + backward) or off (generation, reference,
+  packed RL passes, the prefill and each decode step): with autograd on (training forward + backward) or off
+  (generation, reference,
   critic/value, reward passes); a packed row (SFT packing, reward-model pairs sharing their prompt) counts every
   slot, filler included, and a shared prompt once. SFT tokens/s = training tokens (prompt + completion, no
   padding); pairs/s = optimizer steps × batch size (8 pairs per step in both, no accumulation); episodes/s and new
@@ -186,7 +191,8 @@ def document(
         f"# tuneoff vs TRL on this machine\n\n"
         f"- Date: {time.strftime('%Y-%m-%d %H:%M')}\n- Command: `{command}` ({mode})\n"
         f"- Machine: {cores} cores, {cpu_model()}; {versions()}; {threads} torch threads per run\n"
-        f"- fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5): {peaks[0]:.1f} GFLOP/s before the runs, "
+        f"- fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5): {peaks[0]:.1f} GFLOP/s before "
+        f"the runs, "
         f"{peaks[1]:.1f} after (the FLOP/s shares use the higher)\n"
         f"- 1-minute load average: {loads[0]:.2f} before the runs, {loads[1]:.2f} after (the runs add about {threads}; "
         f"more means other processes shared the cores, which slows small-kernel code most and skews the ratios)\n\n"

@@ -1,6 +1,7 @@
 """tuneoff vs TRL 1.16 on identical workloads (CPU, float32): throughput, peak RSS, FLOP/s against the matmul peak.
 
-    python -m bench.run --quick                      # every workload, few steps, 1 repeat (186 s measured on 2 cores; limit 5 minutes)
+    python -m bench.run --quick                      # every workload, few steps, 1 repeat (186 s measured on 2
+    cores; limit 5 minutes)
     python -m bench.run --full                       # more steps, 3 repeats
     python -m bench.run --quick --workloads sampling,sft-review-gpt --repeats 2 --out bench/results.md
 

@@ -90,7 +90,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 r = run(model, data, steps, extra, packing, Path(tmp) / "run")
             print(
-                f"| {name}, batch 8, max_length 128, {steps} steps | {'on' if packing else 'off'} | {r['tokens_per_s']:,.0f} | "
+                f"| {name}, batch 8, max_length 128, {steps} steps | {'on' if packing else 'off'} | "
+                f"{r['tokens_per_s']:,.0f} | "
                 f"{r['trained_tokens_per_s']:,.0f} | {r['final_loss']:.3f} | {r['wall_s']:.0f} |",
                 flush=True,
             )

@@ -208,7 +208,8 @@ class SFTConfig(OfflineConfig):
 
 @dataclasses.dataclass
 class RMConfig(OfflineConfig):
-    """Reward model: Bradley–Terry loss -log σ(r_w − r_l − m) on preference pairs, scalar head on the last real token."""
+    """Reward model: Bradley–Terry loss -log σ(r_w − r_l − m) on preference pairs, scalar head on the last real
+    token."""
 
     out: str = "runs/rm"
     """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final reward model (model/)."""
@@ -463,7 +464,8 @@ class GRPOConfig(RLConfig):
     out: str = "runs/grpo"
     """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints, final model."""
     baseline: str = "grpo"
-    """Advantage baseline: grpo (group mean, divided by the group std when scale_rewards) or rloo (leave-one-out mean)."""
+    """Advantage baseline: grpo (group mean, divided by the group std when scale_rewards) or rloo (leave-one-out
+    mean)."""
     num_generations: int = 4
     """k: responses sampled per prompt (rollout_batch must be a multiple)."""
     scale_rewards: bool = True
@@ -486,5 +488,6 @@ class GRPOConfig(RLConfig):
             raise TuneoffError(f"baseline must be grpo or rloo, got '{self.baseline}'")
         if self.num_generations < 2 or self.rollout_batch % self.num_generations:
             raise TuneoffError(
-                f"num_generations must be ≥ 2 and divide rollout_batch ({self.rollout_batch}), got {self.num_generations}"
+                f"num_generations must be ≥ 2 and divide rollout_batch ({self.rollout_batch}), got "
+                f"{self.num_generations}"
             )

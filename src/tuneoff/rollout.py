@@ -1,7 +1,8 @@
 """Batched sampling with a KV cache: token ids, per-token log-probs under the sampling policy, and masks.
 
 One prefill over the left-padded prompts, then one forward per new token that feeds only the new tokens and
-reuses the cache (for plain GPT-2 models, tuneoff's lean decode step, :mod:`tuneoff.models.gpt2_decode`). The loop does nothing else per step: no logits processors, no stopping-criteria objects,
+reuses the cache (for plain GPT-2 models, tuneoff's lean decode step, :mod:`tuneoff.models.gpt2_decode`). The loop
+does nothing else per step: no logits processors, no stopping-criteria objects,
 and the LM head only on the last position. A sequence stops at its first EOS; the EOS is part of the
 response (it carries the reward in PPO) and everything after it is masked. Sequences that reach
 ``max_new_tokens`` without EOS have ``ended = False``: the trainers decide (penalty or mask).

@@ -20,7 +20,8 @@ arms:
   sft: {max_steps: 4, batch_size: 4, save_every: 2}
   sft+ppo: {max_steps: 2, rollout_batch: 8, batch_size: 4, max_new_tokens: 8, eval_every: 1, save_every: 1}
   dpo: {max_steps: 3, batch_size: 4, save_every: 2}
-  grpo: {max_steps: 2, rollout_batch: 8, batch_size: 4, num_generations: 4, max_new_tokens: 8, eval_every: 1, save_every: 1}
+  grpo: {max_steps: 2, rollout_batch: 8, batch_size: 4, num_generations: 4, max_new_tokens: 8, eval_every: 1,
+  save_every: 1}
 """
 
 
@@ -62,7 +63,7 @@ def test_extends_merges_mappings_and_replaces_the_rest(tmp_path):
 def test_bad_experiment_configs_are_clear_errors(tmp_path, text, message):
     with pytest.raises(TuneoffError, match=None) as error:
         config = load_experiment(write(tmp_path, text))
-        config.eval_settings
+        _ = config.eval_settings  # the eval block is checked when read
     assert message in str(error.value)
 
 

@@ -122,7 +122,8 @@ def test_within_noise_names_the_cheaper_and_the_more_stable_arm():
 
 
 def test_within_noise_prefers_an_arm_that_is_both_cheaper_and_more_stable():
-    # z's seed sd 0.005: stability x (0.03-0.01)/0.025 = .8, y 0, z 1; strict-alignment x .6+.2 = .8, z .3+.025+.1+.25 = .675
+    # z's seed sd 0.005: stability x (0.03-0.01)/0.025 = .8, y 0, z 1; strict-alignment x .6+.2 = .8, z
+    # .3+.025+.1+.25 = .675
     results = three_arms(x=dict(low=0.66, high=0.94), z=dict(low=0.60, high=0.80, sd=0.005))
     result = recommend(results, "strict-alignment")
     assert [row["arm"] for row in result["ranking"]] == ["x", "z", "y"]

@@ -84,7 +84,7 @@ def test_hostile_text_is_escaped_in_html_and_svg(tmp_path):
 
 def test_missing_metrics_one_seed_and_no_curves(tmp_path):
     results = fixture()
-    for name, m in results["arms"].items():
+    for m in results["arms"].values():
         for key in ("gold_reward", "kl_per_token", "mean_length_tokens"):
             m[key].update(ci_low=math.nan, ci_high=math.nan, n=1)
         m["proxy_reward"] = m["win_rate_vs_base"] = m["length_controlled_win_rate_vs_base"] = m["overoptimization"] = (

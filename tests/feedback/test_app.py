@@ -266,7 +266,7 @@ def test_concurrent_load_and_a_killed_server_lose_no_acknowledged_judgment(tmp_p
             assert status == 200, body
             judgment = {"task_id": body["task"]["task_id"], "choice": ("left", "right", "tie")[n % 3]}
             # a POST cut off by the kill is repeated: a judgment is idempotent per annotator and task
-            status, body = await retry(lambda: http.request("POST", "/api/judgments", judgment))
+            status, body = await retry(lambda judgment=judgment: http.request("POST", "/api/judgments", judgment))
             assert status in (200, 201), body
             acked.append((token, judgment["task_id"], judgment["choice"]))
             if len(acked) == JUDGMENTS // 2 and not at_kill:

@@ -107,7 +107,7 @@ def test_judge_five_tasks_with_the_keyboard(tmp_path, browser):
         judgments = store.judgments()
         tasks = {t.id: t for t in store.tasks()}
         assert sorted((j.task_id, j.choice) for j in judgments) == sorted((t, c) for t, c, _ in judged)
-        for judgment, (task_id, choice, left) in zip(judgments, judged):
+        for judgment, (task_id, _choice, left) in zip(judgments, judged):
             shown_left = tasks[task_id].response_a if judgment.a_on_left else tasks[task_id].response_b
             assert judgment.annotator == "alice" and shown_left == left and judgment.seconds is not None
         out = tmp_path / "prefs.jsonl"

@@ -61,7 +61,8 @@ def test_mean_pooled_reward_ignores_padding_and_survives_save_and_load(tmp_path,
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_packed_forward_equals_padded_forward(pooling):
-    """Pairs packed with their shared prefix once (rejected's tail blind to chosen's) give the padded batch's rewards."""
+    """Pairs packed with their shared prefix once (rejected's tail blind to chosen's) give the padded batch's
+    rewards."""
     from tuneoff.data.grouped import pair_pack
     from tuneoff.models.load import load_model
 
@@ -249,5 +250,5 @@ def test_untied_lm_head_is_frozen():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, tie_word_embeddings=False))
-    model = RewardModel(lm)
+    RewardModel(lm)  # freezes the LM's untied output head, which a reward model never uses
     assert not lm.lm_head.weight.requires_grad and lm.transformer.wte.weight.requires_grad

@@ -33,8 +33,9 @@ def test_pair_files_reads_the_pair_count_from_default_colon(monkeypatch, tmp_pat
     from tuneoff.tasks import default_task
 
     asked = []
+    default = DefaultTaskConfig()
     monkeypatch.setattr(
-        default_task, "default_task_files", lambda config=DefaultTaskConfig(): asked.append(config.pairs) or tmp_path
+        default_task, "default_task_files", lambda config=default: asked.append(config.pairs) or tmp_path
     )
     assert default_task.pair_files("default", "") == (str(tmp_path / "train.jsonl"), str(tmp_path / "eval_gold.jsonl"))
     assert default_task.pair_files("default:22000", "mine.jsonl") == (str(tmp_path / "train.jsonl"), "mine.jsonl")

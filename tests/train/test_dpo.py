@@ -150,7 +150,8 @@ def test_bad_preference_data_exits_2_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(*FAST, "--data", str(bad), "--out", str(out)) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: {bad}:2: field 'rejected': chosen and rejected are the same text: a preference needs two different responses"
+        f"error: {bad}:2: field 'rejected': chosen and rejected are the same text: a preference needs two different "
+        f"responses"
     ]
     assert not out.exists()
 

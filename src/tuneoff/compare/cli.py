@@ -87,7 +87,8 @@ def summary_lines(results: dict) -> list[str]:
         d = a.get("diversity") or {}
         lines.append(
             f"| {arm} | {fmt(a['gold_reward'])} | {fmt(a['win_rate_vs_base'], 2)} | {fmt(a['kl_per_token'], 3)} | "
-            f"{fmt((d.get('across_input') or {}).get('ead'), 3)} | {fmt((d.get('per_input') or {}).get('embedding'), 3)} | "
+            f"{fmt((d.get('across_input') or {}).get('ead'), 3)} | "
+            f"{fmt((d.get('per_input') or {}).get('embedding'), 3)} | "
             f"{fmt((a.get('cost') or {}).get('wall_s'), 0)} |"
         )
     return lines

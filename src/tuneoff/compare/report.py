@@ -446,14 +446,16 @@ def _plots(arms: dict, colors: dict) -> list[dict]:
             "gold-vs-kl",
             "Gold reward vs KL to the base model",
             lambda: _plot_gold_vs_kl(arms, colors),
-            "Faint lines: each seed's training trajectory (checkpoints). Dots: final evaluation, mean over seeds with 95% CIs. "
+            "Faint lines: each seed's training trajectory (checkpoints). Dots: final evaluation, mean over seeds "
+            "with 95% CIs. "
             "Dashed: the frontier, the best gold reward reached for a given KL budget.",
         ),
         (
             "hacking",
             "Proxy vs gold reward over training",
             lambda: _plot_hacking(arms),
-            "Mean over seeds. Proxy reward that keeps rising while gold flattens or falls is reward hacking (Gao et al. 2022).",
+            "Mean over seeds. Proxy reward that keeps rising while gold flattens or falls is reward hacking (Gao et "
+            "al. 2022).",
         ),
         (
             "diversity",

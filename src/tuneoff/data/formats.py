@@ -36,7 +36,8 @@ folders. Message indices in field names count from 0 (``messages[2].role``). Dec
   in JSON a null is a value of the wrong type.
 * One file holds one shape: the first record that differs from the first record is an error.
 * Empty or whitespace-only ``completion``, ``text``, ``chosen``, ``rejected`` and assistant message
-  contents (but for an assistant message that calls tools) are errors; so are empty RL prompts. An empty SFT ``prompt`` and an empty preference
+  contents (but for an assistant message that calls tools) are errors; so are empty RL prompts. An empty SFT
+  ``prompt`` and an empty preference
   ``prompt`` string are allowed: pretraining-style data and prompt-less comparisons have none.
 * Byte offsets of invalid UTF-8 count from 0 at the start of the (decompressed) file.
 * Over-long records are not checked here: that needs a tokenizer (``tuneoff.data.tokenize``).
@@ -324,7 +325,7 @@ def _read_jsonl(path: Path, file: str) -> Iterator[tuple[int, dict]]:
     try:
         with _open_binary(path) as stream:
             for number, raw in enumerate(stream, 1):
-                text = _decode_text(raw, file, lambda _: number, offset)
+                text = _decode_text(raw, file, lambda _, number=number: number, offset)
                 offset += len(raw)
                 if text.strip():
                     yield number, _as_record(_parse_json(text, file, number), file, number)

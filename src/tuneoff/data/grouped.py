@@ -28,7 +28,8 @@ def pack(
     a group of more than two whose members share no first token is laid out as singletons, so a run never
     grows past two sequences without a prefix to share). A group becomes one run of tokens: the prefix x its
     members share (each keeps at least its last token), then every member's tail in turn, positions restarting
-    at len(x) for each tail; a tail attends to x and to itself, never to another member's tail. So every sequence sees exactly what it sees alone (the rewards equal
+    at len(x) for each tail; a tail attends to x and to itself, never to another member's tail. So every sequence
+    sees exactly what it sees alone (the rewards equal
     the padded forward's, tested), and a prompt is encoded once instead of once per response. Groups go into
     rows of ``width`` tokens (default :func:`tuneoff.data.tokenize.row_width`) by SFT packing's first-fit bins:
     rows of bounded width rather than one long row, since attention costs the square of a row's length.

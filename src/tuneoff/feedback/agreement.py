@@ -227,7 +227,8 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"judgments: {summary['judgments']} ({summary['skips']} skips) on {summary['tasks_labelled']} tasks by "
         f"{len(summary['annotators'])} annotators; labels {summary['labels']}",
-        f"Fleiss' kappa: {summary['fleiss_kappa']['value']:.3f} over {summary['fleiss_kappa']['items']} tasks with >= 2 labels",
+        f"Fleiss' kappa: {summary['fleiss_kappa']['value']:.3f} over {summary['fleiss_kappa']['items']} tasks with "
+        f">= 2 labels",
         f"Krippendorff's alpha (nominal): {summary['krippendorff_alpha']['value']:.3f} "
         f"over {summary['krippendorff_alpha']['items']} tasks",
         "Cohen's kappa per pair:",

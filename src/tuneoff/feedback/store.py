@@ -2,7 +2,8 @@
 
 One file, WAL mode. A judgment is committed with ``synchronous=FULL`` before the server answers, so an
 acknowledged label survives a killed server and a power cut (assignments, cheap to redo, commit with
-``NORMAL``: they survive a killed server, and the next judgment's fsync flushes them). Every write that reads-then-writes runs
+``NORMAL``: they survive a killed server, and the next judgment's fsync flushes them). Every write that
+reads-then-writes runs
 inside ``BEGIN IMMEDIATE``, which takes SQLite's single write lock up front; concurrent requests (threads
 or processes) therefore serialise there, so two annotators can never both take the last free slot of a
 task and nobody is ever given the same task twice.
@@ -464,7 +465,8 @@ class Store:
                 if preferred not in ("a", "b", "tie"):
                     raise TuneoffError(f"imported label must be a, b or tie; got {preferred!r}")
                 cursor = db.execute(
-                    "INSERT OR IGNORE INTO judgments (task_id, annotator_id, a_on_left, choice, preferred, seconds, created_at)"
+                    "INSERT OR IGNORE INTO judgments (task_id, annotator_id, a_on_left, choice, preferred, seconds, "
+                    "created_at)"
                     " VALUES (?, ?, NULL, NULL, ?, NULL, ?)",
                     (task_id_, annotator_id, preferred, now),
                 )
@@ -726,7 +728,8 @@ def export_preferences(
     """Write the preference JSONL the reward model reads ({"prompt","chosen","rejected"} + provenance).
 
     ``majority``: one record per task, the strict plurality of its labels (skips ignored); tasks with
-    no strict majority or fewer than ``min_annotators`` labels, or an empty response, are left out. ``per-annotator``: one record
+    no strict majority or fewer than ``min_annotators`` labels, or an empty response, are left out.
+    ``per-annotator``: one record
     per label, with ``annotator``. A tie is dropped, or kept with ``"tie": true`` (chosen = a, rejected = b:
     a reader must honour the flag). The file is written whole or not at all. Returns counts.
     """

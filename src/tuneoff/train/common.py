@@ -263,7 +263,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 
 
 def save_final_model(out: Path, model, tokenizer) -> Path:
-    """``out/model``: a plain HF folder loadable by AutoModelForCausalLM (LoRA merged; adapter kept in ``out/adapter``)."""
+    """``out/model``: a plain HF folder loadable by AutoModelForCausalLM (LoRA merged; adapter kept in
+    ``out/adapter``)."""
     _quiet_saves()
     target = unwrap_for_saving(model)
     final = out / "model"

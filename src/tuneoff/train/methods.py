@@ -112,8 +112,10 @@ METHODS: dict[str, Method] = {
             "reward",
             "train a reward model on preference pairs (Bradley-Terry)",
             "Reward model: a scalar head on a causal LM, trained with the Bradley-Terry loss -log sigmoid(r_chosen - "
-            "r_rejected - margin); held-out pairwise accuracy, calibration (ECE) and a length-bias probe. --data default "
-            "trains on the default task (review-gpt continuations judged by simulated annotators, evaluated against the "
+            "r_rejected - margin); held-out pairwise accuracy, calibration (ECE) and a length-bias probe. --data "
+            "default "
+            "trains on the default task (review-gpt continuations judged by simulated annotators, evaluated against "
+            "the "
             "gold judge)." + _SETTINGS,
             "pairs",
             arm=False,

@@ -6,7 +6,8 @@ responses go through the model in one padding-free forward, each prompt once and
 many of the batch's pairs compare it (K responses per prompt with all C(K, 2) pairs labelled cost K sequences,
 not K(K − 1)); pairs of one prompt sit next to each other in the order, so they share a micro-batch unless a
 batch boundary cuts them. The loss of an optimizer step is the mean over all its pairs, across micro-batches
-and processes (pair-weighted, so gradient accumulation and data parallelism give what one big batch would). Conventions as ``train/sft.py``:
+and processes (pair-weighted, so gradient accumulation and data parallelism give what one big batch would).
+Conventions as ``train/sft.py``:
 checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
 Held-out evaluation (``tuneoff.train.rm_metrics``): pairwise accuracy, ECE of σ(r_w − r_l), length-bias probe.
 """
