@@ -41,6 +41,7 @@ def training_fields(spec: dict) -> dict:
 def rl_fields(spec: dict) -> dict:
     """What GRPO and PPO share: gold-judge reward, 8 episodes per iteration in one minibatch, ≤ 32 new tokens."""
     fields = training_fields(spec)
+    del fields["max_length"], fields["eval_fraction"]  # offline fields: the RL configs do not have them
     fields.update(
         reward_model="gold",
         rollout_batch=8,

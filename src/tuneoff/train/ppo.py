@@ -23,6 +23,7 @@ import torch
 from tuneoff.advantages import gae, masked_mean, whiten
 from tuneoff.config import PPOConfig
 from tuneoff.losses import KL_ESTIMATORS, ppo_policy_loss, ppo_value_loss
+from tuneoff.models.heads import position_ids_from_mask
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
 from tuneoff.train.policy import (
@@ -33,7 +34,6 @@ from tuneoff.train.policy import (
     gold_metrics,
     load_actors,
     minibatch_updates,
-    position_ids_from_mask,
     prompt_batch,
     sample_and_score,
     total_iterations,
