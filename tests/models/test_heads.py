@@ -208,14 +208,23 @@ def test_pad_token_equal_to_eos_is_not_mistaken_for_padding(tiny_reward_model):
 
 
 def test_encode_response_string_and_messages(tiny_tokenizer):
+    from tuneoff.data.formats import Message
+    from tuneoff.data.pairs import encode
+
     ids, n = encode_response(tiny_tokenizer, "the movie is", " great fun")
     prompt = tiny_tokenizer("the movie is", add_special_tokens=False)["input_ids"]
     response = tiny_tokenizer(" great fun", add_special_tokens=False)["input_ids"]
-    assert ids == prompt + response + [tiny_tokenizer.eos_token_id] and n == len(response)
-    from tuneoff.data.formats import Message
+    eos = tiny_tokenizer.eos_token_id
+    assert ids == prompt + response + [eos] and n == len(response)
+    # an empty prompt: BOS (or EOS), a context for the first response token, as the RM trains on
+    start = tiny_tokenizer.bos_token_id if tiny_tokenizer.bos_token_id is not None else eos
+    assert encode_response(tiny_tokenizer, "", " great fun") == ([start, *response, eos], len(response))
 
-    ids, n = encode_response(tiny_tokenizer, (Message("user", "hi"),), "hello there")
+    conversation = (Message("user", "hi"),)
+    ids, n = encode_response(tiny_tokenizer, conversation, "hello there")
     assert tiny_tokenizer.decode(ids).endswith("hello there<|im_end|>\n") and 0 < n < len(ids)
+    prompt_ids, response_ids = encode(tiny_tokenizer, conversation, "hello there")
+    assert ids == prompt_ids + response_ids and n == len(response_ids) - 1  # the ids the RM trains on, as DPO's
 
 
 def test_save_and_load_back_as_scorer(tmp_path, tiny_tokenizer, tiny_reward_model):

@@ -248,6 +248,7 @@ def test_overlong_pairs_keep_the_prompt_end_and_cut_responses(tmp_path, tiny_tok
     assert pair.prompt == ids("one two three four five six")[-3:]
     assert pair.chosen == ids(" a b c d e f g")[:5] and pair.rejected == ids(" yes") + [tiny_tokenizer.eos_token_id]
     assert summary == "1 pairs, 1 truncated"
+    assert pair.group == "one two three four five six" and pair.where.endswith("long.jsonl:1") and pair.margin == 0
     with pytest.raises(TuneoffError, match="no pair left"):
         tokenize_pairs(str(path), tiny_tokenizer, max_length=8, max_prompt_length=3, overlong="drop")
     with pytest.raises(DataError, match=r"long.jsonl:1: .*over max_prompt_length 3"):

@@ -133,8 +133,8 @@ def test_bad_preference_data_exits_2_and_writes_nothing(tmp_path, pairs):
 
 
 def test_margin_field_must_be_a_number(pairs):
+    from tuneoff.data.pairs import read_margins
     from tuneoff.errors import DataError
-    from tuneoff.train.reward import read_margins
 
     assert read_margins(str(pairs[1]), "margin", 24)[:4] == [1.0, 2.0, 0.0, 1.0]
     with pytest.raises(DataError, match=r"eval.jsonl:1: field 'score': expected a finite number"):
@@ -238,23 +238,26 @@ def _batch_pairs(batch) -> list[tuple[list[int], list[int]]]:
 def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_other():
     """K responses of a prompt with all pairs labelled: one micro-batch, each response one sequence; the rewards
     and the Bradley–Terry loss are those of every pair through the padded forward alone."""
+    from tuneoff.data.pairs import TokenizedPair
     from tuneoff.losses import bradley_terry_loss
     from tuneoff.models.heads import RewardModel, pad_right
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import TokenizedPair, make_batches, pair_rewards
+    from tuneoff.train.reward import make_batches, pair_rewards
 
-    a1, a2, a3 = [5, 6, 7], [5, 6, 8, 9], [5, 6, 10]  # prompt "a" = [5, 6]: three responses, all three pairs
-    b1, b2, c1, c2 = [11, 12], [11, 13], [20, 21, 22], [20, 23]
+    a1, a2, a3 = [7], [8, 9], [10]  # prompt "a" = [5, 6]: three responses, all three pairs
+    b1, b2, c1, c2 = [12], [13], [21, 22], [23]
 
-    def pair(chosen, rejected, prompt):
-        return TokenizedPair(chosen, rejected, len(chosen) - 2, len(rejected) - 2, 0.0, prompt)
+    def pair(chosen, rejected, prompt, group):
+        return TokenizedPair(prompt, chosen, rejected, group)
 
-    pairs = [pair(a1, a2, "a"), pair(b1, b2, "b"), pair(a3, a1, "a"), pair(c1, c2, "c"), pair(a2, a3, "a")]
-    (whole,) = make_batches(pairs, batch_size=5, pad_id=1, seed=0, epoch=0)
+    a, b, c = ([5, 6], "a"), ([11], "b"), ([20], "c")
+    pairs = [pair(a1, a2, *a), pair(b1, b2, *b), pair(a3, a1, *a), pair(c1, c2, *c), pair(a2, a3, *a)]
+    (whole,) = make_batches(pairs, batch_size=5, max_length=64, pad_id=1, seed=0, epoch=0)
     assert whole["input_ids"].shape[0] == 7  # a1 a2 a3 b1 b2 c1 c2: 7 sequences for 10 sides of 5 pairs
-    assert sorted(_batch_pairs(whole)) == sorted((p.chosen, p.rejected) for p in pairs)
+    assert sorted(_batch_pairs(whole)) == sorted((p.prompt + p.chosen, p.prompt + p.rejected) for p in pairs)
     for seed in range(6):  # the three pairs of "a" sit next to each other in every epoch's order
-        order = [pr for b in make_batches(pairs, batch_size=2, pad_id=1, seed=seed, epoch=1) for pr in _batch_pairs(b)]
+        batches = make_batches(pairs, batch_size=2, max_length=64, pad_id=1, seed=seed, epoch=1)
+        order = [pr for b in batches for pr in _batch_pairs(b)]
         where = [i for i, (chosen, _) in enumerate(order) if chosen[:2] == [5, 6]]
         assert where == list(range(where[0], where[0] + 3))
 
@@ -265,21 +268,63 @@ def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_o
     assert torch.allclose(r_chosen, torch.stack([x[0] for x in alone]), atol=1e-5)
     assert torch.allclose(r_rejected, torch.stack([x[1] for x in alone]), atol=1e-5)
     assert torch.isclose(bradley_terry_loss(r_chosen, r_rejected), bradley_terry_loss(*torch.stack(alone).T), atol=1e-6)
-    # a prompt whose sequences all belong to another prompt already (equal after truncation) adds no group
-    twin = make_batches([pair(a1, a2, "a"), pair(a1, a2, "a-truncated")], batch_size=2, pad_id=1, seed=0, epoch=0)[0]
-    assert twin["input_ids"].shape[0] == 2 and twin["chosen_index"].tolist() == [0, 0]
+    # each sequence keeps its last max_length tokens, so a prompt whose sequences all belong to another prompt
+    # already (equal after truncation) adds no group
+    twins = [pair([7, 8], [9, 8], [5, 6], "a"), pair([7, 8], [9, 8], [4, 6], "b")]
+    twin = make_batches(twins, batch_size=2, max_length=3, pad_id=1, seed=0, epoch=0)[0]
+    assert twin["input_ids"].tolist() == [[6, 7, 8], [6, 9, 8]] and twin["chosen_index"].tolist() == [0, 0]
+    assert twin["length"].tolist() == [1, 1, 1, 1]  # from the whole responses, whatever the truncation
 
 
 def test_one_pair_per_prompt_keeps_the_plain_seeded_order():
     from tuneoff.data.grouped import pair_pack
-    from tuneoff.train.reward import TokenizedPair, make_batches
+    from tuneoff.data.pairs import TokenizedPair
+    from tuneoff.train.reward import make_batches
 
-    pairs = [TokenizedPair([i, 2, 3], [i, 4], 2, 1, 0.0, f"p{i}") for i in range(5, 15)]
+    pairs = [TokenizedPair([i], [2, 3], [4], f"p{i}") for i in range(5, 15)]
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1000 + 2)).tolist()
-    batches = make_batches(pairs, batch_size=4, pad_id=1, seed=3, epoch=2)
-    assert [chosen for b in batches for chosen, _ in _batch_pairs(b)] == [pairs[i].chosen for i in order]
+    batches = make_batches(pairs, batch_size=4, max_length=64, pad_id=1, seed=3, epoch=2)
+    assert [chosen for b in batches for chosen, _ in _batch_pairs(b)] == [[*pairs[i].prompt, 2, 3] for i in order]
     # and each batch is laid out as plain pairs are (B chosen, then B rejected): same tensors, same float sums
     first = [pairs[i] for i in order[:4]]
-    plain = pair_pack([p.chosen for p in first], [p.rejected for p in first], pad_id=1)
+    plain = pair_pack([p.prompt + p.chosen for p in first], [p.prompt + p.rejected for p in first], pad_id=1)
     assert all(torch.equal(batches[0][k], plain[k]) for k in plain)
     assert batches[0]["chosen_index"].tolist() == [0, 1, 2, 3] and batches[0]["rejected_index"].tolist() == [4, 5, 6, 7]
+
+
+def test_the_rm_trains_on_the_ids_its_scorer_scores(tmp_path, tiny_tokenizer):
+    """One encoding for training and scoring: every batch sequence is fit_left(encode_response(...)), over-long
+    (the RM's policy: a sequence keeps its last max_length tokens) and empty-prompt pairs included."""
+    from tuneoff.data.pairs import tokenize_pairs
+    from tuneoff.errors import DataError, TuneoffError
+    from tuneoff.models.heads import encode_response, fit_left
+    from tuneoff.train.reward import make_batches
+
+    records = [
+        {"prompt": "one two three four five six", "chosen": " a b c d e f g", "rejected": " yes", "m": 0.5},
+        {"prompt": "", "chosen": " fine", "rejected": " not fine at all", "m": 2},
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", records)
+    pairs, summary = tokenize_pairs(str(path), tiny_tokenizer, 8, "truncate", margin=1.0, margin_field="m")
+    assert summary == "2 pairs, 1 truncated to max_length" and [p.margin for p in pairs] == [1.5, 3.0]
+    bos = tiny_tokenizer.bos_token_id if tiny_tokenizer.bos_token_id is not None else tiny_tokenizer.eos_token_id
+    assert pairs[1].prompt == [bos]  # an empty prompt: BOS, for training and scoring alike
+    (batch,) = make_batches(pairs, batch_size=2, max_length=8, pad_id=0, seed=0, epoch=0, shuffle=False)
+    scored = [
+        (
+            fit_left(encode_response(tiny_tokenizer, r["prompt"], r["chosen"])[0], 8),
+            fit_left(encode_response(tiny_tokenizer, r["prompt"], r["rejected"])[0], 8),
+        )
+        for r in records
+    ]
+    assert _batch_pairs(batch) == scored
+    lengths = [
+        encode_response(tiny_tokenizer, r["prompt"], r[side])[1] for side in ("chosen", "rejected") for r in records
+    ]
+    assert batch["length"].tolist() == lengths  # from the whole responses, before truncation
+    assert lengths[0] == len(tiny_tokenizer(" a b c d e f g", add_special_tokens=False)["input_ids"])
+    with pytest.raises(DataError, match=r"long.jsonl:1: pair is \d+ tokens, over max_length 8"):
+        tokenize_pairs(str(path), tiny_tokenizer, 8, "error")
+    assert tokenize_pairs(str(path), tiny_tokenizer, 8, "drop")[1].startswith("1 pairs, 1 dropped as over-long")
+    with pytest.raises(TuneoffError, match="no pair left"):
+        tokenize_pairs(str(path), tiny_tokenizer, 2, "drop")

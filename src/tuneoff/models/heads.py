@@ -22,7 +22,6 @@ from typing import Sequence
 
 import torch
 
-from tuneoff.data.tokenize import text_ids
 from tuneoff.errors import TuneoffError
 from tuneoff.models import gpt2_last_block
 
@@ -194,24 +193,19 @@ def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: d
 
 
 def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
-    """Token ids of prompt + response and the response's length in tokens.
+    """Token ids of prompt + response, exactly those the reward model trains on (before ``fit_left``), and the
+    response's length in tokens as the length-bias probe counts it (its closing EOS or end of turn excluded).
 
-    A string prompt: prompt and response are tokenized separately (the ids a policy sees when it writes the
-    response) and EOS is appended, so the reward is read at EOS. A messages prompt (a tuple of objects with
-    ``role``/``content``): the conversation with the response as the next assistant turn, rendered by the
-    chat template (its end-of-turn token closes the response).
+    Both come from :func:`tuneoff.data.pairs.encode`: a string prompt and the response are tokenized separately
+    (the ids a policy sees when it writes the response) and EOS is appended, so the reward is read at EOS; an
+    empty prompt becomes BOS (or EOS, without one). A messages prompt (a tuple of objects with
+    ``role``/``content``): the conversation with the response as the next assistant turn, rendered by the chat
+    template (its end-of-turn token closes the response).
     """
-    if isinstance(prompt, str):
-        response_ids = text_ids(tokenizer, response) + [tokenizer.eos_token_id]
-        return text_ids(tokenizer, prompt) + response_ids, len(response_ids) - 1
-    from tuneoff.data.formats import Message
-    from tuneoff.data.tokenize import chat_ids
+    from tuneoff.data.pairs import encode, response_length
 
-    prompt_ids = chat_ids(tokenizer, prompt, add_generation_prompt=True)
-    full = chat_ids(tokenizer, tuple(prompt) + (Message("assistant", response),))
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise TuneoffError("the chat template is not prefix-consistent; cannot place the response after the prompt")
-    return full, len(full) - len(prompt_ids)
+    prompt_ids, response_ids = encode(tokenizer, prompt, response)
+    return prompt_ids + response_ids, response_length(response_ids)
 
 
 def fit_left(ids: list[int], max_length: int) -> list[int]:

@@ -196,10 +196,10 @@ def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
             f"ref_model {config.ref_model} has another tokenizer than model {config.model}: DPO compares "
             "their log-probs token by token"
         )
-    limits = (tokenizer, config.max_length, config.max_prompt_length, config.overlong)
-    train_pairs, summary = tokenize_pairs(config.data, *limits)
+    limits = dict(max_length=config.max_length, overlong=config.overlong, max_prompt_length=config.max_prompt_length)
+    train_pairs, summary = tokenize_pairs(config.data, tokenizer, **limits)
     if config.eval_data:
-        eval_pairs, _ = tokenize_pairs(config.eval_data, *limits)
+        eval_pairs, _ = tokenize_pairs(config.eval_data, tokenizer, **limits)
     else:
         train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
     pad_id = tokenizer.pad_token_id

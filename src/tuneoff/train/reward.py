@@ -7,8 +7,9 @@ many of the batch's pairs compare it (K responses per prompt with all C(K, 2) pa
 not K(K − 1)); pairs of one prompt sit next to each other in the order, so they share a micro-batch unless a
 batch boundary cuts them. The loss of an optimizer step is the mean over all its pairs, across micro-batches
 and processes (pair-weighted, so gradient accumulation and data parallelism give what one big batch would).
-Conventions as ``train/sft.py``:
-checkpoints and ``--resume`` by data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
+Pairs are DPO's (:mod:`tuneoff.data.pairs`) under the reward model's over-long policy: a sequence, prompt +
+response, keeps its last max_length tokens. Conventions as ``train/sft.py``: checkpoints and ``--resume`` by
+data cursor, metrics.jsonl + TensorBoard, progress bar, NaN stop, LoRA.
 Held-out evaluation (``tuneoff.train.rm_metrics``): pairwise accuracy, ECE of σ(r_w − r_l), length-bias probe.
 """
 
@@ -16,101 +17,37 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from tuneoff.config import RMConfig
 from tuneoff.data.grouped import pack
-from tuneoff.data.pairs import split_by_prompt
-from tuneoff.errors import DataError, TuneoffError
+from tuneoff.data.pairs import TokenizedPair, response_length, split_by_prompt, tokenize_pairs
 from tuneoff.losses import bradley_terry_loss
 from tuneoff.train import loop
 from tuneoff.train.metrics import ACCURACY, EPOCH, EVAL_REWARD_MEAN, EVAL_REWARD_STD, LOSS, PAIRS_PER_S
 
 
-@dataclass
-class TokenizedPair:
-    chosen: list[int]
-    rejected: list[int]
-    chosen_length: int
-    """Response tokens of ``chosen`` (EOS excluded), for the length-bias probe."""
-    rejected_length: int
-    margin: float
-    prompt: str
-    """The prompt as text (conversations as JSON): pairs sharing it stay on one side of the held-out split."""
-
-
-def read_margins(path: str, field: str, count: int) -> list[float]:
-    """The numeric ``field`` of every record of ``path`` (one per pair, in file order)."""
-    from tuneoff.data.formats import position_label, read_rows
-
-    margins = []
-    for number, row in read_rows(path):
-        value = row.get(field)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DataError(
-                path,
-                position_label(path, number),
-                field,
-                f"expected a finite number (the pair's margin), got {value!r}",
-            )
-        margins.append(float(value))
-    assert len(margins) == count, "read_rows and load_preferences disagree on the number of records"
-    return margins
-
-
-def tokenize_pairs(path: str, tokenizer, config: RMConfig) -> tuple[list[TokenizedPair], str]:
-    """Validated preference pairs of ``path`` -> token ids, applying the over-long policy; and a summary line."""
-    from tuneoff.data.formats import load_preferences
-    from tuneoff.models.heads import encode_response, fit_left
-
-    pairs = load_preferences(path)
-    margins = read_margins(path, config.margin_field, len(pairs)) if config.margin_field else [0.0] * len(pairs)
-    out, truncated, dropped = [], 0, []
-    for pair, margin in zip(pairs, margins):
-        (chosen, n_chosen), (rejected, n_rejected) = (
-            encode_response(tokenizer, pair.prompt, r) for r in (pair.chosen, pair.rejected)
-        )
-        longest = max(len(chosen), len(rejected))
-        if longest > config.max_length:
-            if config.overlong == "error":
-                file, _, line = pair.where.rpartition(":")
-                raise DataError(
-                    file or pair.where,
-                    line or None,
-                    None,
-                    f"pair is {longest} tokens, over max_length {config.max_length} (set --overlong truncate or drop)",
-                )
-            if config.overlong == "drop":
-                dropped.append(f"{pair.where} ({longest} tokens)")
-                continue
-            chosen, rejected, truncated = (
-                fit_left(chosen, config.max_length),
-                fit_left(rejected, config.max_length),
-                truncated + 1,
-            )
-        prompt = pair.prompt if isinstance(pair.prompt, str) else json.dumps([[m.role, m.content] for m in pair.prompt])
-        out.append(TokenizedPair(chosen, rejected, n_chosen, n_rejected, config.margin + margin, prompt))
-    summary = f"{len(out)} pairs" + (f", {truncated} truncated to max_length" if truncated else "")
-    summary += f", {len(dropped)} dropped as over-long (first: {dropped[0]})" if dropped else ""
-    if not out:
-        raise TuneoffError(f"{path}: no pair left to train on ({summary})")
-    return out, summary
-
-
 def make_batches(
-    pairs: list[TokenizedPair], batch_size: int, pad_id: int, seed: int, epoch: int, shuffle: bool = True
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
 ) -> list[dict]:
     """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt next to each other.
 
-    The order is a seeded permutation of the pairs, then stably grouped by prompt (each prompt where its first
-    pair fell), so data with one pair per prompt keeps the plain permutation; a batch boundary may still cut a
-    prompt's pairs (K = 4, B = 32: about one prompt in eight). A response that several pairs of a batch
-    compare (K responses of a prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U distinct
-    sequences and, per pair, the index of its chosen and its rejected one."""
-    from tuneoff.models.heads import pad_right
+    A pair's sequences are prompt + chosen and prompt + rejected, each keeping its last ``max_length`` tokens
+    (``fit_left``; the scorer's ``encode_response`` and ``fit_left`` give the same ids). The order is a seeded
+    permutation of the pairs, then stably grouped by prompt (each prompt where its first pair fell), so data with
+    one pair per prompt keeps the plain permutation; a batch boundary may still cut a prompt's pairs (K = 4,
+    B = 32: about one prompt in eight). A response that several pairs of a batch compare (K responses of a
+    prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U distinct sequences and, per pair,
+    the index of its chosen and its rejected one."""
+    from tuneoff.models.heads import fit_left, pad_right
 
     order = (
         torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
@@ -119,35 +56,39 @@ def make_batches(
     )
     first: dict[str, int] = {}
     for i in order:
-        first.setdefault(pairs[i].prompt, len(first))
-    ordered = [pairs[i] for i in sorted(order, key=lambda i: first[pairs[i].prompt])]  # sorted is stable
+        first.setdefault(pairs[i].group, len(first))
+    ordered = [pairs[i] for i in sorted(order, key=lambda i: first[pairs[i].group])]  # sorted is stable
     batches = []
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start : start + batch_size]
+        sides = {
+            side: [tuple(fit_left(p.prompt + getattr(p, side), max_length)) for p in chunk]
+            for side in ("chosen", "rejected")
+        }
         # Distinct sequences numbered chosen sides first, then rejected sides: with one pair per prompt, the B
         # chosen then the B rejected, the layout (and float summation order) of plain pairs.
         index: dict[tuple[int, ...], int] = {}  # distinct sequence -> its number in the batch
         # prompt -> its distinct sequences (a sequence two prompts share after truncation goes to the first)
-        members: dict[str, list[int]] = {p.prompt: [] for p in chunk}
+        members: dict[str, list[int]] = {p.group: [] for p in chunk}
         for side in ("chosen", "rejected"):
-            for p in chunk:
-                tokens = tuple(getattr(p, side))
+            for p, tokens in zip(chunk, sides[side]):
                 if tokens not in index:
                     index[tokens] = len(index)
-                    members[p.prompt].append(index[tokens])
+                    members[p.group].append(index[tokens])
         sequences = [list(t) for t in index]
         input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
+        lengths = [response_length(p.chosen) for p in chunk] + [response_length(p.rejected) for p in chunk]
         batches.append(
             {
                 "input_ids": input_ids,
                 "attention_mask": attention_mask,
                 **pack(sequences, [m for m in members.values() if m], pad_id),
-                "chosen_index": torch.tensor([index[tuple(p.chosen)] for p in chunk]),  # (B,)
-                "rejected_index": torch.tensor([index[tuple(p.rejected)] for p in chunk]),  # (B,)
+                "chosen_index": torch.tensor([index[t] for t in sides["chosen"]]),  # (B,)
+                "rejected_index": torch.tensor([index[t] for t in sides["rejected"]]),  # (B,)
                 "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
-                "length": torch.tensor([p.chosen_length for p in chunk] + [p.rejected_length for p in chunk]),
+                "length": torch.tensor(lengths),  # (2B,) response tokens, for the length-bias probe
             }
-        )  # (2B,)
+        )
     return batches
 
 
@@ -204,13 +145,13 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
-    train_pairs, summary = tokenize_pairs(config.data, tokenizer, config)
+    limits = dict(max_length=config.max_length, overlong=config.overlong)  # no max_prompt_length: the RM's policy
+    margins = dict(margin=config.margin, margin_field=config.margin_field)
+    train_pairs, summary = tokenize_pairs(config.data, tokenizer, **limits, **margins)
     if config.eval_data:
-        eval_pairs, _ = tokenize_pairs(config.eval_data, tokenizer, config)
+        eval_pairs, _ = tokenize_pairs(config.eval_data, tokenizer, **limits, **margins)
     else:
-        train_pairs, eval_pairs = split_by_prompt(
-            train_pairs, config.eval_fraction, config.seed, key=lambda p: p.prompt
-        )
+        train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
     lm = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
         disable_dropout(lm)
@@ -219,12 +160,16 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
     reward_model = RewardModel(lm, pooling=config.pooling)  # the head sits outside peft: it trains with or without LoRA
     pad_id = tokenizer.pad_token_id
     batches = loop.MicroBatches(
-        lambda epoch: make_batches(train_pairs, config.batch_size, pad_id, config.seed, epoch),
+        lambda epoch: make_batches(train_pairs, config.batch_size, config.max_length, pad_id, config.seed, epoch),
         math.ceil(len(train_pairs) / config.batch_size),
         config,
         accelerator,
     )
-    eval_batches = make_batches(eval_pairs, config.batch_size, pad_id, 0, 0, shuffle=False) if eval_pairs else []
+    eval_batches = (
+        make_batches(eval_pairs, config.batch_size, config.max_length, pad_id, 0, 0, shuffle=False)
+        if eval_pairs
+        else []
+    )
     total = loop.total_steps(config, batches.steps_per_epoch)
     reward_model.train()  # from_pretrained leaves it in eval mode (dropout, if not disabled, as its config says)
     rates, held_out = loop.Rates(), {}
