@@ -12,7 +12,6 @@ import json
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -294,16 +293,3 @@ def progress(total: int, initial: int, desc: str, enabled: bool = True):
         dynamic_ncols=interactive,
         mininterval=0.2 if interactive else 15.0,
     )
-
-
-class Throughput:
-    """Input tokens (all real tokens) and trained tokens (with a loss) per second since the loop started."""
-
-    def __init__(self):
-        self.start, self.tokens, self.trained = time.perf_counter(), 0, 0
-
-    def add(self, tokens: int, trained: int) -> tuple[float, float]:
-        self.tokens += tokens
-        self.trained += trained
-        elapsed = max(1e-9, time.perf_counter() - self.start)
-        return self.tokens / elapsed, self.trained / elapsed

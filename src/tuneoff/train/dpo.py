@@ -188,6 +188,7 @@ def evaluate(scorer, batches: list[dict], accelerator, config: DPOConfig) -> dic
 
 
 def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
+    from tuneoff.models.heads import disable_dropout
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
@@ -212,9 +213,7 @@ def setup(config: DPOConfig, accelerator, out: Path) -> loop.Run:
     total = loop.total_steps(config, batches.steps_per_epoch)
     model = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
     if config.lora:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     reference = attach_reference(model, train_pairs + eval_pairs, config, pad_id, accelerator, out)

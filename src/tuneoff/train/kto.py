@@ -137,6 +137,7 @@ def evaluate(scorer, reference, batches: list[dict], config: KTOConfig, accelera
 
 def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
     from tuneoff.data.tokenize import tokenize_unpaired
+    from tuneoff.models.heads import disable_dropout
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
@@ -165,9 +166,7 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
     total = loop.total_steps(config, batches.steps_per_epoch)
     model = load_model(config.model, from_scratch=config.from_scratch)
     if config.disable_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
     frozen = load_model(config.ref_model) if config.ref_model else None if config.lora else copy.deepcopy(model)
     if config.lora:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
