@@ -1,8 +1,9 @@
 import pytest
 import torch
 
+from tuneoff.data.grouped import pad_right
 from tuneoff.models import gpt2_last_block
-from tuneoff.models.heads import RewardModel, disable_dropout, pad_right
+from tuneoff.models.heads import RewardModel, disable_dropout
 
 
 @pytest.mark.parametrize("name", ["tiny", "review-gpt"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from tuneoff.data.grouped import pad_right
 from tuneoff.errors import TuneoffError
 from tuneoff.feedback.judges import load_reward_model
 from tuneoff.models.heads import (
@@ -11,7 +12,6 @@ from tuneoff.models.heads import (
     gather_last,
     last_token_index,
     masked_mean_pool,
-    pad_right,
     position_ids_from_mask,
     save_reward_model,
 )

@@ -238,11 +238,13 @@ def _batch_pairs(batch) -> list[tuple[list[int], list[int]]]:
 def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_other():
     """K responses of a prompt with all pairs labelled: one micro-batch, each response one sequence; the rewards
     and the Bradley–Terry loss are those of every pair through the padded forward alone."""
+    from tuneoff.data.grouped import pad_right
+    from tuneoff.data.grouped import pair_batches as make_batches
     from tuneoff.data.pairs import TokenizedPair
     from tuneoff.losses import bradley_terry_loss
-    from tuneoff.models.heads import RewardModel, pad_right
+    from tuneoff.models.heads import RewardModel
     from tuneoff.models.load import load_model
-    from tuneoff.train.reward import make_batches, pair_rewards
+    from tuneoff.train.reward import pair_rewards
 
     a1, a2, a3 = [7], [8, 9], [10]  # prompt "a" = [5, 6]: three responses, all three pairs
     b1, b2, c1, c2 = [12], [13], [21, 22], [23]
@@ -277,9 +279,9 @@ def test_batches_score_each_response_once_and_put_a_prompts_pairs_next_to_each_o
 
 
 def test_one_pair_per_prompt_keeps_the_plain_seeded_order():
+    from tuneoff.data.grouped import pair_batches as make_batches
     from tuneoff.data.grouped import pair_pack
     from tuneoff.data.pairs import TokenizedPair
-    from tuneoff.train.reward import make_batches
 
     pairs = [TokenizedPair([i], [2, 3], [4], f"p{i}") for i in range(5, 15)]
     order = torch.randperm(10, generator=torch.Generator().manual_seed(3 * 1000 + 2)).tolist()
@@ -295,10 +297,11 @@ def test_one_pair_per_prompt_keeps_the_plain_seeded_order():
 def test_the_rm_trains_on_the_ids_its_scorer_scores(tmp_path, tiny_tokenizer):
     """One encoding for training and scoring: every batch sequence is fit_left(encode_response(...)), over-long
     (the RM's policy: a sequence keeps its last max_length tokens) and empty-prompt pairs included."""
+    from tuneoff.data.grouped import fit_left
+    from tuneoff.data.grouped import pair_batches as make_batches
     from tuneoff.data.pairs import tokenize_pairs
     from tuneoff.errors import DataError, TuneoffError
-    from tuneoff.models.heads import encode_response, fit_left
-    from tuneoff.train.reward import make_batches
+    from tuneoff.models.heads import encode_response
 
     records = [
         {"prompt": "one two three four five six", "chosen": " a b c d e f g", "rejected": " yes", "m": 0.5},

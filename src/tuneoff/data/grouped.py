@@ -1,4 +1,5 @@
-"""Sequences that share a prefix (a prompt and its responses), packed padding-free with the prefix once.
+"""Sequences that share a prefix (a prompt and its responses), packed padding-free with the prefix once, and the
+reward model's micro-batches of preference pairs built on it (:func:`pair_batches`).
 
 The reward model reads K responses of a prompt; laid out alone, each repeats the prompt. :func:`pack` puts a
 group's prompt once in a row and each response's tail after it, with a 4-D mask so that every sequence sees
@@ -7,7 +8,11 @@ exactly what it sees alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+from tuneoff.data.pairs import TokenizedPair, response_length
 
 
 def shared_prefix(a: list[int], b: list[int]) -> int:
@@ -97,3 +102,80 @@ def pair_pack(chosen: list[list[int]], rejected: list[list[int]], pad_id: int = 
     """:func:`pack` of B pairs, each pair a group: chosen sequences 0..B-1, rejected B..2B-1."""
     B = len(chosen)
     return pack(chosen + rejected, [[i, B + i] for i in range(B)], pad_id, width)
+
+
+def fit_left(ids: list[int], max_length: int) -> list[int]:
+    """Keep the last ``max_length`` tokens: the reward is read at the end, so the prompt's start goes first."""
+    return ids[-max_length:]
+
+
+def pad_right(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T_max), right-padded."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, : len(r)] = 1
+    return input_ids, attention_mask
+
+
+def pair_batches(
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    max_length: int,
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+) -> list[dict]:
+    """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt next to each other.
+
+    A pair's sequences are prompt + chosen and prompt + rejected, each keeping its last ``max_length`` tokens
+    (:func:`fit_left`; the scorer's ``encode_response`` and ``fit_left`` give the same ids). The order is a seeded
+    permutation of the pairs, then stably grouped by prompt (each prompt where its first pair fell), so data with
+    one pair per prompt keeps the plain permutation; a batch boundary may still cut a prompt's pairs (K = 4,
+    B = 32: about one prompt in eight). A response that several pairs of a batch compare (K responses of a
+    prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U distinct sequences and, per pair,
+    the index of its chosen and its rejected one."""
+    order = (
+        torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        if shuffle
+        else list(range(len(pairs)))
+    )
+    first: dict[str, int] = {}
+    for i in order:
+        first.setdefault(pairs[i].group, len(first))
+    ordered = [pairs[i] for i in sorted(order, key=lambda i: first[pairs[i].group])]  # sorted is stable
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        sides = {
+            side: [tuple(fit_left(p.prompt + getattr(p, side), max_length)) for p in chunk]
+            for side in ("chosen", "rejected")
+        }
+        # Distinct sequences numbered chosen sides first, then rejected sides: with one pair per prompt, the B
+        # chosen then the B rejected, the layout (and float summation order) of plain pairs.
+        index: dict[tuple[int, ...], int] = {}  # distinct sequence -> its number in the batch
+        # prompt -> its distinct sequences (a sequence two prompts share after truncation goes to the first)
+        members: dict[str, list[int]] = {p.group: [] for p in chunk}
+        for side in ("chosen", "rejected"):
+            for p, tokens in zip(chunk, sides[side]):
+                if tokens not in index:
+                    index[tokens] = len(index)
+                    members[p.group].append(index[tokens])
+        sequences = [list(t) for t in index]
+        input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
+        lengths = [response_length(p.chosen) for p in chunk] + [response_length(p.rejected) for p in chunk]
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                **pack(sequences, [m for m in members.values() if m], pad_id),
+                "chosen_index": torch.tensor([index[t] for t in sides["chosen"]]),  # (B,)
+                "rejected_index": torch.tensor([index[t] for t in sides["rejected"]]),  # (B,)
+                "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
+                "length": torch.tensor(lengths),  # (2B,) response tokens, for the length-bias probe
+            }
+        )
+    return batches

@@ -9,7 +9,7 @@ two limits (:func:`tokenize_pairs`):
   (the end is what the response follows), then cuts each response at its end to fit ``max_length``;
 - without (the reward model, which reads a sequence at its end): over-long when prompt + its longer response
   exceed ``max_length``; ``truncate`` keeps each sequence's last ``max_length`` tokens, done where the sequences
-  are built (:func:`tuneoff.models.heads.fit_left` in ``train/reward.py``), so the pair keeps its whole prompt.
+  are built (:func:`tuneoff.data.grouped.fit_left`), so the pair keeps its whole prompt.
 
 ``drop`` skips the pair (counted); ``error`` stops at the record. A DPO micro-batch (:func:`make_batches`) holds
 the B chosen rows and then the B rejected rows, right-padded, so one forward scores both sides.

@@ -70,7 +70,8 @@ class RewardScorer:
         normalize: subtract the mean and divide by the std of the rewards of held-out responses at the end
         of training (``reward_mean``/``reward_std`` in ``reward_model.json``), so 0 is a typical response.
         """
-        from tuneoff.models.heads import encode_response, fit_left, pad_right
+        from tuneoff.data.grouped import fit_left, pad_right
+        from tuneoff.models.heads import encode_response
 
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("score takes a list of prompts and a list of responses, got a string")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -193,8 +192,9 @@ def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: d
 
 
 def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
-    """Token ids of prompt + response, exactly those the reward model trains on (before ``fit_left``), and the
-    response's length in tokens as the length-bias probe counts it (its closing EOS or end of turn excluded).
+    """Token ids of prompt + response, exactly those the reward model trains on (before
+    :func:`tuneoff.data.grouped.fit_left`), and the response's length in tokens as the length-bias probe counts
+    it (its closing EOS or end of turn excluded).
 
     Both come from :func:`tuneoff.data.pairs.encode`: a string prompt and the response are tokenized separately
     (the ids a policy sees when it writes the response) and EOS is appended, so the reward is read at EOS; an
@@ -206,19 +206,3 @@ def encode_response(tokenizer, prompt, response: str) -> tuple[list[int], int]:
 
     prompt_ids, response_ids = encode(tokenizer, prompt, response)
     return prompt_ids + response_ids, response_length(response_ids)
-
-
-def fit_left(ids: list[int], max_length: int) -> list[int]:
-    """Keep the last ``max_length`` tokens: the reward is read at the end, so the prompt's start goes first."""
-    return ids[-max_length:]
-
-
-def pad_right(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T_max), right-padded."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        attention_mask[i, : len(r)] = 1
-    return input_ids, attention_mask

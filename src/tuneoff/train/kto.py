@@ -4,14 +4,14 @@ Each example is a prompt x, a completion y and a label: desirable or undesirable
 log π_ref(y|x), the loss is λ_D(1 − σ(β(r_θ − z_0))) for a desirable example and λ_U(1 − σ(β(z_0 − r_θ)))
 for an undesirable one (``tuneoff.losses.kto_loss``). The reference point z_0 = KL(π‖π_ref) is estimated on the
 micro-batch's mismatched pairs (each prompt with the next example's completion, as TRL), without a gradient and
-all-reduced across processes. π_ref is a frozen copy of the starting model (with LoRA: the base with its
-adapters off). Preference pairs are accepted too, unpaired as TRL's ``unpair_preference_dataset`` does. A
-step's loss is the mean over its examples across micro-batches and processes. Metrics are named as TRL's.
+all-reduced across processes (held out: per micro-batch). π_ref is a frozen copy of the starting model (with
+LoRA: the base with its adapters off). Preference pairs are accepted too, unpaired as TRL's
+``unpair_preference_dataset`` does. A step's loss is the mean over its examples across micro-batches and
+processes. Metrics are named as TRL's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from pathlib import Path
@@ -25,7 +25,7 @@ from tuneoff.errors import DataError, TuneoffError
 from tuneoff.losses import kto_kl_from_sum, kto_kl_sum, kto_loss
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
-from tuneoff.train.dpo import SequenceLogProbs
+from tuneoff.train.reference import SequenceLogProbs, adapters_off, check_tokenizer
 
 SUMS = (
     "loss",
@@ -77,14 +77,15 @@ def make_batches(examples: list, config: KTOConfig, pad_id: int, epoch: int, shu
     return batches
 
 
-def batch_terms(scorer, reference, batch: dict, config: KTOConfig, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss (with its gradient) and the sums of SUMS (8,) of one micro-batch."""
+def batch_terms(scorer, reference, batch: dict, config: KTOConfig, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss (with its gradient) and the sums of SUMS (8,) of one micro-batch; ``reduce`` sums z_0's terms
+    across processes (training) or leaves them (held out: the processes' shares may be unequal)."""
     B = len(batch["label"])
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     with torch.no_grad():
         ref_logps, _ = reference(*inputs)  # (2B,)
         policy_kl_logps, _ = scorer(*(t[B:] for t in inputs))  # (B,) the mismatched rows, no gradient
-    z0 = kto_kl_from_sum(accelerator.reduce(kto_kl_sum(policy_kl_logps, ref_logps[B:]), "sum"))
+    z0 = kto_kl_from_sum(reduce(kto_kl_sum(policy_kl_logps, ref_logps[B:])))
     logps, _ = scorer(*(t[:B] for t in inputs))  # (B,)
     losses, rewards = kto_loss(
         logps, ref_logps[:B], batch["label"], z0, config.beta, config.desirable_weight, config.undesirable_weight
@@ -121,36 +122,31 @@ def named(sums: dict) -> dict:
     return out
 
 
-@torch.no_grad()
 def evaluate(scorer, reference, batches: list[dict], config: KTOConfig, accelerator) -> dict:
-    scorer.eval()
-    totals = torch.zeros(len(SUMS) + 1, device=accelerator.device)
-    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        _, stats = batch_terms(scorer, reference, batch, config, accelerator)
-        totals += torch.cat([stats, stats.new_tensor([len(batch["label"])])])
-    scorer.train()
-    totals = accelerator.reduce(totals, "sum")
+    """Held-out SUMS per example over every process's share; z_0 from each micro-batch alone."""
+
+    def terms(batch):
+        _, stats = batch_terms(scorer, reference, batch, config, lambda kl: kl)
+        return torch.cat([stats, stats.new_tensor([len(batch["label"])])])
+
+    totals = loop.summed_over_processes(scorer, batches, accelerator, terms, len(SUMS) + 1)
     sums = dict(zip(SUMS, (totals[:-1] / totals[-1].clamp(min=1)).tolist()))
     return {f"eval/{k}": v for k, v in {"loss": sums["loss"], **named(sums)}.items()}
 
 
 def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
     from tuneoff.data.tokenize import tokenize_unpaired
-    from tuneoff.models.heads import disable_dropout
-    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
+    from tuneoff.models.load import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
-    if config.ref_model and load_tokenizer(config.ref_model).get_vocab() != tokenizer.get_vocab():
-        raise TuneoffError(f"ref_model {config.ref_model} has another tokenizer than model {config.model}")
+    check_tokenizer(config, tokenizer)
     limits = (tokenizer, config.max_length, config.max_prompt_length, config.overlong)
-    train_examples = tokenize_unpaired(load_examples(config.data), *limits)
-    if config.eval_data:
-        eval_examples = tokenize_unpaired(load_examples(config.eval_data), *limits)
-    else:
-        train_examples, eval_examples = split_by_prompt(
-            train_examples, config.eval_fraction, config.seed, key=lambda e: tuple(e.prompt)
-        )
+    train_examples, eval_examples = loop.held_out(
+        config,
+        tokenize_unpaired(load_examples(config.data), *limits),
+        lambda path: tokenize_unpaired(load_examples(path), *limits),
+        lambda examples: split_by_prompt(examples, config.eval_fraction, config.seed, key=lambda e: tuple(e.prompt)),
+    )
     if len({e.label for e in train_examples}) < 2:
         raise TuneoffError(
             f"{config.data}: KTO needs desirable and undesirable examples; all are "
@@ -164,12 +160,9 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
         accelerator,
     )
     total = loop.total_steps(config, batches.steps_per_epoch)
-    model = load_model(config.model, from_scratch=config.from_scratch)
-    if config.disable_dropout:
-        disable_dropout(model)
+    model = loop.trainable_model(config)
+    # π_ref: ref_model, or with LoRA the base with its adapters off, or a frozen copy of the starting model
     frozen = load_model(config.ref_model) if config.ref_model else None if config.lora else copy.deepcopy(model)
-    if config.lora:
-        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     if frozen is not None:
         frozen.eval().requires_grad_(False).to(accelerator.device)
     policy_scorer = SequenceLogProbs(model)
@@ -177,13 +170,11 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
     def reference(*inputs):
         if frozen is not None:
             return SequenceLogProbs(frozen)(*inputs)
-        adapters_off = model.disable_adapter() if hasattr(model, "peft_config") else contextlib.nullcontext()
-        with adapters_off:
+        with adapters_off(model):
             return policy_scorer(*inputs)
 
     eval_batches = make_batches(eval_examples, config, pad_id, 0, shuffle=False) if eval_examples else []
     model.train()
-    rates = loop.Rates()
 
     def step(context: loop.Context) -> dict:
         def counts(batch):
@@ -191,20 +182,12 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
             return torch.tensor([len(batch["label"]), float(batch["num_tokens"]), trained])
 
         def loss(batch):
-            return batch_terms(context.modules[0], reference, batch, config, accelerator)
+            return batch_terms(context.modules[0], reference, batch, config, lambda kl: accelerator.reduce(kl, "sum"))
 
-        metrics = loop.optimizer_step(context, batches.next(), loss, counts, (names.LOSS, *SUMS[1:]))
-        examples, tokens, trained = metrics.pop("counts").tolist()
-        speed = rates.add(examples=int(examples), tokens=int(tokens), trained=int(trained))
+        rates = (names.EXAMPLES_PER_S, names.TOKENS_PER_S, names.TRAINED_TOKENS_PER_S)
+        metrics = batches.step(context, loss, counts, (names.LOSS, *SUMS[1:]), rates)
         sums = {k: metrics.pop(k) for k in SUMS[1:]}
-        return {
-            **metrics,
-            **named(sums),
-            names.EXAMPLES_PER_S: speed["examples"],
-            names.TOKENS_PER_S: speed["tokens"],
-            names.TRAINED_TOKENS_PER_S: speed["trained"],
-            names.EPOCH: batches.epoch,
-        }
+        return {**metrics, **named(sums)}
 
     n_good = sum(e.label for e in train_examples)
     return loop.Run(

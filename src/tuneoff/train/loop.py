@@ -23,7 +23,7 @@ import torch
 
 from tuneoff.errors import TuneoffError
 from tuneoff.train import common
-from tuneoff.train.metrics import GRAD_NORM, LR
+from tuneoff.train.metrics import EPOCH, GRAD_NORM, LR
 
 
 @dataclass
@@ -192,6 +192,8 @@ class MicroBatches:
         self.batches = common.EpochBatches(make, self.per_epoch)
         self.cursor = 0
         """Micro-batches consumed, over all epochs and processes."""
+        self.rates: Rates | None = None
+        """Counters per second since the first step began (set-up, the reference pass, a resume excluded)."""
 
     def next(self) -> list[dict]:
         mine = [self.cursor + i * self.world + self.accelerator.process_index for i in range(self.config.grad_accum)]
@@ -201,6 +203,14 @@ class MicroBatches:
     @property
     def epoch(self) -> float:
         return self.cursor / self.per_epoch
+
+    def step(self, context: Context, loss: Callable, counts: Callable, names: tuple, per_second: tuple) -> dict:
+        """:func:`optimizer_step` over the next micro-batches; its global counters as rates named ``per_second``
+        (one name per entry of ``counts(batch)``) and the epoch reached, under the metric names."""
+        self.rates = self.rates or Rates()
+        metrics = optimizer_step(context, self.next(), loss, counts, names)
+        speed = self.rates.add(**dict(zip(per_second, metrics.pop("counts").tolist())))
+        return {**metrics, **speed, EPOCH: self.epoch}
 
     def state(self) -> dict:
         return {"cursor": self.cursor}
@@ -251,3 +261,34 @@ class Rates:
         for name, value in counts.items():
             self.totals[name] = self.totals.get(name, 0) + value
         return {name: total / elapsed for name, total in self.totals.items()}
+
+
+def trainable_model(config) -> torch.nn.Module:
+    """The LM an offline method trains: loaded (or initialised, ``from_scratch``), its dropout off where the
+    config says so, LoRA adapters on it where asked."""
+    from tuneoff.models.heads import disable_dropout
+    from tuneoff.models.load import apply_lora, load_model
+
+    model = load_model(config.model, from_scratch=config.from_scratch)
+    if getattr(config, "disable_dropout", False):
+        disable_dropout(model)
+    if config.lora:
+        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    return model
+
+
+def held_out(config, train: list, load: Callable, split: Callable) -> tuple[list, list]:
+    """(training, held-out) examples: ``load(config.eval_data)`` when it is given, else ``split(train)``."""
+    return (train, load(config.eval_data)) if config.eval_data else split(train)
+
+
+@torch.inference_mode()
+def summed_over_processes(module, batches: list[dict], accelerator, terms: Callable, width: int) -> torch.Tensor:
+    """Σ terms(batch) -> (width,) over this process's share of ``batches`` (moved to its device), summed across
+    processes; ``module`` in eval mode meanwhile. ``terms`` must not communicate: the shares may be unequal."""
+    module.eval()
+    total = torch.zeros(width, device=accelerator.device)
+    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
+        total += terms({k: v.to(accelerator.device) for k, v in batch.items()}).float()
+    module.train()
+    return accelerator.reduce(total, "sum")

@@ -22,74 +22,11 @@ from pathlib import Path
 import torch
 
 from tuneoff.config import RMConfig
-from tuneoff.data.grouped import pack
-from tuneoff.data.pairs import TokenizedPair, response_length, split_by_prompt, tokenize_pairs
+from tuneoff.data.grouped import pair_batches
+from tuneoff.data.pairs import split_by_prompt, tokenize_pairs
 from tuneoff.losses import bradley_terry_loss
 from tuneoff.train import loop
-from tuneoff.train.metrics import ACCURACY, EPOCH, EVAL_REWARD_MEAN, EVAL_REWARD_STD, LOSS, PAIRS_PER_S
-
-
-def make_batches(
-    pairs: list[TokenizedPair],
-    batch_size: int,
-    max_length: int,
-    pad_id: int,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-) -> list[dict]:
-    """Micro-batches of B pairs for one epoch in a seeded order, the pairs of one prompt next to each other.
-
-    A pair's sequences are prompt + chosen and prompt + rejected, each keeping its last ``max_length`` tokens
-    (``fit_left``; the scorer's ``encode_response`` and ``fit_left`` give the same ids). The order is a seeded
-    permutation of the pairs, then stably grouped by prompt (each prompt where its first pair fell), so data with
-    one pair per prompt keeps the plain permutation; a batch boundary may still cut a prompt's pairs (K = 4,
-    B = 32: about one prompt in eight). A response that several pairs of a batch compare (K responses of a
-    prompt, all C(K, 2) pairs labelled) is scored once: a batch holds its U distinct sequences and, per pair,
-    the index of its chosen and its rejected one."""
-    from tuneoff.models.heads import fit_left, pad_right
-
-    order = (
-        torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-        if shuffle
-        else list(range(len(pairs)))
-    )
-    first: dict[str, int] = {}
-    for i in order:
-        first.setdefault(pairs[i].group, len(first))
-    ordered = [pairs[i] for i in sorted(order, key=lambda i: first[pairs[i].group])]  # sorted is stable
-    batches = []
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start : start + batch_size]
-        sides = {
-            side: [tuple(fit_left(p.prompt + getattr(p, side), max_length)) for p in chunk]
-            for side in ("chosen", "rejected")
-        }
-        # Distinct sequences numbered chosen sides first, then rejected sides: with one pair per prompt, the B
-        # chosen then the B rejected, the layout (and float summation order) of plain pairs.
-        index: dict[tuple[int, ...], int] = {}  # distinct sequence -> its number in the batch
-        # prompt -> its distinct sequences (a sequence two prompts share after truncation goes to the first)
-        members: dict[str, list[int]] = {p.group: [] for p in chunk}
-        for side in ("chosen", "rejected"):
-            for p, tokens in zip(chunk, sides[side]):
-                if tokens not in index:
-                    index[tokens] = len(index)
-                    members[p.group].append(index[tokens])
-        sequences = [list(t) for t in index]
-        input_ids, attention_mask = pad_right(sequences, pad_id)  # (U, T)
-        lengths = [response_length(p.chosen) for p in chunk] + [response_length(p.rejected) for p in chunk]
-        batches.append(
-            {
-                "input_ids": input_ids,
-                "attention_mask": attention_mask,
-                **pack(sequences, [m for m in members.values() if m], pad_id),
-                "chosen_index": torch.tensor([index[t] for t in sides["chosen"]]),  # (B,)
-                "rejected_index": torch.tensor([index[t] for t in sides["rejected"]]),  # (B,)
-                "margin": torch.tensor([p.margin for p in chunk]),  # (B,)
-                "length": torch.tensor(lengths),  # (2B,) response tokens, for the length-bias probe
-            }
-        )
-    return batches
+from tuneoff.train.metrics import ACCURACY, EVAL_REWARD_MEAN, EVAL_REWARD_STD, LOSS, PAIRS_PER_S
 
 
 def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,38 +78,36 @@ def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
 
 
 def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
-    from tuneoff.models.heads import RewardModel, disable_dropout, save_reward_model
-    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
+    from tuneoff.models.heads import RewardModel, save_reward_model
+    from tuneoff.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     limits = dict(max_length=config.max_length, overlong=config.overlong)  # no max_prompt_length: the RM's policy
     margins = dict(margin=config.margin, margin_field=config.margin_field)
     train_pairs, summary = tokenize_pairs(config.data, tokenizer, **limits, **margins)
-    if config.eval_data:
-        eval_pairs, _ = tokenize_pairs(config.eval_data, tokenizer, **limits, **margins)
-    else:
-        train_pairs, eval_pairs = split_by_prompt(train_pairs, config.eval_fraction, config.seed)
-    lm = load_model(config.model, from_scratch=config.from_scratch)
-    if config.disable_dropout:
-        disable_dropout(lm)
-    if config.lora:
-        lm = apply_lora(lm, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    train_pairs, eval_pairs = loop.held_out(
+        config,
+        train_pairs,
+        lambda path: tokenize_pairs(path, tokenizer, **limits, **margins)[0],
+        lambda pairs: split_by_prompt(pairs, config.eval_fraction, config.seed),
+    )
+    lm = loop.trainable_model(config)
     reward_model = RewardModel(lm, pooling=config.pooling)  # the head sits outside peft: it trains with or without LoRA
     pad_id = tokenizer.pad_token_id
     batches = loop.MicroBatches(
-        lambda epoch: make_batches(train_pairs, config.batch_size, config.max_length, pad_id, config.seed, epoch),
+        lambda epoch: pair_batches(train_pairs, config.batch_size, config.max_length, pad_id, config.seed, epoch),
         math.ceil(len(train_pairs) / config.batch_size),
         config,
         accelerator,
     )
     eval_batches = (
-        make_batches(eval_pairs, config.batch_size, config.max_length, pad_id, 0, 0, shuffle=False)
+        pair_batches(eval_pairs, config.batch_size, config.max_length, pad_id, 0, 0, shuffle=False)
         if eval_pairs
         else []
     )
     total = loop.total_steps(config, batches.steps_per_epoch)
     reward_model.train()  # from_pretrained leaves it in eval mode (dropout, if not disabled, as its config says)
-    rates, held_out = loop.Rates(), {}
+    held_out = {}
 
     def step(context: loop.Context) -> dict:
         def loss(batch):
@@ -180,11 +115,8 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
             loss_sum = bradley_terry_loss(r_chosen, r_rejected, batch["margin"]) * len(r_chosen)
             return loss_sum, torch.stack([loss_sum.detach(), (r_chosen > r_rejected).sum().float()])
 
-        metrics = loop.optimizer_step(
-            context, batches.next(), loss, lambda b: b["margin"].new_tensor([len(b["margin"])]), (LOSS, ACCURACY)
-        )
-        speed = rates.add(pairs=int(metrics.pop("counts")[0].item()))
-        return {**metrics, PAIRS_PER_S: speed["pairs"], EPOCH: batches.epoch}
+        pairs = lambda batch: batch["margin"].new_tensor([len(batch["margin"])])  # noqa: E731
+        return batches.step(context, loss, pairs, (LOSS, ACCURACY), (PAIRS_PER_S,))
 
     def evaluate_now(context: loop.Context) -> dict:
         held_out.update(evaluate(context.modules[0], eval_batches, accelerator, config.calibration_bins))

@@ -16,7 +16,7 @@ from tuneoff.data.tokenize import pack, packed_batch, pad_batch, tokenize_datase
 from tuneoff.errors import TuneoffError
 from tuneoff.losses import IGNORE, sft_loss_sum, shift_targets
 from tuneoff.train import loop
-from tuneoff.train.metrics import EPOCH, EVAL_LOSS, EVAL_PERPLEXITY, LOSS, TOKENS_PER_S, TRAINED_TOKENS_PER_S
+from tuneoff.train.metrics import EVAL_LOSS, EVAL_PERPLEXITY, LOSS, TOKENS_PER_S, TRAINED_TOKENS_PER_S
 
 
 class TokenLoss(torch.nn.Module):
@@ -84,32 +84,30 @@ def trained_tokens(batch: dict) -> torch.Tensor:
     return (shift_targets(batch["labels"]) != IGNORE).sum().float()
 
 
-@torch.inference_mode()
 def evaluate(loss_model, batches: list[dict], accelerator) -> dict:
-    """Token-weighted eval loss and perplexity over this process's share, summed across processes."""
-    loss_model.eval()
-    total = torch.zeros(2, device=accelerator.device)
-    for batch in batches[accelerator.process_index :: accelerator.num_processes]:
-        loss_sum, count = loss_model(**{k: v.to(accelerator.device) for k, v in batch.items()})
-        total += torch.stack([loss_sum.float(), count.float()])
-    loss_model.train()
-    total = accelerator.reduce(total, "sum")
+    """Token-weighted eval loss and perplexity over every process's share of the batches."""
+
+    def terms(batch):
+        loss_sum, count = loss_model(**batch)
+        return torch.stack([loss_sum.float(), count.float()])
+
+    total = loop.summed_over_processes(loss_model, batches, accelerator, terms, 2)
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {EVAL_LOSS: loss, EVAL_PERPLEXITY: math.exp(min(loss, 50.0))}
 
 
 def setup(config: SFTConfig, accelerator, out: Path) -> loop.Run:
-    from tuneoff.models.load import apply_lora, load_model, load_tokenizer
+    from tuneoff.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     train_examples, report = load_examples(config.data, tokenizer, config)
-    if config.eval_data:
-        eval_examples, _ = load_examples(config.eval_data, tokenizer, config)
-    else:
-        train_examples, eval_examples = split(train_examples, config.eval_fraction, config.seed)
-    model = load_model(config.model, from_scratch=config.from_scratch)
-    if config.lora:
-        model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    train_examples, eval_examples = loop.held_out(
+        config,
+        train_examples,
+        lambda path: load_examples(path, tokenizer, config)[0],
+        lambda examples: split(examples, config.eval_fraction, config.seed),
+    )
+    model = loop.trainable_model(config)
     layout = (config.batch_size, config.max_length, config.packing, tokenizer.pad_token_id, config.seed)
     batches = loop.MicroBatches(
         lambda epoch: make_batches(train_examples, *layout, epoch),
@@ -120,7 +118,6 @@ def setup(config: SFTConfig, accelerator, out: Path) -> loop.Run:
     eval_batches = make_batches(eval_examples, *layout, 0, shuffle=False) if eval_examples else []
     total = loop.total_steps(config, batches.steps_per_epoch)
     model.train()  # from_pretrained leaves it in eval mode: dropout as its config says, as in TRL
-    rates = loop.Rates()
 
     def step(context: loop.Context) -> dict:
         def loss(batch):
@@ -128,10 +125,7 @@ def setup(config: SFTConfig, accelerator, out: Path) -> loop.Run:
             return loss_sum, loss_sum.detach()[None]
 
         counts = lambda batch: torch.stack([trained_tokens(batch), batch["num_tokens"].float()])  # noqa: E731
-        metrics = loop.optimizer_step(context, batches.next(), loss, counts, (LOSS,))
-        trained, tokens = metrics.pop("counts").tolist()
-        speed = rates.add(tokens=int(tokens), trained=int(trained))
-        return {**metrics, TOKENS_PER_S: speed["tokens"], TRAINED_TOKENS_PER_S: speed["trained"], EPOCH: batches.epoch}
+        return batches.step(context, loss, counts, (LOSS,), (TRAINED_TOKENS_PER_S, TOKENS_PER_S))
 
     micro = config.grad_accum * accelerator.num_processes
     return loop.Run(
