@@ -153,3 +153,24 @@ def test_build_with_k_responses_holds_out_the_k2_samples(monkeypatch, tmp_path):
     assert held == held_k2 and [r["prompt"] for r in held] == [
         p for p in prompts[:300] if p in {r["prompt"] for r in held}
     ]
+
+
+def test_the_default_tasks_responses_come_from_the_rollout_sampler(monkeypatch):
+    """One sampler: the recipe draws through tuneoff.rollout.sample_responses (K rows per prompt, one call per
+    batch of prompts), reproducibly from its seed."""
+    import tuneoff.rollout
+    from tuneoff.tasks import default_task
+
+    calls = []
+    original = tuneoff.rollout.sample_responses
+
+    def recording(model, tokenizer, ids, *args, **kwargs):
+        calls.append(len(ids))
+        return original(model, tokenizer, ids, *args, **kwargs)
+
+    monkeypatch.setattr(tuneoff.rollout, "sample_responses", recording)
+    prompts = ["The movie is", "A", "the plot"]
+    groups = [default_task.sample_responses("review-gpt", prompts, 3, 4, seed=0, batch_size=2) for _ in range(2)]
+    assert calls == [9, 9]  # 3 prompts x 3 responses per call; batch_size counts prompts (2 x 3 rows per batch)
+    assert [p for p, _ in groups[0]] == prompts and all(len(r) == 3 for _, r in groups[0])
+    assert groups[0] == groups[1]

@@ -41,8 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-FORMAT_VERSION = 1
-"""Bump when the recipe above changes: it is part of the cache key."""
+FORMAT_VERSION = 2
+"""Bump when the recipe above changes: it is part of the cache key. 2: responses drawn by
+:func:`tuneoff.rollout.sample_responses` (1: transformers' ``generate``)."""
 TRAIN_FILE, EVAL_FILE, EVAL_ANNOTATED_FILE, INFO_FILE = (
     "train.jsonl",
     "eval_gold.jsonl",
@@ -50,7 +51,7 @@ TRAIN_FILE, EVAL_FILE, EVAL_ANNOTATED_FILE, INFO_FILE = (
     "info.json",
 )
 GENERATE_BATCH = 256
-"""Prompts per ``generate`` call. Part of the recipe: a prompt's samples depend on the batch it is drawn in."""
+"""Prompts per sampling call. Part of the recipe: a prompt's samples depend on the batch it is drawn in."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,38 +117,22 @@ def train_prompts(words: int, seed: int) -> list[str]:
 def sample_responses(
     model_name: str, prompts: list[str], count: int, max_new_tokens: int, seed: int, batch_size: int = GENERATE_BATCH
 ) -> list[tuple[str, list[str]]]:
-    """(prompt, responses): ``count`` sampled continuations of each prompt (decoded, special tokens dropped).
-
-    Drawn by transformers' ``generate``, not :func:`tuneoff.rollout.sample_responses`: these draws are part of the
-    recipe (:data:`FORMAT_VERSION`), and the two samplers draw different tokens from the same seed."""
+    """(prompt, responses): ``count`` continuations of each prompt sampled at temperature 1 from the whole
+    vocabulary (decoded, special tokens dropped) by :func:`tuneoff.rollout.sample_responses`, the sampler every
+    policy draws from, ``batch_size`` prompts (× ``count`` rows) per call, from a generator seeded with ``seed``."""
     import torch
 
     from tuneoff.models.load import load_model_and_tokenizer
+    from tuneoff.rollout import sample_responses as sample
 
     model, tokenizer = load_model_and_tokenizer(model_name)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.eval().to(device)
-    tokenizer.padding_side = "left"  # generation appends on the right: real tokens must end every row
-    torch.manual_seed(seed)
-    groups = []
-    with torch.inference_mode():
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True).to(device)
-            generated = model.generate(
-                **encoded,
-                do_sample=True,
-                top_p=1.0,
-                top_k=0,
-                temperature=1.0,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=count,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            texts = tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-            groups += [(prompt, texts[count * i : count * (i + 1)]) for i, prompt in enumerate(chunk)]
-    return groups
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [row for row in ids for _ in range(count)]  # each prompt's count samples side by side
+    generator = torch.Generator(device).manual_seed(seed)
+    _, texts, _ = sample(model, tokenizer, rows, max_new_tokens, 1.0, generator, batch=batch_size * count)
+    return [(prompt, texts[count * i : count * (i + 1)]) for i, prompt in enumerate(prompts)]
 
 
 def sample_pairs(
