@@ -39,38 +39,39 @@ class Meter:
         register_optimizer_step_post_hook(self._after_optimizer_step)
         for cls in decoder_classes():
             cls.forward = self._counting(cls.forward)
-        self._count_lean_gpt2()
+        self._count_lean_paths()
         return self
 
-    def _count_lean_gpt2(self) -> None:
-        """tuneoff's lean GPT-2 paths do the decoder's work without calling it: count their tokens the same way
-        (packed passes: every slot; prefill: the real prompt tokens; a decode step: one token per row)."""
-        from tuneoff.models import gpt2_decode
+    def _count_lean_paths(self) -> None:
+        """tuneoff's lean GPT-2 and Llama-family paths do the decoder's work without calling it: count their tokens
+        the same way (packed passes: every slot; prefill: the real prompt tokens; a decode step: one token per row)."""
+        from tuneoff.models import gpt2_decode, llama_decode
 
-        counts, packed, prefill, step = (
-            self.counts,
-            gpt2_decode.packed_hidden_states,
-            gpt2_decode.GPT2Decoder.prefill,
-            gpt2_decode.GPT2Decoder.step,
-        )
+        counts = self.counts
 
         def add(tokens: int) -> None:
             counts["train_tokens" if torch.is_grad_enabled() else "infer_tokens"] += int(tokens)
 
-        def counted_packed(model, input_ids, position_ids):
-            add(input_ids.numel())
-            return packed(model, input_ids, position_ids)
+        def count(module, decoder_class) -> None:
+            packed, prefill, step = module.packed_hidden_states, decoder_class.prefill, decoder_class.step
 
-        def counted_prefill(decoder, prompt_ids, positions):
-            add(decoder.allowed[..., : prompt_ids.shape[1]].sum())
-            return prefill(decoder, prompt_ids, positions)
+            def counted_packed(model, input_ids, position_ids):
+                add(input_ids.numel())
+                return packed(model, input_ids, position_ids)
 
-        def counted_step(decoder, token, position):
-            add(token.numel())
-            return step(decoder, token, position)
+            def counted_prefill(decoder, prompt_ids, positions):
+                add(decoder.allowed[..., : prompt_ids.shape[1]].sum())
+                return prefill(decoder, prompt_ids, positions)
 
-        gpt2_decode.packed_hidden_states = counted_packed
-        gpt2_decode.GPT2Decoder.prefill, gpt2_decode.GPT2Decoder.step = counted_prefill, counted_step
+            def counted_step(decoder, token, position):
+                add(token.numel())
+                return step(decoder, token, position)
+
+            module.packed_hidden_states = counted_packed
+            decoder_class.prefill, decoder_class.step = counted_prefill, counted_step
+
+        count(gpt2_decode, gpt2_decode.GPT2Decoder)
+        count(llama_decode, llama_decode.LlamaDecoder)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.optimizer_steps += 1

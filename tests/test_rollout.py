@@ -126,7 +126,7 @@ def test_lean_gpt2_decode_equals_transformers_forward():
         )
 
     lean_greedy, lean_sampled = run(0.0), run(1.0)
-    with mock.patch("tuneoff.rollout.supports", return_value=False):
+    with mock.patch("tuneoff.rollout.lean_decoder", return_value=None):
         hf_greedy, hf_sampled = run(0.0), run(1.0)
     assert torch.equal(lean_greedy.response_ids, hf_greedy.response_ids)
     same = (lean_sampled.response_ids == hf_sampled.response_ids).all(-1)

@@ -1,7 +1,9 @@
 """Batched sampling with a KV cache: token ids, per-token log-probs under the sampling policy, and masks.
 
 One prefill over the left-padded prompts, then one forward per new token that feeds only the new tokens and
-reuses the cache (for plain GPT-2 models, tuneoff's lean decode step, :mod:`tuneoff.models.gpt2_decode`). The loop
+reuses the cache. Plain GPT-2 and Llama-family models (SmolLM2, Qwen2, Llama 3) take tuneoff's lean decode steps,
+:mod:`tuneoff.models.gpt2_decode` and :mod:`tuneoff.models.llama_decode` (the same math without transformers'
+per-call work); other models take transformers' forward. The loop
 does nothing else per step: no logits processors, no stopping-criteria objects,
 and the LM head only on the last position. A sequence stops at its first EOS; the EOS is part of the
 response (it carries the reward in PPO) and everything after it is masked. Sequences that reach
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneoff.models.gpt2_decode import GPT2Decoder, supports
+from tuneoff.models import gpt2_decode, llama_decode
 
 
 @dataclass
@@ -89,6 +91,16 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def lean_decoder(model, prompt_mask: torch.Tensor, max_new_tokens: int):
+    """tuneoff's lean decode state for the model's family (prefill, step), or None where only transformers'
+    forward is exact (other architectures, adapters, live dropout, sliding windows: each module's ``supports``)."""
+    if gpt2_decode.supports(model):
+        return gpt2_decode.GPT2Decoder(model, prompt_mask, max_new_tokens)
+    if llama_decode.supports(model):
+        return llama_decode.LlamaDecoder(model, prompt_mask, max_new_tokens)
+    return None
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -106,7 +118,7 @@ def generate(
 
     B, device = prompt_ids.shape[0], prompt_ids.device
     position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P): left padding does not shift positions
-    lean = GPT2Decoder(model, prompt_mask, max_new_tokens) if supports(model) else None
+    lean = lean_decoder(model, prompt_mask, max_new_tokens)
     if lean is not None:  # the same math as transformers' forward, without its per-call overhead
         logits = lean.prefill(prompt_ids, position_ids)  # (B, V)
     else:

@@ -110,17 +110,19 @@ def response_logprobs(
 
     full_ids, full_mask: (B, P + R) left-padded prompt then response; response_mask: (B, R).
     The decoder runs on the real tokens only, packed padding-free (:func:`pack_rows`: on a CPU a pad costs as
-    much as a token, and responses that end early leave many; a plain GPT-2 takes the lean path of
-    :mod:`tuneoff.models.gpt2_decode`); the LM head runs only on response positions that
-    count (the largest matmul of a small model). Returns logp (B, R) and entropy (B, R) or None; 0 where
-    response_mask is 0.
+    much as a token, and responses that end early leave many; a plain GPT-2 or Llama-family model takes the lean
+    path of :mod:`tuneoff.models.gpt2_decode` or :mod:`tuneoff.models.llama_decode`); the LM head runs only on
+    response positions that count (the largest matmul of a small model). Returns logp (B, R) and entropy (B, R) or
+    None; 0 where response_mask is 0.
     """
-    from tuneoff.models import gpt2_decode
+    from tuneoff.models import gpt2_decode, llama_decode
 
     head = model.get_output_embeddings()
     packed_ids, positions, where = pack_rows(full_ids, full_mask, model.config.get_text_config().pad_token_id)
     if gpt2_decode.supports(model):  # the same math as transformers' GPT-2, without its per-call work
         hidden = gpt2_decode.packed_hidden_states(model, packed_ids, positions)  # (R, W, H)
+    elif llama_decode.supports(model):  # likewise for Llama, Qwen2, Mistral
+        hidden = llama_decode.packed_hidden_states(model, packed_ids, positions)
     else:
         hidden = model.get_decoder()(input_ids=packed_ids, position_ids=positions, use_cache=False).last_hidden_state
     keep = response_mask.bool()  # (B, R)
