@@ -3,11 +3,11 @@
 Each example is a prompt x, a completion y and a label: desirable or undesirable. With r_θ = log π(y|x) −
 log π_ref(y|x), the loss is λ_D(1 − σ(β(r_θ − z_0))) for a desirable example and λ_U(1 − σ(β(z_0 − r_θ)))
 for an undesirable one (``tuneoff.losses.kto_loss``). The reference point z_0 = KL(π‖π_ref) is estimated on the
-micro-batch's mismatched pairs (each prompt with the next example's completion, as TRL), without a gradient and
-all-reduced across processes (held out: per micro-batch). π_ref is a frozen copy of the starting model (with
-LoRA: the base with its adapters off). Preference pairs are accepted too, unpaired as TRL's
-``unpair_preference_dataset`` does. A step's loss is the mean over its examples across micro-batches and
-processes. Metrics are named as TRL's.
+optimizer step's mismatched pairs (each prompt with the next example's completion in its micro-batch, as TRL),
+without a gradient, over all the step's micro-batches and processes (held out: per micro-batch); TRL takes each
+micro-batch alone, so there grad_accum changes z_0. π_ref is a frozen copy of the starting model (with LoRA: the
+base with its adapters off). Preference pairs are accepted too, unpaired as TRL's ``unpair_preference_dataset``
+does. A step's loss is the mean over its examples across micro-batches and processes. Metrics are named as TRL's.
 """
 
 from __future__ import annotations
@@ -77,16 +77,26 @@ def make_batches(examples: list, config: KTOConfig, pad_id: int, epoch: int, shu
     return batches
 
 
-def batch_terms(scorer, reference, batch: dict, config: KTOConfig, reduce) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss (with its gradient) and the sums of SUMS (8,) of one micro-batch; ``reduce`` sums z_0's terms
-    across processes (training) or leaves them (held out: the processes' shares may be unequal)."""
+@torch.no_grad()
+def reference_point(scorer, reference, batches: list[dict], reduce) -> torch.Tensor:
+    """z_0 of one optimizer step: the KL estimate over the mismatched rows of all its micro-batches, summed
+    across processes by ``reduce`` (so grad_accum = 2 on one process is two processes); each batch gains
+    ``ref_logps`` (2B,), log π_ref of its rows."""
+    total = torch.zeros(2, device=batches[0]["input_ids"].device)
+    for batch in batches:
+        B = len(batch["label"])
+        inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
+        batch["ref_logps"], _ = reference(*inputs)  # (2B,)
+        policy_kl_logps, _ = scorer(*(t[B:] for t in inputs))  # (B,) the mismatched rows
+        total += kto_kl_sum(policy_kl_logps, batch["ref_logps"][B:])
+    return kto_kl_from_sum(reduce(total))
+
+
+def batch_terms(scorer, batch: dict, z0: torch.Tensor, config: KTOConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss (with its gradient) and the sums of SUMS (8,) of one micro-batch, given its step's z_0."""
     B = len(batch["label"])
-    inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    with torch.no_grad():
-        ref_logps, _ = reference(*inputs)  # (2B,)
-        policy_kl_logps, _ = scorer(*(t[B:] for t in inputs))  # (B,) the mismatched rows, no gradient
-    z0 = kto_kl_from_sum(reduce(kto_kl_sum(policy_kl_logps, ref_logps[B:])))
-    logps, _ = scorer(*(t[:B] for t in inputs))  # (B,)
+    ref_logps = batch["ref_logps"]
+    logps, _ = scorer(*(t[:B] for t in (batch["input_ids"], batch["attention_mask"], batch["labels"])))  # (B,)
     losses, rewards = kto_loss(
         logps, ref_logps[:B], batch["label"], z0, config.beta, config.desirable_weight, config.undesirable_weight
     )
@@ -126,7 +136,7 @@ def evaluate(scorer, reference, batches: list[dict], config: KTOConfig, accelera
     """Held-out SUMS per example over every process's share; z_0 from each micro-batch alone."""
 
     def terms(batch):
-        _, stats = batch_terms(scorer, reference, batch, config, lambda kl: kl)
+        _, stats = batch_terms(scorer, batch, reference_point(scorer, reference, [batch], lambda kl: kl), config)
         return torch.cat([stats, stats.new_tensor([len(batch["label"])])])
 
     totals = loop.summed_over_processes(scorer, batches, accelerator, terms, len(SUMS) + 1)
@@ -181,11 +191,17 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
             trained = float((batch["labels"][: len(batch["label"]), 1:] != IGNORE).sum())  # the matched rows' targets
             return torch.tensor([len(batch["label"]), float(batch["num_tokens"]), trained])
 
+        z0 = []
+
+        def before(micro_batches):
+            reduce = lambda kl: accelerator.reduce(kl, "sum")  # noqa: E731
+            z0.append(reference_point(context.modules[0], reference, micro_batches, reduce))
+
         def loss(batch):
-            return batch_terms(context.modules[0], reference, batch, config, lambda kl: accelerator.reduce(kl, "sum"))
+            return batch_terms(context.modules[0], batch, z0[0], config)
 
         rates = (names.EXAMPLES_PER_S, names.TOKENS_PER_S, names.TRAINED_TOKENS_PER_S)
-        metrics = batches.step(context, loss, counts, (names.LOSS, *SUMS[1:]), rates)
+        metrics = batches.step(context, loss, counts, (names.LOSS, *SUMS[1:]), rates, before)
         sums = {k: metrics.pop(k) for k in SUMS[1:]}
         return {**metrics, **named(sums)}
 

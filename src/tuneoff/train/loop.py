@@ -204,11 +204,17 @@ class MicroBatches:
     def epoch(self) -> float:
         return self.cursor / self.per_epoch
 
-    def step(self, context: Context, loss: Callable, counts: Callable, names: tuple, per_second: tuple) -> dict:
-        """:func:`optimizer_step` over the next micro-batches; its global counters as rates named ``per_second``
-        (one name per entry of ``counts(batch)``) and the epoch reached, under the metric names."""
+    def step(
+        self, context: Context, loss: Callable, counts: Callable, names: tuple, per_second: tuple, before=None
+    ) -> dict:
+        """:func:`optimizer_step` over the next micro-batches (seen first by ``before(batches)``, when given: a
+        statistic of the whole step); its global counters as rates named ``per_second`` (one name per entry of
+        ``counts(batch)``) and the epoch reached, under the metric names."""
         self.rates = self.rates or Rates()
-        metrics = optimizer_step(context, self.next(), loss, counts, names)
+        micro_batches = self.next()
+        if before is not None:
+            before(micro_batches)
+        metrics = optimizer_step(context, micro_batches, loss, counts, names)
         speed = self.rates.add(**dict(zip(per_second, metrics.pop("counts").tolist())))
         return {**metrics, **speed, EPOCH: self.epoch}
 
