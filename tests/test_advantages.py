@@ -51,3 +51,28 @@ def test_group_baseline_hand_computed():
     expected = torch.tensor([-2.0, -1.0, 0.0, 3.0]) / std
     assert torch.allclose(group_advantages(scores, k=4), expected, atol=1e-3)
     assert torch.allclose(group_advantages(scores, k=4, scale=False), torch.tensor([-2.0, -1.0, 0.0, 3.0]))
+
+
+def test_whiten_over_processes_uses_the_whole_batch():
+    """Two halves of a batch, each whitened with sums over both (as two processes would), equal the whole batch
+    whitened at once: mean 2.5 and population variance 1.25 of 1, 2, 3, 4 (the masked 100 not counted)."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [100.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 1], [0, 0]])
+    halves = [(x[:1], mask[:1]), (x[1:], mask[1:])]
+
+    def across(i):  # the sum of a statistic over both halves: what an all-reduce gives process i
+        def total(t):
+            return t + other_statistic[i].pop(0)
+
+        return total
+
+    # the other half's sums in the order whiten asks for them: mask count, sum of x, sum of squared deviations
+    other_statistic = {
+        0: [torch.tensor(2.0), torch.tensor(3.0 + 4.0), torch.tensor(0.25 + 2.25)],
+        1: [torch.tensor(2.0), torch.tensor(3.0), torch.tensor(2.25 + 0.25)],
+    }
+    std = math.sqrt(1.25)
+    parts = [whiten(h, m, sum_across=across(i)) for i, (h, m) in enumerate(halves)]
+    expected = torch.tensor([[-1.5, -0.5], [0.5, 1.5], [0.0, 0.0]]) / std
+    assert torch.allclose(torch.cat(parts), expected, atol=1e-6)
+    assert torch.allclose(whiten(x, mask), expected, atol=1e-6)

@@ -146,3 +146,16 @@ def test_lean_decode_is_not_used_where_it_would_differ():
             module.p = 0.0
     assert gpt2_decode.supports(model)  # the RL loops switch dropout off
     assert not gpt2_decode.supports(apply_lora(load_model("review-gpt")))  # adapters: transformers' forward
+
+
+def test_rows_of_a_split_batch_draw_what_the_whole_batch_draws():
+    """generate's ``rows``: a batch split in two halves, each from a generator in the same state, samples the
+    tokens the whole batch samples (what keeps rollouts independent of the number of processes)."""
+    from tuneoff.rollout import sample_categorical
+
+    probs = torch.rand(6, 50, generator=torch.Generator().manual_seed(1))
+    whole = sample_categorical(probs, torch.Generator().manual_seed(7))
+    first = sample_categorical(probs[:2], torch.Generator().manual_seed(7), rows=(0, 6))
+    rest = sample_categorical(probs[2:], torch.Generator().manual_seed(7), rows=(2, 6))
+    assert torch.equal(torch.cat([first, rest]), whole)
+    assert not torch.equal(sample_categorical(probs[2:], torch.Generator().manual_seed(7)), whole[2:])

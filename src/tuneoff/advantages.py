@@ -12,10 +12,20 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (population variance); masked entries come back as 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, sum_across=None
+) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (population variance); masked entries come back as 0.
+    ``sum_across(t)`` sums a tensor over the processes that hold the rest of the batch (mean and variance of the
+    whole batch); None: this tensor is the whole batch."""
+    if sum_across is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        m = mask.to(x.dtype)
+        count = sum_across(m.sum()).clamp(min=1)
+        mean = sum_across((x * m).sum()) / count
+        var = sum_across(((x - mean) ** 2 * m).sum()) / count
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -23,9 +23,10 @@ from tuneoff.train.policy import (
     PolicyLogprobs,
     episode_metrics,
     gold_metrics,
+    iteration_share,
     load_actors,
+    mean_over_processes,
     minibatch_updates,
-    prompt_batch,
     sample_and_score,
     total_iterations,
     updates_per_iteration,
@@ -50,9 +51,8 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
     def step(context: loop.Context) -> dict:
         (policy_module,) = context.modules
         # 1. k responses per prompt, scored once; one advantage per response; reference once.
-        iteration = context.step * context.world + accelerator.process_index
-        index = [i for i in prompt_batch(len(actors.prompts.ids), groups, iteration, config.seed) for _ in range(k)]
-        batch = sample_and_score(policy, tokenizer, actors.prompts, index, actors.scorer, config, context.device)
+        share = iteration_share(len(actors.prompts.ids), groups, k, context, config.seed)
+        batch = sample_and_score(policy, tokenizer, actors.prompts, share, actors.scorer, config, context.device)
         full_ids, full_mask, P, mask, old_logp = (
             batch.full_ids,
             batch.full_mask,
@@ -68,8 +68,8 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
             with torch.inference_mode():
                 ref_logp = actors.reference_logprobs(full_ids, full_mask, P, mask, config.temperature).clone()  # (B, R)
 
-        # 2. Updates: clipped surrogate + β·KL, token-averaged.
-        def micro_step(rows) -> dict:
+        # 2. Updates: clipped surrogate + β·KL, token-averaged over each minibatch (all processes).
+        def micro_step(rows, weight) -> dict:
             m = mask[rows]
             logp, entropy = policy_module(full_ids[rows], full_mask[rows], P, m, config.temperature)
             pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, config.clip_range)
@@ -77,7 +77,7 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
             kl_loss = masked_mean(kl(logp, ref_logp[rows]), m) if need_reference else torch.zeros(())
             entropy_mean = masked_mean(entropy, m)
             loss = pg_loss + config.kl_coef * kl_loss - config.entropy_coef * entropy_mean
-            accelerator.backward(loss / config.grad_accum)
+            accelerator.backward(loss * weight)
             return {
                 names.POLICY_LOSS: pg_loss,
                 names.KL_LOSS: kl_loss,
@@ -86,18 +86,18 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
                 names.ENTROPY: entropy_mean.detach(),
             }
 
-        updated = minibatch_updates(context, len(index), micro_step)
-        episodes[0] += len(index) * context.world
+        updated = minibatch_updates(context, mask, micro_step)
+        episodes[0] += len(share.index) * context.world
 
         # 3. Metrics.
         seq_kl = float((kl_k1(old_logp, ref_logp) * mask).sum(-1).mean()) if need_reference else 0.0
-        return {
+        measured = {
             names.OBJECTIVE_KL: seq_kl,
             names.SCORES_STD_IN_GROUP: float(batch.scores.view(-1, k).std(-1).mean()),
-            **updated,
             **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
             **gold_metrics(actors, batch, context.step + 1, total, config.eval_every),
         }
+        return {**mean_over_processes(accelerator, measured), **updated}
 
     return loop.Run(
         config.baseline,

@@ -51,6 +51,29 @@ def prompt_batch(n_prompts: int, batch: int, iteration: int, seed: int) -> list[
     return order[position * batch : (position + 1) * batch] if n_prompts >= batch else (order * batch)[:batch]
 
 
+@dataclass
+class Share:
+    """This process's part of one iteration's global batch: its prompts (each repeated ``repeat`` times), its rows
+    of the batch and the generator every process samples from, in the same state on all of them (so the tokens of
+    a row do not depend on the number of processes, and a resumed run samples what it would have sampled)."""
+
+    index: list[int]
+    rows: tuple[int, int]
+    """(offset, total): this process's episodes are rows offset … offset + len(index) of ``total``."""
+    generator: torch.Generator
+
+
+def iteration_share(n_prompts: int, per_process: int, repeat: int, context, seed: int) -> Share:
+    """The global batch of iteration ``context.step`` is ``per_process × processes`` prompts
+    (:func:`prompt_batch`); process r takes the r-th slice, so one process with twice the prompts runs the same
+    iteration as two."""
+    world, rank = context.world, context.accelerator.process_index
+    prompts = prompt_batch(n_prompts, per_process * world, context.step, seed)[rank * per_process :][:per_process]
+    index = [i for i in prompts for _ in range(repeat)]
+    generator = torch.Generator(device=context.device).manual_seed(seed * 2**32 + context.step)
+    return Share(index, (rank * len(index), world * len(index)), generator)
+
+
 # ---------------------------------------------------------------- log-probs of responses
 
 
@@ -170,10 +193,11 @@ def apply_truncation(scores, ended, mask, config):
     return scores, mask
 
 
-def sample_and_score(model, tokenizer, prompts: EncodedPrompts, index: list[int], scorer, config, device) -> Episodes:
-    """Sample one response per index (KV-cached), decode, score once, apply the truncation policy."""
+def sample_and_score(model, tokenizer, prompts: EncodedPrompts, share: Share, scorer, config, device) -> Episodes:
+    """Sample one response per index of the share (KV-cached), decode, score once, apply the truncation policy."""
     from tuneoff.rollout import generate, left_pad
 
+    index = share.index
     prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in index], tokenizer.pad_token_id)
     was_training = model.training
     model.eval()
@@ -186,6 +210,8 @@ def sample_and_score(model, tokenizer, prompts: EncodedPrompts, index: list[int]
         tokenizer.pad_token_id,
         config.temperature,
         config.top_p,
+        share.generator,
+        share.rows,
     )
     model.train(was_training)
     shown = rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
@@ -323,29 +349,54 @@ def updates_per_iteration(config) -> int:
 # ---------------------------------------------------------------- one iteration's updates and metrics
 
 
-def minibatch_updates(context, n_episodes: int, micro_step: Callable, after_minibatch: Callable | None = None) -> dict:
+def minibatch_updates(
+    context, mask: torch.Tensor, micro_step: Callable, after_minibatch: Callable | None = None
+) -> dict:
     """``update_epochs`` passes over the iteration's episodes in a fresh random order, one optimizer step per
-    minibatch of batch_size × grad_accum episodes. ``micro_step(rows) -> {name: value}`` runs the forward and
-    backward of one micro-batch (its loss divided by grad_accum); ``after_minibatch()`` may add more gradients
-    before the step (PPO-ptx). Returns the mean of every value over the micro-batches."""
-    config = context.config
+    minibatch of batch_size × grad_accum episodes per process.
+
+    A minibatch's loss is a mean over all its response tokens, on every process together (mask (B, R) says which
+    count): ``micro_step(rows, share)`` runs the forward and backward of one micro-batch whose token means it
+    weighs by ``share`` = its tokens / the minibatch's global tokens, times the number of processes (DDP averages
+    gradients), and returns its metrics so weighted. So grad_accum 2 on one process is two processes, and a
+    micro-batch of short responses weighs less than one of long ones (as TRL's and DAPO's token-level mean).
+    ``after_minibatch()`` may add more gradients before the step (PPO-ptx); its metrics are per process.
+    Returns each metric's mean over the minibatches, summed (weighted ones) or averaged over the processes."""
+    config, accelerator = context.config, context.accelerator
     minibatch = config.batch_size * config.grad_accum
     parameters = [p for module in context.modules for p in module.parameters()]
-    stats: dict[str, list[float]] = defaultdict(list)
+    sums: dict[str, list] = defaultdict(list)  # metric -> one weighted sum per minibatch (this process's part)
     for _ in range(config.update_epochs):
-        order = torch.randperm(n_episodes)
-        for start in range(0, n_episodes, minibatch):
-            for micro in order[start : start + minibatch].split(config.batch_size):
-                for key, value in micro_step(micro).items():
-                    stats[key].append(float(value.detach()))
+        order = torch.randperm(len(mask))
+        for start in range(0, len(mask), minibatch):
+            rows = order[start : start + minibatch]
+            tokens = accelerator.reduce(mask[rows].sum().float(), "sum").clamp(min=1)  # the minibatch's, globally
+            totals: dict[str, torch.Tensor] = defaultdict(float)
+            for micro in rows.split(config.batch_size):
+                share = mask[micro].sum() / tokens
+                for key, value in micro_step(micro, share * context.world).items():
+                    totals[key] = totals[key] + value.detach() * share
             for key, value in (after_minibatch() if after_minibatch else {}).items():
-                stats[key].append(float(value.detach()))
+                totals[key] = value.detach() / context.world
+            for key, value in totals.items():
+                sums[key].append(value)
             if config.max_grad_norm > 0:
-                context.accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
             context.optimizer.step()
             context.scheduler.step()
             context.optimizer.zero_grad(set_to_none=True)
-    return {key: sum(values) / len(values) for key, values in stats.items()}
+    keys = list(sums)
+    local = torch.tensor([[float(v) for v in sums[k]] for k in keys], dtype=torch.float64, device=context.device)
+    summed = accelerator.reduce(local, "sum").tolist() if keys else []  # (metrics, minibatches)
+    return {key: sum(values) / len(values) for key, values in zip(keys, summed)}
+
+
+def mean_over_processes(accelerator, metrics: dict) -> dict:
+    """Each metric's mean over the processes (one collective): what the whole batch measured, logged by the main
+    process. Equal shares, so a mean of per-process means is the global mean."""
+    keys = list(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    return dict(zip(keys, accelerator.reduce(values, "mean").tolist()))
 
 
 def episode_metrics(batch: Episodes, context, episodes_per_s: float) -> dict:

@@ -32,9 +32,10 @@ from tuneoff.train.policy import (
     PolicyLogprobs,
     episode_metrics,
     gold_metrics,
+    iteration_share,
     load_actors,
+    mean_over_processes,
     minibatch_updates,
-    prompt_batch,
     sample_and_score,
     total_iterations,
     updates_per_iteration,
@@ -100,9 +101,8 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
     def step(context: loop.Context) -> dict:
         policy_module, critic_module = context.modules
         # 1. Rollout, scoring, reference and critic: once per iteration.
-        iteration = context.step * context.world + accelerator.process_index
-        index = prompt_batch(len(actors.prompts.ids), config.rollout_batch, iteration, config.seed)
-        batch = sample_and_score(policy, tokenizer, actors.prompts, index, actors.scorer, config, context.device)
+        share = iteration_share(len(actors.prompts.ids), config.rollout_batch, 1, context, config.seed)
+        batch = sample_and_score(policy, tokenizer, actors.prompts, share, actors.scorer, config, context.device)
         full_ids, full_mask, P, mask, old_logp = (
             batch.full_ids,
             batch.full_mask,
@@ -116,11 +116,12 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         kl = KL_ESTIMATORS[config.kl_estimator](old_logp, ref_logp) * mask  # (B, R)
         rewards = per_token_rewards(batch.scores, kl, mask, kl_control.value)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-        advantages = whiten(advantages, mask)
+        sum_across = (lambda t: accelerator.reduce(t, "sum")) if context.world > 1 else None  # whole batch
+        advantages = whiten(advantages, mask, sum_across=sum_across)
         old_values, advantages, returns = (t.clone() for t in (old_values, advantages, returns))
 
-        # 2. PPO epochs over minibatches.
-        def micro_step(rows) -> dict:
+        # 2. PPO epochs over minibatches, token-averaged over each minibatch (all processes).
+        def micro_step(rows, weight) -> dict:
             m = mask[rows]
             logp, entropy = policy_module(full_ids[rows], full_mask[rows], P, m, config.temperature)
             pg_loss, clipfrac, approx_kl = ppo_policy_loss(logp, old_logp[rows], advantages[rows], m, config.clip_range)
@@ -128,7 +129,7 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
             vf_loss, vclipfrac = ppo_value_loss(values, old_values[rows], returns[rows], m, config.clip_range_value)
             entropy_mean = masked_mean(entropy, m)
             loss = pg_loss + config.vf_coef * vf_loss - config.entropy_coef * entropy_mean
-            accelerator.backward(loss / config.grad_accum)
+            accelerator.backward(loss * weight)
             ratio = masked_mean((logp - old_logp[rows]).exp(), m)
             return {
                 names.POLICY_LOSS: pg_loss,
@@ -149,20 +150,22 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
             accelerator.backward(config.ptx_coef * nll)
             return {names.PTX_LOSS: nll.detach()}
 
-        updated = minibatch_updates(context, len(index), micro_step, ptx_step if ptx else None)
-        episodes[0] += len(index) * context.world
+        updated = minibatch_updates(context, mask, micro_step, ptx_step if ptx else None)
+        episodes[0] += len(share.index) * context.world
 
-        # 3. Metrics and KL control.
-        seq_kl = float(kl.sum(-1).mean())
-        kl_control.update(seq_kl, config.rollout_batch)
-        return {
-            names.OBJECTIVE_KL: seq_kl,
-            names.RLHF_REWARD: float((batch.scores - kl_control.value * kl.sum(-1)).mean()),
-            names.KL_COEF: kl_control.value,
-            **updated,
-            **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
-            **gold_metrics(actors, batch, context.step + 1, total, config.eval_every),
-        }
+        # 3. Metrics (the whole batch's) and KL control, the same β on every process.
+        rlhf_reward = float((batch.scores - kl_control.value * kl.sum(-1)).mean())
+        measured = mean_over_processes(
+            accelerator,
+            {
+                names.OBJECTIVE_KL: float(kl.sum(-1).mean()),
+                names.RLHF_REWARD: rlhf_reward,
+                **episode_metrics(batch, context, episodes[0] / (time.perf_counter() - started)),
+                **gold_metrics(actors, batch, context.step + 1, total, config.eval_every),
+            },
+        )
+        kl_control.update(measured[names.OBJECTIVE_KL], config.rollout_batch * context.world)
+        return {**measured, names.KL_COEF: kl_control.value, **updated}
 
     def restore(state: dict, folder: Path) -> None:
         from safetensors.torch import load_file
