@@ -43,3 +43,28 @@ def test_invalid_values_rejected():
         SFTConfig(schedule="exp")
     with pytest.raises(TuneoffError, match="batch_size"):
         SFTConfig(batch_size=0)
+
+
+def test_device_and_precision_choices(tmp_path):
+    assert (SFTConfig().device, SFTConfig().precision) == ("auto", "auto")
+    with pytest.raises(TuneoffError, match="device must be auto, cpu or cuda, got 'gpu'"):
+        SFTConfig(device="gpu")
+    with pytest.raises(TuneoffError, match="precision must be auto, fp32, bf16 or fp16, got 'fp8'"):
+        SFTConfig(precision="fp8")
+    with pytest.raises(TuneoffError, match="precision"):
+        build_config(SFTConfig, parse(["--precision", "half"]))
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("device: cpu\nprecision: bf16\n")
+    config = build_config(SFTConfig, parse(["--config", str(config_file)]))
+    assert (config.device, config.precision) == ("cpu", "bf16")
+
+
+def test_sft_help_lists_device_and_precision(capsys):
+    from tuneoff.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["sft", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device DEVICE Where to train: auto" in text and "(default: 'auto')" in text
+    assert "--precision PRECISION Autocast precision" in text

@@ -108,6 +108,12 @@ def save_config(config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), encoding="utf-8")
 
 
+DEVICES = ("auto", "cpu", "cuda")
+"""TrainConfig.device choices; resolved at run start (tuneoff.train.common.make_accelerator)."""
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""TrainConfig.precision choices; fp32 is accelerate's mixed_precision "no"."""
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Fields every training verb shares."""
@@ -158,10 +164,19 @@ class TrainConfig:
     """Modules to adapt: all-linear or a comma-separated list of module names."""
     threads: int = 0
     """torch CPU threads per process (0: leave torch's default)."""
+    device: str = "auto"
+    """Where to train: auto (a CUDA GPU when there is one, else the CPU), cpu or cuda."""
+    precision: str = "auto"
+    """Autocast precision of the forward passes: auto (bf16 on a CUDA GPU that supports it, else fp32), fp32, bf16
+    or fp16 (CUDA only). Weights, optimizer state, losses and log-probs stay fp32."""
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
             raise TuneoffError(f"schedule must be cosine, linear or constant, got '{self.schedule}'")
+        if self.device not in DEVICES:
+            raise TuneoffError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.precision not in PRECISIONS:
+            raise TuneoffError(f"precision must be auto, fp32, bf16 or fp16, got '{self.precision}'")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise TuneoffError(f"{name} must be at least 1, got {getattr(self, name)}")

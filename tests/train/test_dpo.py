@@ -267,3 +267,27 @@ def test_a_separate_reference_model(tmp_path, pairs, tiny_tokenizer):
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     # π (seed 0) is not π_ref at step 0, so the gaps are not 0 and the loss is not log 2.
     assert abs(first["train/loss"] - math.log(2)) > 1e-3 and first["rewards/margins"] != 0
+
+
+def test_reference_logps_run_under_the_accelerators_autocast():
+    """π_ref is scored at the policy's precision (accelerator.autocast), so that π = π_ref at step 0 under bf16
+    too; the values stay fp32. Without mixed precision the autocast is a no-op: fp32 values as before."""
+    import contextlib
+    import types
+
+    from tuneoff.data.pairs import TokenizedPair
+    from tuneoff.models.load import load_model
+    from tuneoff.train.reference import reference_logps
+
+    torch.manual_seed(0)
+    model = load_model("tiny").eval()
+    pairs = [TokenizedPair([5, 6], [7, 8, 9], [10], "a"), TokenizedPair([11], [12, 13], [14, 15, 16, 17], "b")]
+    config = types.SimpleNamespace(ref_batch_size=8)
+
+    def accelerator(autocast):
+        return types.SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1, autocast=autocast)
+
+    full = reference_logps(model, pairs, config, 0, accelerator(contextlib.nullcontext))
+    low = reference_logps(model, pairs, config, 0, accelerator(lambda: torch.autocast("cpu", dtype=torch.bfloat16)))
+    assert full.shape == low.shape == (2, 2) and full.dtype == low.dtype == torch.float32
+    assert not torch.equal(full, low) and (full - low).abs().max() < 0.5

@@ -37,24 +37,57 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_accelerator():
-    """An ``Accelerator``, refusing launches that would run several unsynchronised copies of one job.
+def mixed_precision(device: str, precision: str, cuda_available: bool, bf16_supported: bool) -> str:
+    """accelerate's ``mixed_precision`` ("no", "bf16" or "fp16") for TrainConfig's ``device`` and ``precision``.
 
-    ``accelerate launch --cpu`` starts several processes only through mpirun; ``--multi_gpu`` on a machine
-    without GPUs starts N processes that each believe they are alone. For several CPU processes (gloo), use
-    ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m tuneoff.cli ...``.
+    ``device`` auto trains on CUDA when ``cuda_available``; ``precision`` auto is bf16 there when the GPU supports
+    it natively (``bf16_supported``), else fp32 (always fp32 on the CPU). fp16 on the CPU is refused: CPU autocast
+    handles fp16 poorly and accelerate would silently run fp32. bf16 on the CPU is allowed (slow, but correct).
+    """
+    if device == "cuda" and not cuda_available:
+        raise TuneoffError(
+            "device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False); use --device cpu or auto"
+        )
+    on_cuda = device == "cuda" or (device == "auto" and cuda_available)
+    if precision == "auto":
+        return "bf16" if on_cuda and bf16_supported else "no"
+    if precision == "fp16" and not on_cuda:
+        raise TuneoffError("precision fp16 needs a CUDA GPU (CPU autocast does not support it well): use bf16 or fp32")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def make_accelerator(config):
+    """An ``Accelerator`` on ``config.device`` with autocast at ``config.precision`` (see :func:`mixed_precision`),
+    refusing launches that would run several unsynchronised copies of one job.
+
+    Weights and optimizer state stay fp32 under bf16/fp16: only the prepared modules' forwards are autocast (and
+    their outputs cast back to fp32). ``accelerate launch --cpu`` starts several processes only through mpirun;
+    ``--multi_gpu`` on a machine without GPUs starts N processes that each believe they are alone. For several CPU
+    processes (gloo), use ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m tuneoff.cli ...``.
     """
     import os
 
     from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
 
-    accelerator = Accelerator()
+    forced_cpu = parse_flag_from_env("ACCELERATE_USE_CPU")
+    if config.device == "cuda" and forced_cpu:
+        raise TuneoffError("device cuda, but ACCELERATE_USE_CPU is set: unset it or use --device cpu")
+    cuda = torch.cuda.is_available() and not forced_cpu
+    bf16 = cuda and config.device != "cpu" and torch.cuda.is_bf16_supported(including_emulation=False)
+    precision = mixed_precision(config.device, config.precision, cuda, bf16)
+    try:
+        accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision=precision)
+    except ValueError as error:  # e.g. another precision already set up in this process (accelerate's singleton)
+        raise TuneoffError(f"accelerate refused device {config.device}, precision {precision}: {error}") from None
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise TuneoffError(
             f"{launched} processes were launched but accelerate sees {accelerator.num_processes}: on CPU, launch with "
             "ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N -m tuneoff.cli ... (gloo)"
         )
+    if accelerator.is_main_process and (precision != "no" or accelerator.device.type != "cpu"):
+        print(f"device {accelerator.device}, precision {'fp32' if precision == 'no' else precision}")
     return accelerator
 
 

@@ -177,11 +177,12 @@ def setup(config: KTOConfig, accelerator, out: Path) -> loop.Run:
         frozen.eval().requires_grad_(False).to(accelerator.device)
     policy_scorer = SequenceLogProbs(model)
 
-    def reference(*inputs):
-        if frozen is not None:
-            return SequenceLogProbs(frozen)(*inputs)
-        with adapters_off(model):
-            return policy_scorer(*inputs)
+    def reference(*inputs):  # under the policy's autocast precision, so that π = π_ref at step 0 under bf16 too
+        with accelerator.autocast():
+            if frozen is not None:
+                return SequenceLogProbs(frozen)(*inputs)
+            with adapters_off(model):
+                return policy_scorer(*inputs)
 
     eval_batches = make_batches(eval_examples, config, pad_id, 0, shuffle=False) if eval_examples else []
     model.train()

@@ -88,7 +88,7 @@ class Run:
 def run(config, setup: Callable, missing_data: str) -> Path:
     """Train with the method whose ``setup(config, accelerator, out) -> Run`` is given; returns the final model."""
     out, resume_from = common.begin(config, missing_data)
-    accelerator = common.make_accelerator()
+    accelerator = common.make_accelerator(config)
     common.seed_everything(config.seed)
     method: Run = setup(config, accelerator, out)
     optimizer = common.make_optimizer(torch.nn.ModuleList(method.modules), config.lr, config.weight_decay)

@@ -1,10 +1,11 @@
 """The frozen reference policy π_ref of the offline preference methods (DPO/IPO, KTO): log π(y|x) of whole
 responses, the tokenizer check, and DPO's cache of reference log-probs.
 
-π_ref never changes, so DPO computes its log-probs once, before the first step, under ``inference_mode``, and
-caches them in the run folder as ``reference-logps-<key>.safetensors`` (the key hashes the reference weights and
-every token id: a resume or rerun reuses it; new data, tokenizer or lengths recompute it). With LoRA, π_ref is
-the base model with its adapters off; else ``ref_model`` or the starting model.
+π_ref never changes, so DPO computes its log-probs once, before the first step, under ``inference_mode`` and the
+policy's autocast precision, and caches them in the run folder as ``reference-logps-<key>.safetensors`` (the key
+hashes the reference weights, the precision when not fp32, and every token id: a resume or rerun reuses it; new
+data, tokenizer, lengths or precision recompute it). With LoRA, π_ref is the base model with its adapters off;
+else ``ref_model`` or the starting model.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ def reference_logps(model, pairs: list[TokenizedPair], config, pad_id: int, acce
     batches = make_batches([pairs[i] for i in order], config.ref_batch_size, pad_id, 0, 0, shuffle=False)
     rows = []
     for index in range(accelerator.process_index, len(batches), accelerator.num_processes):
-        logps, _ = scorer(
-            *(batches[index][k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels"))
-        )
+        with accelerator.autocast():  # the policy's precision: π = π_ref at step 0 under bf16 too
+            logps, _ = scorer(
+                *(batches[index][k].to(accelerator.device) for k in ("input_ids", "attention_mask", "labels"))
+            )
         chosen, rejected = logps.cpu().chunk(2)
         rows += [
             (order[index * config.ref_batch_size + i], c, r)
@@ -106,6 +108,8 @@ def attach_reference(model, pairs: list[TokenizedPair], config, pad_id: int, acc
     identity = weights_identity(
         ref_name, not config.ref_model and (config.from_scratch or ref_name == "tiny"), config.seed
     )
+    if accelerator.mixed_precision != "no":  # autocast changes the values; fp32 keeps its keys of before
+        identity["precision"] = accelerator.mixed_precision
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode())
     for p in pairs:
         digest.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode())

@@ -59,7 +59,8 @@ def evaluate(model, batches: list[dict], accelerator, bins: int) -> dict:
     model.eval()
     rows = []
     for batch in batches[accelerator.process_index :: accelerator.num_processes]:
-        r_chosen, r_rejected = pair_rewards(model, {k: v.to(accelerator.device) for k, v in batch.items()})
+        with accelerator.autocast():  # forward_packed is not the forward accelerate wraps in autocast
+            r_chosen, r_rejected = pair_rewards(model, {k: v.to(accelerator.device) for k, v in batch.items()})
         length_chosen, length_rejected = batch["length"].chunk(2)
         rows += list(
             zip(
@@ -111,7 +112,8 @@ def setup(config: RMConfig, accelerator, out: Path) -> loop.Run:
 
     def step(context: loop.Context) -> dict:
         def loss(batch):
-            r_chosen, r_rejected = pair_rewards(context.modules[0], batch)  # (B,), (B,)
+            with context.accelerator.autocast():  # forward_packed is not the forward accelerate autocasts
+                r_chosen, r_rejected = pair_rewards(context.modules[0], batch)  # (B,), (B,) fp32
             loss_sum = bradley_terry_loss(r_chosen, r_rejected, batch["margin"]) * len(r_chosen)
             return loss_sum, torch.stack([loss_sum.detach(), (r_chosen > r_rejected).sum().float()])
 
