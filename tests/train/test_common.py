@@ -155,3 +155,24 @@ def test_the_trained_modules_return_fp32_under_bf16_autocast():
     outputs = (nll, logps, padded, chosen, rejected)
     assert {t.dtype for t in outputs} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in outputs)
+
+
+@pytest.mark.parametrize("verb", ["ppo", "grpo"])
+def test_rl_in_bf16_on_the_cpu_samples_scores_and_updates_under_one_precision(tmp_path, verb):
+    """RL under --precision bf16: rollout, reward, π_ref and the updates all run under the same autocast, and π_old
+    is the updates' own forward, so the first update (one minibatch of all 8 episodes) starts at ratio exactly 1:
+    its approx. KL(π_old‖π) is 0 (with the sampler's bf16 log-probs as π_old, 3e-7 on this model: they differ
+    from the forward's by up to ~2e-3 per token)."""
+    from tuneoff.train import metrics as names
+
+    prompts = Path(__file__).parents[2] / "examples" / "sst2_prompts.jsonl"
+    out = tmp_path / "run"
+    args = ["--model", "tiny", "--data", str(prompts), "--reward-model", "gold", "--rollout-batch", "8"]
+    args += ["--batch-size", "8", "--update-epochs", "1", "--max-new-tokens", "8", "--log-every", "1"]
+    args += ["--threads", "1", "--max-steps", "2"]
+    result = run_cli(verb, *args, "--precision", "bf16", "--device", "cpu", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "device cpu, precision bf16" in result.stdout
+    rows = metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r[names.POLICY_LOSS]) for r in rows)
+    assert rows[0][names.APPROX_KL] == 0 and rows[0][names.CLIPFRAC] == 0, rows[0]

@@ -52,7 +52,7 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
         (policy_module,) = context.modules
         # 1. k responses per prompt, scored once; one advantage per response; reference once.
         share = iteration_share(len(actors.prompts.ids), groups, k, context, config.seed)
-        batch = sample_and_score(policy, tokenizer, actors.prompts, share, actors.scorer, config, context.device)
+        batch = sample_and_score(policy, tokenizer, actors.prompts, share, actors.scorer, config, context)
         full_ids, full_mask, P, mask, old_logp = (
             batch.full_ids,
             batch.full_mask,
@@ -65,7 +65,7 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
         )  # (B, R)
         ref_logp = None
         if need_reference:
-            with torch.inference_mode():
+            with torch.inference_mode(), accelerator.autocast():  # as the updates
                 ref_logp = actors.reference_logprobs(full_ids, full_mask, P, mask, config.temperature).clone()  # (B, R)
 
         # 2. Updates: clipped surrogate + β·KL, token-averaged over each minibatch (all processes).

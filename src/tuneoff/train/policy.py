@@ -193,40 +193,53 @@ def apply_truncation(scores, ended, mask, config):
     return scores, mask
 
 
-def sample_and_score(model, tokenizer, prompts: EncodedPrompts, share: Share, scorer, config, device) -> Episodes:
-    """Sample one response per index of the share (KV-cached), decode, score once, apply the truncation policy."""
+def sample_and_score(model, tokenizer, prompts: EncodedPrompts, share: Share, scorer, config, context) -> Episodes:
+    """Sample one response per index of the share (KV-cached), decode, score once, apply the truncation policy.
+    Sampling and scoring run under the run's autocast precision, as the updates do; under bf16/fp16 π_old is
+    recomputed by the updates' forward."""
     from tuneoff.rollout import generate, left_pad
 
     index = share.index
     prompt_ids, prompt_mask = left_pad([prompts.ids[i] for i in index], tokenizer.pad_token_id)
+    device = context.device
     was_training = model.training
     model.eval()
-    rollout = generate(
-        model,
-        prompt_ids.to(device),
-        prompt_mask.to(device),
-        config.max_new_tokens,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-        config.temperature,
-        config.top_p,
-        share.generator,
-        share.rows,
-    )
+    with context.accelerator.autocast():
+        rollout = generate(
+            model,
+            prompt_ids.to(device),
+            prompt_mask.to(device),
+            config.max_new_tokens,
+            tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+            config.temperature,
+            config.top_p,
+            share.generator,
+            share.rows,
+        )
     model.train(was_training)
     shown = rollout.response_ids.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
     responses = tokenizer.batch_decode(shown, skip_special_tokens=True)
     prompt_texts = [prompts.texts[i] for i in index]
-    raw_scores = scorer.score(prompt_texts, responses).to(device).float()  # (B,)
+    with context.accelerator.autocast():
+        raw_scores = scorer.score(prompt_texts, responses).to(device).float()  # (B,)
     scores, mask = apply_truncation(raw_scores, rollout.ended, rollout.response_mask, config)
     full_ids, _ = rollout.full()
     full_mask = torch.cat([rollout.prompt_mask, mask], 1)
+    old_logp = rollout.logprobs * mask
+    if context.accelerator.mixed_precision != "no":
+        # In fp32 the decode path's log-probs equal the update forward's to ~1e-6; in bf16 the two orders of
+        # roundings differ by up to ~2e-3 per token on tiny models (more on deep ones), so ratios would not start
+        # at 1. So π_old comes from the update's own forward (one more no-grad pass, as TRL computes it).
+        with torch.inference_mode(), context.accelerator.autocast():
+            old_logp = response_logprobs(model, full_ids, full_mask, prompt_ids.shape[1], mask, config.temperature)[0]
+        old_logp = old_logp.clone() * mask
     return Episodes(
         full_ids,
         full_mask,
         prompt_ids.shape[1],
         mask,
-        rollout.logprobs * mask,
+        old_logp,
         raw_scores,
         scores,
         rollout.ended,
@@ -301,7 +314,7 @@ class Actors:
     """The frozen π_ref; None with LoRA (the policy with its adapters off) or without a KL term."""
 
     def reference_logprobs(self, full_ids, full_mask, prompt_len: int, mask, temperature: float) -> torch.Tensor:
-        """log π_ref of the response tokens (B, R)."""
+        """log π_ref of the response tokens (B, R); the caller sets inference mode and the run's autocast."""
         if self.reference is not None:
             return response_logprobs(self.reference, full_ids, full_mask, prompt_len, mask, temperature)[0]
         with self.policy.disable_adapter():

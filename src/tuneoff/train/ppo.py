@@ -102,7 +102,7 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         policy_module, critic_module = context.modules
         # 1. Rollout, scoring, reference and critic: once per iteration.
         share = iteration_share(len(actors.prompts.ids), config.rollout_batch, 1, context, config.seed)
-        batch = sample_and_score(policy, tokenizer, actors.prompts, share, actors.scorer, config, context.device)
+        batch = sample_and_score(policy, tokenizer, actors.prompts, share, actors.scorer, config, context)
         full_ids, full_mask, P, mask, old_logp = (
             batch.full_ids,
             batch.full_mask,
@@ -110,7 +110,7 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
             batch.mask,
             batch.old_logp,
         )
-        with torch.inference_mode():
+        with torch.inference_mode(), accelerator.autocast():  # as the updates
             ref_logp = actors.reference_logprobs(full_ids, full_mask, P, mask, config.temperature)  # (B, R)
             old_values = critic_module(full_ids, full_mask, P) * mask  # (B, R)
         kl = KL_ESTIMATORS[config.kl_estimator](old_logp, ref_logp) * mask  # (B, R)
