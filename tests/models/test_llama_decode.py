@@ -52,7 +52,27 @@ def build(kind: str, **overrides):
     return model.eval()
 
 
-KINDS = ["smollm2", "qwen2", "llama3", "llama-biases", "llama-dynamic", "mistral"]
+def build_lora(kind: str):
+    """A tiny model of one family wrapped by peft with LoRA r=4 on every linear layer (tuneoff's apply_lora), its
+    adapters drawn at random (peft starts B at 0, which would hide them) and dropout off, in eval mode."""
+    from tuneoff.models.heads import disable_dropout
+    from tuneoff.models.load import apply_lora
+
+    model = apply_lora(build(kind), r=4, alpha=8)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.1)
+    disable_dropout(model)
+    return model.eval()
+
+
+def make(kind: str):
+    return build_lora(kind.removesuffix("+lora")) if kind.endswith("+lora") else build(kind)
+
+
+KINDS = ["smollm2", "qwen2", "llama3", "llama-biases", "llama-dynamic", "mistral", "smollm2+lora", "qwen2+lora"]
 
 
 def prompts(lengths=(5, 7, 2, 1)):
@@ -70,10 +90,11 @@ def test_prefill_and_steps_equal_transformers_forward(kind, lengths):
     """Logits of the prefill and of six steps, on left-padded prompts (and on unpadded ones: no mask at all)."""
     from transformers import DynamicCache
 
-    model = build(kind.removesuffix("-eager"))
+    model = make(kind.removesuffix("-eager"))
     if kind.endswith("-eager"):
         model.set_attn_implementation("eager")
     assert llama_decode.supports(model)
+    hf = llama_decode.unwrapped(model)  # transformers' forward, through the LoRA layers peft injected
     assert kind != "llama3" or model.model.rotary_emb.rope_type == "llama3"
     ids, mask = prompts(lengths)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -82,14 +103,14 @@ def test_prefill_and_steps_equal_transformers_forward(kind, lengths):
     with torch.inference_mode():
         lean = llama_decode.LlamaDecoder(model, mask, steps)
         got = [lean.prefill(ids, positions)]
-        cache = {cache_argument(model): DynamicCache()}
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
+        cache = {cache_argument(hf): DynamicCache()}
+        out = hf(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache)
         expected = [out.logits[:, -1]]
         for i, token in enumerate(tokens):
             position = positions[:, -1] + 1 + i
             got.append(lean.step(token, position))
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], **cache)
+            out = hf(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None], **cache)
             expected.append(out.logits[:, -1])
     got, expected = torch.stack(got), torch.stack(expected)  # (1 + steps, B, V)
     assert expected.abs().max() > 1  # logits large enough for the tolerance to mean something
@@ -112,7 +133,7 @@ def run_generate(model, temperature, lean: bool):
 def test_generate_greedy_and_sampled_equal_the_transformers_path(kind):
     """The same prompts and generator through the lean path and through transformers' forward: identical greedy
     tokens; sampled, the same uniform draws on (nearly) the same distribution pick the same tokens."""
-    model = build(kind)
+    model = make(kind)
     for temperature in (0.0, 1.0):
         lean, hf = run_generate(model, temperature, True), run_generate(model, temperature, False)
         assert torch.equal(lean.response_ids, hf.response_ids)
@@ -124,8 +145,9 @@ def test_generate_greedy_and_sampled_equal_the_transformers_path(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_hidden_states_equal_unpacked_forward_with_gradients(kind):
     """Three sequences packed into two rows (positions restarting at 0, filler continuing the last): hidden states
-    and parameter gradients equal those of transformers' forward over each sequence alone."""
-    model = build(kind)
+    and parameter gradients equal those of transformers' forward over each sequence alone (with LoRA: the
+    adapters' gradients, the base being frozen)."""
+    model = make(kind)
     g = torch.Generator().manual_seed(4)
     sequences = [torch.randint(1, VOCAB, (n,), generator=g) for n in (5, 3, 6)]
     ids = torch.stack([torch.cat(sequences[:2]), torch.cat([sequences[2], torch.tensor([0, 0])])])  # (2, 8)
@@ -133,7 +155,8 @@ def test_packed_hidden_states_equal_unpacked_forward_with_gradients(kind):
     spans = [(0, 0, 5), (0, 5, 8), (1, 0, 6)]  # (row, start, end) of each sequence
     weights = [torch.randn(e - s, model.config.hidden_size, generator=g) for _, s, e in spans]
 
-    expected = [model.model(input_ids=q[None], use_cache=False).last_hidden_state[0] for q in sequences]
+    decoder = llama_decode.unwrapped(model).model
+    expected = [decoder(input_ids=q[None], use_cache=False).last_hidden_state[0] for q in sequences]
     sum(((h * w).sum() for h, w in zip(expected, weights))).backward()
     expected_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -177,9 +200,13 @@ def test_lean_paths_are_not_used_where_they_would_differ():
 
     from tuneoff.models.load import apply_lora
 
-    assert not llama_decode.supports(apply_lora(build("smollm2"), r=4, alpha=8))  # a peft wrapper
-    injected = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), build("qwen2"))
-    assert type(injected).__name__ == "Qwen2ForCausalLM" and not llama_decode.supports(injected)
+    lora = apply_lora(build("smollm2"), r=4, alpha=8)
+    assert llama_decode.supports(lora.eval())  # LoRA on linear layers: reproduced
+    assert not llama_decode.supports(lora.train())  # ... but not with its dropout live (0.05 here)
+    injected = inject_adapter_in_model(LoraConfig(r=4, target_modules=["q_proj"], use_dora=True), build("qwen2"))
+    assert not llama_decode.supports(injected.eval())  # DoRA's magnitude vector is not reproduced
+    embedding = inject_adapter_in_model(LoraConfig(r=4, target_modules=["embed_tokens"]), build("qwen2"))
+    assert not llama_decode.supports(embedding.eval())  # nor an adapted embedding
 
     dropout = build("llama3", attention_dropout=0.1)
     assert llama_decode.supports(dropout)  # eval: dropout off
@@ -190,3 +217,26 @@ def test_lean_paths_are_not_used_where_they_would_differ():
     assert not llama_decode.supports(build("mistral", sliding_window=4))
     assert not llama_decode.supports(build("smollm2", hidden_act="gelu"))
     assert not llama_decode.supports(torch.nn.Linear(2, 2))
+
+
+def test_lora_adapters_count_and_switch_off_as_in_peft():
+    """The lean step reads peft's switches: with ``disable_adapter()`` (π_ref under LoRA) it gives the base
+    model's logits, with the adapters on it gives others (the adapters are not negligible here)."""
+    model = build_lora("smollm2")
+    base = build("smollm2")  # the same seeded weights without adapters
+    ids, mask = prompts()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        adapted = llama_decode.LlamaDecoder(model, mask, 1).prefill(ids, positions)
+        with model.disable_adapter():
+            off = llama_decode.LlamaDecoder(model, mask, 1).prefill(ids, positions)
+            token = off.argmax(-1)
+            decoder = llama_decode.LlamaDecoder(model, mask, 1)
+            decoder.prefill(ids, positions)
+            off_step = decoder.step(token, positions[:, -1] + 1)
+        plain = llama_decode.LlamaDecoder(base, mask, 1)
+        expected = plain.prefill(ids, positions)
+        expected_step = plain.step(token, positions[:, -1] + 1)
+    torch.testing.assert_close(off, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(off_step, expected_step, atol=1e-6, rtol=0)
+    assert (adapted - expected).abs().max() > 0.1
