@@ -68,7 +68,7 @@ def run(spec: dict, meter) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from bench.trl_side import read_jsonl
+    from bench.trl_side import lora_config, read_jsonl
     from tuneoff.models.load import load_tokenizer, resolve
 
     folder, tokenizer = resolve(spec["model"]), load_tokenizer(spec["model"])
@@ -76,7 +76,7 @@ def run(spec: dict, meter) -> None:
     policy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
     value.config.pad_token_id = tokenizer.pad_token_id
-    meter.describe_model(policy, lora=False)
+    meter.describe_model(policy, lora=spec["lora"])
     # tuneoff keeps each prompt's last 64 tokens (RLConfig.max_prompt_length); these prompts are ~5 tokens.
     prompts = [r["prompt"] for r in read_jsonl(spec["data"])]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"][-64:] for p in prompts]
@@ -130,5 +130,6 @@ def run(spec: dict, meter) -> None:
         train_dataset=dataset,
         value_model=value,
         eval_dataset=dataset,
+        peft_config=lora_config(spec),  # the policy's adapters; π_ref: the policy with them off
     )
     trainer.train()

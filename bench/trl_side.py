@@ -86,13 +86,14 @@ def load(spec: dict, meter, head: str = "causal"):
     return model, tokenizer
 
 
-def lora_config(spec: dict):
+def lora_config(spec: dict, task: str = "CAUSAL_LM"):
+    """tuneoff.models.load.apply_lora's adapters; SEQ_CLS (the reward model) also trains the `score` head, as
+    tuneoff's LoRA reward model trains its head."""
     if not spec["lora"]:
         return None
     from peft import LoraConfig
 
-    # tuneoff.models.load.apply_lora builds exactly this
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type=task)
 
 
 def run(spec: dict, meter) -> None:
@@ -118,7 +119,11 @@ def run(spec: dict, meter) -> None:
         model, tokenizer = load(spec, meter, head="reward")
         args = trl_args(RewardConfig, spec, max_length=spec["max_length"], disable_dropout=True)
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list(records),
+            processing_class=tokenizer,
+            peft_config=lora_config(spec, "SEQ_CLS"),
         )
     elif kind == "dpo":
         from trl import DPOConfig, DPOTrainer
@@ -136,7 +141,12 @@ def run(spec: dict, meter) -> None:
             precompute_ref_batch_size=32,
         )
         trainer = DPOTrainer(
-            model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=Dataset.from_list(records),
+            processing_class=tokenizer,
+            peft_config=lora_config(spec),
         )
     elif kind == "grpo":
         trainer = grpo_trainer(spec, meter, Dataset.from_list(records))
@@ -176,4 +186,11 @@ def grpo_trainer(spec: dict, meter, prompts):
         mask_truncated_completions=False,
         log_completions=False,
     )
-    return GRPOTrainer(model=model, reward_funcs=gold, args=args, train_dataset=prompts, processing_class=tokenizer)
+    return GRPOTrainer(
+        model=model,
+        reward_funcs=gold,
+        args=args,
+        train_dataset=prompts,
+        processing_class=tokenizer,
+        peft_config=lora_config(spec),
+    )

@@ -145,6 +145,52 @@ WORKLOADS = [
         "routed to it for the reward model. The critic's head starts at zero in tuneoff, random in TRL.",
     ),
     Workload(
+        "rm-smollm2-lora",
+        "rm",
+        "smollm2-135m",
+        (3, 8),
+        lr=1e-4,
+        lora=True,
+        data="pairs",
+        notes="As rm-review-gpt on SmolLM2-135M-Instruct with LoRA r16 on every linear layer (α 32, dropout 0.05) and "
+        "a trained reward head in both (TRL: peft's SEQ_CLS task, whose `score` head is a module to save).",
+    ),
+    Workload(
+        "dpo-smollm2-lora",
+        "dpo",
+        "smollm2-135m",
+        (3, 8),
+        lr=1e-4,
+        max_length=64,
+        lora=True,
+        data="pairs",
+        notes="As dpo-review-gpt on SmolLM2-135M-Instruct with LoRA r16; π_ref is the base with its adapters off in "
+        "both, its log-probs computed once before training.",
+    ),
+    Workload(
+        "grpo-smollm2-lora",
+        "grpo",
+        "smollm2-135m",
+        (3, 6),
+        lr=1e-4,
+        lora=True,
+        data="examples/sst2_prompts.jsonl",
+        notes="As grpo-review-gpt on SmolLM2-135M-Instruct with LoRA r16 (π_ref: adapters off, in both); the "
+        "prompts are plain review beginnings (no chat template) and the gold judge is the reward, as on review-gpt.",
+    ),
+    Workload(
+        "ppo-smollm2-lora",
+        "ppo",
+        "smollm2-135m",
+        (3, 5),
+        lr=1e-4,
+        lora=True,
+        data="examples/sst2_prompts.jsonl",
+        comparison="trl-1.12",
+        notes="As ppo-review-gpt on SmolLM2-135M-Instruct with LoRA r16 on the policy (π_ref: adapters off) and a "
+        "fully trained critic in both (TRL's value model is a separate SmolLM2 with a scalar head).",
+    ),
+    Workload(
         "sampling-b8",
         "sampling",
         "review-gpt",
@@ -165,6 +211,26 @@ WORKLOADS = [
         new_tokens=64,
         comparison="transformers",
         notes="as sampling-b8, 32 sequences per call.",
+    ),
+    Workload(
+        "sampling-smollm2-b8",
+        "sampling",
+        "smollm2-135m",
+        (3, 4),
+        batch_size=8,
+        new_tokens=64,
+        comparison="transformers",
+        notes="as sampling-b8 on SmolLM2-135M-Instruct (tuneoff's lean Llama-family decode path).",
+    ),
+    Workload(
+        "sampling-smollm2-b32",
+        "sampling",
+        "smollm2-135m",
+        (3, 4),
+        batch_size=32,
+        new_tokens=64,
+        comparison="transformers",
+        notes="as sampling-smollm2-b8, 32 sequences per call.",
     ),
 ]
 
@@ -187,11 +253,11 @@ def select(names: str) -> list[Workload]:
 def prepare(workload: Workload, units: int, folder: Path) -> dict:
     """Write the workload's data into `folder`; returns {"data": path} for the children."""
     folder.mkdir(parents=True, exist_ok=True)
+    convert_once(workload.model)
     if workload.data == "pairs":
         return {"data": str(write_pairs(folder / "pairs.jsonl", units * workload.batch_size))}
     source = ROOT / workload.data
     if workload.kind == "sft" and "messages" in json.loads(source.read_text().splitlines()[0]):
-        convert_once(workload.model)
         return {
             "data": str(fitting_conversations(source, workload.model, workload.max_length, folder / "messages.jsonl"))
         }

@@ -159,3 +159,13 @@ def test_rows_of_a_split_batch_draw_what_the_whole_batch_draws():
     rest = sample_categorical(probs[2:], torch.Generator().manual_seed(7), rows=(2, 6))
     assert torch.equal(torch.cat([first, rest]), whole)
     assert not torch.equal(sample_categorical(probs[2:], torch.Generator().manual_seed(7)), whole[2:])
+
+
+def test_rollout_seed_depends_on_seed_and_step_in_the_bits_a_cpu_generator_keeps():
+    from tuneoff.train.policy import rollout_seed
+
+    seeds = {rollout_seed(seed, step) for seed in range(3) for step in range(3)}
+    assert len({s & 0xFFFFFFFF for s in seeds}) == 9  # torch's CPU generator reads the low 32 bits only
+    draw = lambda seed: torch.rand(4, generator=torch.Generator().manual_seed(rollout_seed(seed, 0)))  # noqa: E731
+    assert not torch.equal(draw(0), draw(1)) and torch.equal(draw(0), draw(0))
+    assert 0 <= min(seeds) and max(seeds) < 2**63

@@ -240,3 +240,13 @@ def test_lora_adapters_count_and_switch_off_as_in_peft():
     torch.testing.assert_close(off, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(off_step, expected_step, atol=1e-6, rtol=0)
     assert (adapted - expected).abs().max() > 0.1
+
+
+def test_merged_or_prompt_learning_adapters_take_transformers_path():
+    from peft import PromptTuningConfig, get_peft_model
+
+    merged = build_lora("smollm2")
+    merged.merge_adapter()
+    assert not llama_decode.supports(merged)  # peft unmerges on disable_adapter(); the lean step would not
+    prompt = get_peft_model(build("smollm2"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert not llama_decode.supports(prompt.eval())  # virtual tokens live outside the layers

@@ -35,8 +35,9 @@ def eval_prompt_file(spec: dict, folder: Path) -> str:
     return str(write_jsonl(folder / "prompts.jsonl", [{"prompt": p} for p in prompts]))
 
 
-def judge_scores(judge: str, prompts: list, texts: list[str]) -> list[float]:
-    """The judge's verdict per response: gold = P(positive) of prompt + response; else a held-out RM's reward."""
+def judge_scores(judge: str, prompts: list, texts: list[str], device: str = "cpu") -> list[float]:
+    """The judge's verdict per response: gold = P(positive) of prompt + response; else a held-out RM's reward (on
+    ``device``)."""
     if judge == "gold":
         from tuneoff.feedback.gold import load_gold_judge
         from tuneoff.feedback.judges import judge_text
@@ -44,7 +45,7 @@ def judge_scores(judge: str, prompts: list, texts: list[str]) -> list[float]:
         return load_gold_judge().score([judge_text(p, t) for p, t in zip(prompts, texts)]).tolist()
     from tuneoff.feedback.judges import load_reward_model
 
-    return load_reward_model(judge).score(prompts, texts).tolist()
+    return load_reward_model(judge, device).score(prompts, texts).tolist()
 
 
 def _as_text(prompt) -> str:
@@ -79,12 +80,12 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
     generation = clock.read()
 
     clock = _Clock()
-    judged = judge_scores(judge, prompts.texts, texts)
+    judged = judge_scores(judge, prompts.texts, texts, device)
     proxy_scores = None
     if proxy:
         from tuneoff.feedback.judges import load_reward_model
 
-        proxy_scores = load_reward_model(proxy).score(prompts.texts, texts).tolist()
+        proxy_scores = load_reward_model(proxy, device).score(prompts.texts, texts).tolist()
     kl = (
         0.0
         if spec["method"] == "base"

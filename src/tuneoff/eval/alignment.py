@@ -101,7 +101,7 @@ def continuations(
     from tuneoff.rollout import sample_responses
 
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # where the sampler draws
     return sample_responses(
         model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, temperature, generator, batch
     )[1]
@@ -116,7 +116,7 @@ def kl_per_token(
 
     model.eval()
     reference.eval()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)  # where the sampler draws
     _, _, batches = sample_responses(
         model, tokenizer, _prompt_ids(tokenizer, prompts), max_new_tokens, 1.0, generator, batch
     )
@@ -138,22 +138,27 @@ def evaluate_policy(
     max_new_tokens: int = 32,
     reference: str | None = None,
     reward_model: str | None = None,
+    device: str = "auto",
 ) -> Evaluation:
-    """Continuations of ``prompts`` by ``model_name``, gold P(positive) of each, proxy reward, KL to ``reference``."""
+    """Continuations of ``prompts`` by ``model_name``, gold P(positive) of each, proxy reward, KL to ``reference``;
+    the models on ``device`` (auto: CUDA when there is one; the gold judge is a CPU model)."""
     from tuneoff.feedback.gold import load_gold_judge
     from tuneoff.feedback.judges import judge_text
     from tuneoff.models.load import load_model, load_tokenizer
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(model_name)
-    model = load_model(model_name)
+    model = load_model(model_name).to(device)
     texts = continuations(model, tokenizer, prompts, max_new_tokens, seed)
     gold = load_gold_judge().score([judge_text(p, t) for p, t in zip(prompts, texts)]).tolist()
     proxy = None
     if reward_model:
         from tuneoff.feedback.judges import load_scorer
 
-        proxy = load_scorer(reward_model).score(prompts, texts).tolist()
-    kl = kl_per_token(model, load_model(reference), tokenizer, prompts, max_new_tokens, seed) if reference else None
+        proxy = load_scorer(reward_model, device).score(prompts, texts).tolist()
+    reference_model = load_model(reference).to(device) if reference else None
+    kl = kl_per_token(model, reference_model, tokenizer, prompts, max_new_tokens, seed) if reference else None
     return Evaluation(gold, proxy, kl, texts)
 
 

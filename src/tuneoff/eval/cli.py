@@ -12,7 +12,13 @@ def _eval(args) -> int:
 
     prompts = held_out_prompts(args.prompts, args.prompt_words, args.prompt_seed)
     result = evaluate_policy(
-        args.model, prompts, args.seed, args.max_new_tokens, args.reference or None, args.reward_model or None
+        args.model,
+        prompts,
+        args.seed,
+        args.max_new_tokens,
+        args.reference or None,
+        args.reward_model or None,
+        args.device,
     )
     summary = {
         "model": args.model,
@@ -56,4 +62,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per continuation")
     parser.add_argument("--out", default="", help="write the JSON summary here")
+    parser.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the models run (auto: CUDA if any)"
+    )
     parser.set_defaults(func=_eval)

@@ -113,10 +113,11 @@ def load_reward_model(folder: str | Path, device: str | torch.device = "cpu") ->
     return RewardScorer(model, tokenizer, info, device)
 
 
-def load_scorer(spec: str):
-    """``gold`` (the gold judge; oracle) or the folder of a reward model trained by ``tuneoff rm``."""
+def load_scorer(spec: str, device: str | torch.device = "cpu"):
+    """``gold`` (the gold judge; oracle; a CPU model whatever the device) or the folder of a reward model trained by
+    ``tuneoff rm``, on ``device``."""
     if spec == "gold":
         return GoldScorer()
     if not spec:
         raise TuneoffError("no reward given: pass --reward-model FOLDER (from `tuneoff rm`) or --reward-model gold")
-    return load_reward_model(spec)
+    return load_reward_model(spec, device)

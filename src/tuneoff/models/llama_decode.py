@@ -31,18 +31,26 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def unwrapped(model):
-    """The transformers model inside a peft wrapper (adapters stay injected in its layers), else the model."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformers model inside a peft LoRA wrapper (the adapters stay injected in its layers), else the model
+    (a prompt-learning wrapper, whose virtual tokens live outside the layers, stays wrapped: not supported)."""
+    config = getattr(model, "active_peft_config", None)
+    if hasattr(model, "get_base_model") and getattr(config, "peft_type", None) == "LORA":
+        return model.get_base_model()
+    return model
 
 
 def is_plain_lora(module) -> bool:
     """A peft LoRA ``Linear`` over a plain ``nn.Linear`` whose adapters this module reproduces exactly: at most one
-    active adapter, no DoRA, no live dropout on its input, not merged (merged ones are read as plain layers)."""
+    active adapter, no DoRA or other variant, no live dropout on its input, not merged (peft would unmerge it when
+    the adapters are switched off), adapters in the base weight's dtype (peft casts otherwise)."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
+    if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear or module.merged:
         return False
     active = [a for a in module.active_adapters if a in module.lora_A]
+    dtype = module.base_layer.weight.dtype
+    if any(p.dtype != dtype for a in active for p in (module.lora_A[a].weight, module.lora_B[a].weight)):
+        return False
     if len(active) > 1 or any(module.use_dora.get(a, False) for a in active):
         return False
     if getattr(module, "lora_variant", {}) and any(module.lora_variant.get(a) for a in active):

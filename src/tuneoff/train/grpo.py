@@ -42,10 +42,10 @@ def sequence_advantages(scores: torch.Tensor, k: int, baseline: str, scale_rewar
 
 def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
     need_reference = config.kl_coef > 0
-    actors = load_actors(config, with_reference=need_reference)
+    actors = load_actors(config, accelerator.device, with_reference=need_reference)
     policy, tokenizer, k = actors.policy, actors.tokenizer, config.num_generations
     groups = config.rollout_batch // k
-    total = total_iterations(config, groups, len(actors.prompts.ids))
+    total = total_iterations(config, groups * accelerator.num_processes, len(actors.prompts.ids))  # global
     started, episodes = time.perf_counter(), [0]
 
     def step(context: loop.Context) -> dict:

@@ -5,6 +5,7 @@ The scorers they reward with live in :mod:`tuneoff.feedback.judges`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import defaultdict
 from collections.abc import Callable
@@ -70,8 +71,15 @@ def iteration_share(n_prompts: int, per_process: int, repeat: int, context, seed
     world, rank = context.world, context.accelerator.process_index
     prompts = prompt_batch(n_prompts, per_process * world, context.step, seed)[rank * per_process :][:per_process]
     index = [i for i in prompts for _ in range(repeat)]
-    generator = torch.Generator(device=context.device).manual_seed(seed * 2**32 + context.step)
+    generator = torch.Generator(device=context.device).manual_seed(rollout_seed(seed, context.step))
     return Share(index, (rank * len(index), world * len(index)), generator)
+
+
+def rollout_seed(seed: int, step: int) -> int:
+    """The sampler's seed at an iteration: a hash of (seed, step), 63 bits of which every bit depends on both (torch's
+    CPU generator keeps only the low 32 bits of a seed, so seed · 2³² + step would ignore the seed)."""
+    digest = hashlib.sha256(f"tuneoff rollout {seed} {step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 # ---------------------------------------------------------------- log-probs of responses
@@ -321,23 +329,24 @@ class Actors:
             return response_logprobs(self.policy, full_ids, full_mask, prompt_len, mask, temperature)[0]
 
 
-def load_actors(config, with_reference: bool = True, on_policy: Callable | None = None) -> Actors:
+def load_actors(config, device, with_reference: bool = True, on_policy: Callable | None = None) -> Actors:
     """Tokenizer, prompts, reward and gold judge, the policy (LoRA-wrapped if configured) and the reference, dropout
     off in both (ratios must be 1 before the first update). ``on_policy(policy)`` runs on the loaded policy before
-    the reference loads (PPO copies its critic from it)."""
+    the reference loads (PPO copies its critic from it). The reward model and the reference go to ``device`` (the
+    policy and the critic move there when the skeleton prepares them)."""
     from tuneoff.feedback.judges import load_scorer
     from tuneoff.models.load import apply_lora, load_model, load_tokenizer
 
     tokenizer = load_tokenizer(config.model)
     prompts = encode_prompts(config.data, tokenizer, config.max_prompt_length)
-    scorer = load_scorer(config.reward_model)
+    scorer = load_scorer(config.reward_model, device)
     gold = load_scorer("gold") if config.reward_model != "gold" else None
     policy = load_model(config.model)
     if on_policy is not None:
         on_policy(policy)
     reference = None
     if with_reference and not config.lora:
-        reference = load_model(config.reference or config.model).eval().requires_grad_(False)
+        reference = load_model(config.reference or config.model).eval().requires_grad_(False).to(device)
     if config.lora:
         policy = apply_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     for model in (policy, reference):
@@ -390,7 +399,7 @@ def minibatch_updates(
                 for key, value in micro_step(micro, share * context.world).items():
                     totals[key] = totals[key] + value.detach() * share
             for key, value in (after_minibatch() if after_minibatch else {}).items():
-                totals[key] = value.detach() / context.world
+                totals[key] = totals[key] + value.detach() / context.world
             for key, value in totals.items():
                 sums[key].append(value)
             if config.max_grad_norm > 0:

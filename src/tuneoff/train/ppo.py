@@ -86,10 +86,12 @@ def ptx_batches(config: PPOConfig, tokenizer, accelerator):
 
 def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
     critics = []
-    actors = load_actors(config, on_policy=lambda policy: critics.append(Critic(copy.deepcopy(policy))))
+    actors = load_actors(
+        config, accelerator.device, on_policy=lambda policy: critics.append(Critic(copy.deepcopy(policy)))
+    )
     critic, policy, tokenizer = critics[0], actors.policy, actors.tokenizer
     ptx = ptx_batches(config, tokenizer, accelerator) if config.ptx_coef > 0 else None
-    total = total_iterations(config, config.rollout_batch, len(actors.prompts.ids))
+    total = total_iterations(config, config.rollout_batch * accelerator.num_processes, len(actors.prompts.ids))
     updates = updates_per_iteration(config)
     kl_control = (
         AdaptiveKL(config.kl_coef, config.kl_target, config.kl_horizon)
