@@ -32,7 +32,9 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan(config, out)
     _warm_imports()
-    records = scheduler.run(jobs, config.workers or os.cpu_count() or 1, config.threads, show_progress)
+    records = scheduler.run(
+        jobs, config.workers or os.cpu_count() or 1, config.threads, show_progress, _gpu_sharing(config, jobs)
+    )
     results = aggregate(config, records)
     try:
         results["recommendation"] = recommend(results, config.priorities)
@@ -55,6 +57,27 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def _gpu_sharing(config, jobs) -> tuple[dict, int] | None:
+    """On a CUDA GPU: each job's estimated memory and the budget (90 % of the free memory), else None (CPU: one job
+    per worker). device: cuda without a GPU is an error."""
+    from tuneoff.compare import gpu
+    from tuneoff.errors import TuneoffError
+
+    device = gpu.probe() if config.device != "cpu" else gpu.Device(False)
+    if config.device == "cuda" and not device.cuda:
+        raise TuneoffError("device: cuda, but torch sees no CUDA GPU here; use device: auto or cpu")
+    if not device.cuda:
+        return None
+    params = gpu.count_parameters(config.base)
+    needs = {job.name: gpu.job_memory(job.kind, job.spec, params) for job in jobs}
+    budget = int(0.9 * device.free)
+    print(
+        f"GPU {device.name}: {device.free / 2**30:.1f} of {device.total / 2**30:.1f} GiB free; jobs share it by "
+        f"estimated memory (largest job {max(needs.values()) / 2**30:.1f} GiB, budget {budget / 2**30:.1f} GiB)"
+    )
+    return needs, budget
 
 
 def _warm_imports() -> None:

@@ -66,7 +66,8 @@ def evaluate_arm(model_name: str, base_name: str, proxy: str | None, judge: str,
     tokenizer = load_tokenizer(model_name)
     prompts = encode_prompts(eval_prompt_file(spec, folder), tokenizer, settings.get("max_prompt_length", 64))
     prompts.texts[:], prompts.ids[:] = prompts.texts[: settings["prompts"]], prompts.ids[: settings["prompts"]]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = spec.get("device", "auto")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     model = load_model(model_name).eval().to(device)
     generator = torch.Generator(device).manual_seed(10_000 + spec["seed"])
     T, new = settings["temperature"], settings["max_new_tokens"]

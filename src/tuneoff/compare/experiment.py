@@ -54,6 +54,12 @@ class ExperimentConfig:
     """Jobs run at once, each in its own process; 0: one per CPU core."""
     threads: int = 1
     """torch threads per job process (on 2 cores, two 1-thread jobs beat one 2-thread job for small models)."""
+    device: str = "auto"
+    """Where jobs run: auto (a CUDA GPU when there is one: jobs share it by estimated memory, tuneoff.compare.gpu),
+    cpu or cuda. Trained arms, reward models and evaluations alike."""
+    precision: str = "auto"
+    """Autocast precision of every training job (auto: bf16 on a GPU that supports it, else fp32); an arm may set
+    its own."""
     judge: str = "gold"
     """Who says what is good: `gold` (the SST-2 sentiment classifier trained on human labels; the default task)
     or `rm` (a reward model trained on `judge_data`, disjoint from the feedback: for real-data presets)."""
@@ -114,6 +120,16 @@ class ExperimentConfig:
             )
         for name, arm in self.arms.items():
             _check_arm(name, arm, self.arms)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise TuneoffError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise TuneoffError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+    @property
+    def placement(self) -> dict:
+        """device and precision where they are not auto: the training fields every job passes on (auto adds
+        nothing, so the cache keys of CPU experiments stay as they were)."""
+        return {k: v for k, v in (("device", self.device), ("precision", self.precision)) if v != "auto"}
 
     @property
     def eval_settings(self) -> dict:
@@ -270,7 +286,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             "role": "judge",
             "data": config.judge_data,
             "model": config.base,
-            "rm": config.judge_rm,
+            "rm": {**config.placement, **config.judge_rm},
             "threads": config.threads,
         }
         if config.judge == "rm"
@@ -306,7 +322,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
         rm = add(
             "rm",
             "rm",
-            {"role": "proxy", "model": config.base, "rm": config.rm, "threads": config.threads},
+            {"role": "proxy", "model": config.base, "rm": {**config.placement, **config.rm}, "threads": config.threads},
             [pairs],
             None,
             2.0,
@@ -319,6 +335,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
         "prompt_words": config.prompt_words,
         "sft_data": config.sft_data,
         "sft_records": config.sft_records,
+        **({"placement": config.placement} if config.placement else {}),
     }
     for seed in config.seeds:
         for arm in _arm_order(config.arms):
@@ -350,6 +367,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
                 "eval_prompts": config.eval_prompts,
                 "prompt_words": config.prompt_words,
                 "judge": config.judge,
+                **({"device": config.device} if config.device != "auto" else {}),
             }
             add(
                 f"eval:{arm}/seed-{seed}",

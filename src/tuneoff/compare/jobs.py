@@ -209,7 +209,8 @@ def run_train(spec: dict, folder: Path, inputs: dict) -> dict:
             "reward_model": inputs["rm"]["model"],
         }
         labels = inputs["rm"].get("labels") or 0
-    config = build_config(method.config, None, **{**arm, **common, **data, **method.fixed})
+    fields = {**spec.get("placement", {}), **arm, **common, **data, **method.fixed}  # an arm's own device wins
+    config = build_config(method.config, None, **fields)
     started = time.perf_counter()
     model = method.train(config)
     elapsed = time.perf_counter() - started

@@ -23,6 +23,7 @@ import traceback
 from pathlib import Path
 
 from tuneoff.compare.experiment import Job
+from tuneoff.compare.gpu import fits
 
 RECORD = "job.json"
 
@@ -115,8 +116,13 @@ def _priorities(jobs: list[Job]) -> dict[str, float]:
     return {j.name: longest(j.name) for j in jobs}
 
 
-def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True) -> dict[str, dict]:
+def run(
+    jobs: list[Job], workers: int, threads: int, show_progress: bool = True, gpu: tuple[dict, int] | None = None
+) -> dict[str, dict]:
     """Run every job whose record is missing; return {name: record} (status ok, failed or skipped).
+
+    ``gpu`` = ({job name: estimated GPU bytes}, budget): a job starts only when it fits beside the running ones
+    (:func:`tuneoff.compare.gpu.fits`); ``workers`` caps the count either way.
 
     A job that fails (an error, a crash, a process killed) never stops the others: the jobs that read from it
     are recorded as skipped (not run) with the failed input named, everything independent of it still runs, and
@@ -155,6 +161,8 @@ def run(jobs: list[Job], workers: int, threads: int, show_progress: bool = True)
             for job in sorted(pending, key=lambda j: -priority[j.name]):
                 if len(running) >= workers:
                     break
+                if gpu is not None and not fits([gpu[0][n] for n in running], gpu[0][job.name], gpu[1]):
+                    continue  # a smaller job may fit now; this one starts when memory frees
                 states = {d: records.get(d, {}).get("status") for d in job.deps}
                 broken = [d for d, state in states.items() if state in ("failed", "skipped")]
                 if broken:  # never wait on the rest: this job cannot run whatever they do
