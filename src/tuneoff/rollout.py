@@ -107,6 +107,16 @@ def lean_decoder(model, prompt_mask: torch.Tensor, max_new_tokens: int):
     return None
 
 
+def decode_path(model) -> str:
+    """Which decode path :func:`generate` takes for this model, in words (logged by the RL loops, so a run never
+    falls back to the slow path silently)."""
+    if gpt2_decode.supports(model):
+        return "tuneoff's lean GPT-2 decode"
+    if llama_decode.supports(model):
+        return "tuneoff's lean Llama-family decode" + (" (with LoRA)" if hasattr(model, "peft_config") else "")
+    return f"transformers' forward ({type(model).__name__}: no lean path reproduces it exactly)"
+
+
 @torch.inference_mode()
 def generate(
     model,

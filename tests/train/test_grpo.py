@@ -49,6 +49,9 @@ def test_grpo_and_rloo_smoke(tmp_path):
         last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["step"] == 2 and "objective/kl" in last and "objective/scores_std_in_group" in last
         assert (out / "model" / "config.json").exists()
+        # the log says which decode path sampled: the lean one, or transformers' with the reason (GPT-2 with LoRA)
+        path = "tuneoff's lean GPT-2 decode" if verb == "grpo" else "transformers' forward (PeftModelForCausalLM"
+        assert f"sampling: {path}" in result.stdout, result.stdout[-2000:]
 
 
 def test_rejects_k_that_does_not_divide_the_batch(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from tuneoff.advantages import BASELINES, group_advantages, masked_mean
 from tuneoff.config import GRPOConfig
 from tuneoff.losses import KL_ESTIMATORS, kl_k1, ppo_policy_loss
+from tuneoff.rollout import decode_path
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
 from tuneoff.train.policy import (
@@ -110,6 +111,7 @@ def setup(config: GRPOConfig, accelerator, out: Path) -> loop.Run:
         finite=(names.POLICY_LOSS,),
         kl=names.OBJECTIVE_KL,
         postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S},
+        describe=f"{total} iterations of {config.rollout_batch} episodes per process; sampling: {decode_path(policy)}",
     )
 
 

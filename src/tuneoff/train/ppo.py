@@ -24,6 +24,7 @@ from tuneoff.advantages import gae, masked_mean, whiten
 from tuneoff.config import PPOConfig
 from tuneoff.losses import KL_ESTIMATORS, ppo_policy_loss, ppo_value_loss
 from tuneoff.models.heads import position_ids_from_mask
+from tuneoff.rollout import decode_path
 from tuneoff.train import loop
 from tuneoff.train import metrics as names
 from tuneoff.train.policy import (
@@ -189,6 +190,7 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         finite=(names.OBJECTIVE_KL, names.POLICY_LOSS),
         kl=names.OBJECTIVE_KL,
         postfix={"score": names.SCORES, "kl": names.OBJECTIVE_KL, "ep_s": names.EPISODES_PER_S},
+        describe=f"{total} iterations of {config.rollout_batch} episodes per process; sampling: {decode_path(policy)}",
     )
 
 
