@@ -222,3 +222,13 @@ def test_ptx_coef_needs_ptx_data():
 
     with pytest.raises(TuneoffError, match="ptx_data"):
         PPOConfig(ptx_coef=0.5)
+
+
+def test_reference_is_the_starting_policy_even_for_a_random_init_model(tmp_path):
+    """π_ref is a copy of the loaded policy (not a second load: `tiny` is random-init, a second load drew other
+    weights and KL started at ~0.2): before any update the sampled responses have KL(π‖π_ref) ≈ 0."""
+    out = tmp_path / "run"
+    result = run_cli("ppo", *FAST, "--max-steps", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["objective/kl"]) < 1e-4, first

@@ -5,6 +5,7 @@ The scorers they reward with live in :mod:`tuneoff.feedback.judges`.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 from collections import defaultdict
@@ -346,7 +347,11 @@ def load_actors(config, device, with_reference: bool = True, on_policy: Callable
         on_policy(policy)
     reference = None
     if with_reference and not config.lora:
-        reference = load_model(config.reference or config.model).eval().requires_grad_(False).to(device)
+        # π_ref is the starting policy unless another model is named: a copy, not a second load (a random-init
+        # model such as `tiny` would otherwise get other weights, and a converted model would load twice)
+        same = config.reference in ("", config.model)
+        reference = copy.deepcopy(policy) if same else load_model(config.reference)
+        reference = reference.eval().requires_grad_(False).to(device)
     if config.lora:
         policy = apply_lora(policy, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
     for model in (policy, reference):
