@@ -84,7 +84,7 @@ def job_memory(kind: str, spec: dict, params: int) -> int:
         arm = spec.get("arm_spec", {})
         method, lora = arm.get("method"), bool(arm.get("lora"))
         need = trained(lora)
-        if method in ("ppo", "grpo", "rloo") or method in ("dpo", "kto"):
+        if method in ("ppo", "grpo", "rloo", "dpo", "kto"):
             need += 0 if lora else weights  # π_ref: a frozen copy, or the adapters switched off
         if method in ("ppo", "grpo", "rloo"):
             need += weights  # the proxy reward model
