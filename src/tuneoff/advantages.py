@@ -17,15 +17,12 @@ def whiten(
 ) -> torch.Tensor:
     """(x − mean) / std over the masked entries (population variance); masked entries come back as 0.
     ``sum_across(t)`` sums a tensor over the processes that hold the rest of the batch (mean and variance of the
-    whole batch); None: this tensor is the whole batch."""
-    if sum_across is None:
-        mean = masked_mean(x, mask)
-        var = masked_mean((x - mean) ** 2, mask)
-    else:
-        m = mask.to(x.dtype)
-        count = sum_across(m.sum()).clamp(min=1)
-        mean = sum_across((x * m).sum()) / count
-        var = sum_across(((x - mean) ** 2 * m).sum()) / count
+    whole batch); None: this tensor is the whole batch (the same sums as :func:`masked_mean`'s, bit for bit)."""
+    total = sum_across or (lambda t: t)
+    m = mask.to(x.dtype)
+    count = total(m.sum()).clamp(min=1)
+    mean = total((x * m).sum()) / count
+    var = total(((x - mean) ** 2 * m).sum()) / count
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

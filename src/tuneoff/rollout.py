@@ -19,6 +19,7 @@ that evaluation and the layers above use to draw text from a policy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -97,24 +98,39 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+class LeanPath(NamedTuple):
+    module: object
+    """gpt2_decode or llama_decode: ``supports(model)`` and ``packed_hidden_states``."""
+    decoder: type
+    family: str
+
+
+LEAN_PATHS = (
+    LeanPath(gpt2_decode, gpt2_decode.GPT2Decoder, "GPT-2"),
+    LeanPath(llama_decode, llama_decode.LlamaDecoder, "Llama-family"),
+)
+
+
+def lean_path(model) -> LeanPath | None:
+    """tuneoff's lean path that reproduces this model exactly (decode, prefill, packed passes), or None where only
+    transformers' forward is exact (other architectures, adapters it cannot reproduce, live dropout, sliding
+    windows: each module's ``supports``). The one place that decides, for sampling and for the RL passes."""
+    return next((path for path in LEAN_PATHS if path.module.supports(model)), None)
+
+
 def lean_decoder(model, prompt_mask: torch.Tensor, max_new_tokens: int):
-    """tuneoff's lean decode state for the model's family (prefill, step), or None where only transformers'
-    forward is exact (other architectures, adapters, live dropout, sliding windows: each module's ``supports``)."""
-    if gpt2_decode.supports(model):
-        return gpt2_decode.GPT2Decoder(model, prompt_mask, max_new_tokens)
-    if llama_decode.supports(model):
-        return llama_decode.LlamaDecoder(model, prompt_mask, max_new_tokens)
-    return None
+    """The lean decode state for the model's family (prefill, step), or None (:func:`lean_path`)."""
+    path = lean_path(model)
+    return path.decoder(model, prompt_mask, max_new_tokens) if path else None
 
 
 def decode_path(model) -> str:
     """Which decode path :func:`generate` takes for this model, in words (logged by the RL loops, so a run never
     falls back to the slow path silently)."""
-    if gpt2_decode.supports(model):
-        return "tuneoff's lean GPT-2 decode"
-    if llama_decode.supports(model):
-        return "tuneoff's lean Llama-family decode" + (" (with LoRA)" if hasattr(model, "peft_config") else "")
-    return f"transformers' forward ({type(model).__name__}: no lean path reproduces it exactly)"
+    path = lean_path(model)
+    if path is None:
+        return f"transformers' forward ({type(model).__name__}: no lean path reproduces it exactly)"
+    return f"tuneoff's lean {path.family} decode" + (" (with LoRA)" if hasattr(model, "peft_config") else "")
 
 
 @torch.inference_mode()

@@ -147,14 +147,13 @@ def response_logprobs(
     response positions that count (the largest matmul of a small model). Returns logp (B, R) and entropy (B, R) or
     None; 0 where response_mask is 0.
     """
-    from tuneoff.models import gpt2_decode, llama_decode
+    from tuneoff.rollout import lean_path
 
     head = model.get_output_embeddings()
     packed_ids, positions, where = pack_rows(full_ids, full_mask, model.config.get_text_config().pad_token_id)
-    if gpt2_decode.supports(model):  # the same math as transformers' GPT-2, without its per-call work
-        hidden = gpt2_decode.packed_hidden_states(model, packed_ids, positions)  # (R, W, H)
-    elif llama_decode.supports(model):  # likewise for Llama, Qwen2, Mistral
-        hidden = llama_decode.packed_hidden_states(model, packed_ids, positions)
+    lean = lean_path(model)
+    if lean is not None:  # the same math as transformers' forward (GPT-2; Llama, Qwen2, Mistral), less per-call work
+        hidden = lean.module.packed_hidden_states(model, packed_ids, positions)  # (R, W, H)
     else:
         hidden = model.get_decoder()(input_ids=packed_ids, position_ids=positions, use_cache=False).last_hidden_state
     keep = response_mask.bool()  # (B, R)
@@ -242,7 +241,7 @@ def sample_and_score(model, tokenizer, prompts: EncodedPrompts, share: Share, sc
         # at 1. So π_old comes from the update's own forward (one more no-grad pass, as TRL computes it).
         with torch.inference_mode(), context.accelerator.autocast():
             old_logp = response_logprobs(model, full_ids, full_mask, prompt_ids.shape[1], mask, config.temperature)[0]
-        old_logp = old_logp.clone() * mask
+        old_logp = old_logp * mask  # out of inference mode: a tensor autograd may read
     return Episodes(
         full_ids,
         full_mask,

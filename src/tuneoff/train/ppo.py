@@ -119,8 +119,7 @@ def setup(config: PPOConfig, accelerator, out: Path) -> loop.Run:
         kl = KL_ESTIMATORS[config.kl_estimator](old_logp, ref_logp) * mask  # (B, R)
         rewards = per_token_rewards(batch.scores, kl, mask, kl_control.value)
         advantages, returns = gae(rewards, old_values, mask, config.gamma, config.lam)
-        sum_across = (lambda t: accelerator.reduce(t, "sum")) if context.world > 1 else None  # whole batch
-        advantages = whiten(advantages, mask, sum_across=sum_across)
+        advantages = whiten(advantages, mask, sum_across=lambda t: accelerator.reduce(t, "sum"))  # whole batch
         old_values, advantages, returns = (t.clone() for t in (old_values, advantages, returns))
 
         # 2. PPO epochs over minibatches, token-averaged over each minibatch (all processes).
