@@ -159,3 +159,14 @@ def test_exact_kl_is_zero_against_itself_and_positive_against_another_model():
     torch.manual_seed(0)
     other = load_model("tiny").eval()  # same tokenizer, random weights
     assert exact_kl_per_token(model, other, batches) > 0.1
+
+
+def test_eval_on_cuda_without_a_gpu_is_one_line_and_exit_2():
+    import pytest
+    import torch
+    from tests.conftest import run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    result = run_cli("eval", "--model", "tiny", "--prompts", "2", "--device", "cuda")
+    assert result.returncode == 2 and "device cuda" in result.stderr and "Traceback" not in result.stderr

@@ -146,6 +146,10 @@ def evaluate_policy(
     from tuneoff.feedback.judges import judge_text
     from tuneoff.models.load import load_model, load_tokenizer
 
+    if device == "cuda" and not torch.cuda.is_available():
+        from tuneoff.errors import TuneoffError
+
+        raise TuneoffError("device cuda: torch sees no CUDA GPU here; use --device cpu or auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(model_name)
