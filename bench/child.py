@@ -21,13 +21,17 @@ def sample(spec: dict, meter: Meter) -> None:
     from bench.rollout import SAMPLERS, prompt_batch
     from tuneoff.models.load import load_model_and_tokenizer
 
+    device = torch.device(spec.get("device", "cpu"))
     model, tokenizer = load_model_and_tokenizer(spec["model"])
-    model.eval()
+    model.eval().to(device)
     meter.describe_model(model, lora=False)
-    ids, mask = prompt_batch(tokenizer, spec["batch_size"])
+    ids, mask = (t.to(device) for t in prompt_batch(tokenizer, spec["batch_size"]))
     sampler = SAMPLERS[spec["side"]](model, tokenizer, ids, mask, spec["new_tokens"])
+    # bf16: autocast over float32 weights, as tuneoff's --precision bf16 and TRL's bf16=True run their rollouts
+    low = spec.get("precision") == "bf16"
     for _ in range(spec["units"]):  # the window starts at the end of the first (warm-up) call
-        meter.add_episodes(ids.shape[0], sampler())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low):
+            meter.add_episodes(ids.shape[0], sampler())
         meter.mark()
 
 
@@ -53,6 +57,8 @@ def main() -> None:
     meter = Meter(spec["steps_per_unit"]).install()
     run(spec, meter)
     result = {**meter.summary(), "child_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    if torch.cuda.is_available():  # the GPU's own peak next to the process's RSS
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     (spec_path.parent / "result.json").write_text(json.dumps(result))
 
 

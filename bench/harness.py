@@ -79,7 +79,9 @@ class Meter:
             self.mark()
 
     def mark(self) -> None:
-        """End of a unit: its time and the counters so far."""
+        """End of a unit: its time (after the GPU's queued work, where there is one) and the counters so far."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), dict(self.counts)))
 
     def _counting(self, forward):

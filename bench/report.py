@@ -91,12 +91,13 @@ def row(workload: Workload, label: str, runs: list[dict], reference: list[dict] 
     text = mine[2]
     if reference and any("error" not in r for r in reference):
         text += within_noise(mine, quality(workload, next(r for r in reference if "error" not in r)))
-    rss = statistics.median(r["peak_rss_mb"] for r in ok)
+    rss = f"{statistics.median(r['peak_rss_mb'] for r in ok):,.0f}"
+    if all("peak_gpu_mb" in r for r in ok):  # on a GPU: the device's peak allocation too
+        rss += f" (GPU {statistics.median(r['peak_gpu_mb'] for r in ok):,.0f})"
     unit = statistics.median(r["time_s"] / r["timed_units"] for r in ok)
     wall = statistics.median(r["wall_s"] for r in ok)
     return (
-        f"| {workload.name} | {label} | {throughput} | {unit:.2f} | {rss:,.0f} | {ratio} | {flops} | {text} | "
-        f"{wall:.0f} |"
+        f"| {workload.name} | {label} | {throughput} | {unit:.2f} | {rss} | {ratio} | {flops} | {text} | {wall:.0f} |"
     )
 
 
@@ -184,15 +185,29 @@ METHOD = """\
 
 
 def document(
-    sections: list[str], command: str, threads: int, peaks: tuple[float, float], mode: str, loads: tuple[float, float]
+    sections: list[str],
+    command: str,
+    threads: int,
+    peaks: tuple[float, float],
+    mode: str,
+    loads: tuple[float, float],
+    where: tuple[str, str] = ("cpu", "fp32"),
 ) -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device, precision = where
+    if device == "cuda":
+        import torch
+
+        peak = f"{precision} matmul peak on {torch.cuda.get_device_name()} (torch.mm 8192² × 8192², best of 5)"
+        placement = f"both sides on CUDA, {'bf16 autocast over float32 weights' if precision == 'bf16' else 'fp32'}"
+    else:
+        peak = f"fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5)"
+        placement = "both sides on the CPU in float32"
     head = (
         f"# tuneoff vs TRL on this machine\n\n"
         f"- Date: {time.strftime('%Y-%m-%d %H:%M')}\n- Command: `{command}` ({mode})\n"
-        f"- Machine: {cores} cores, {cpu_model()}; {versions()}; {threads} torch threads per run\n"
-        f"- fp32 matmul peak (torch.mm 2048² × 2048², {threads} threads, best of 5): {peaks[0]:.1f} GFLOP/s before "
-        f"the runs, "
+        f"- Machine: {cores} cores, {cpu_model()}; {versions()}; {threads} torch threads per run; {placement}\n"
+        f"- {peak}: {peaks[0]:.1f} GFLOP/s before the runs, "
         f"{peaks[1]:.1f} after (the FLOP/s shares use the higher)\n"
         f"- 1-minute load average: {loads[0]:.2f} before the runs, {loads[1]:.2f} after (the runs add about {threads}; "
         f"more means other processes shared the cores, which slows small-kernel code most and skews the ratios)\n\n"

@@ -30,7 +30,7 @@ from bench.workloads import ROOT, Workload, prepare, select
 LABELS = {"trl": "TRL 1.16", "trl-1.12": "TRL 1.12 (PPO)", "transformers": "transformers generate"}
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--quick", action="store_true", help="few steps, 1 repeat: about 3 minutes on 2 cores")
@@ -41,20 +41,34 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in every run and in the matmul peak")
     parser.add_argument("--out", default="bench/results.md")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds before a child is killed")
-    return parser.parse_args()
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides run")
+    parser.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast over float32 weights, both sides"
+    )
+    args = parser.parse_args(argv)
+    if args.precision == "bf16" and args.device != "cuda":
+        parser.error("--precision bf16 is for --device cuda (on CPU the table compares float32)")
+    return args
 
 
-def matmul_peak(threads: int, n: int = 2048, tries: int = 5) -> float:
-    """GFLOP/s of the best of `tries` fp32 torch.mm of n×n by n×n (2n³ FLOPs), after one warm-up product."""
+def matmul_peak(threads: int, device: str = "cpu", precision: str = "fp32", tries: int = 5) -> float:
+    """GFLOP/s of the best of `tries` torch.mm of n×n by n×n (2n³ FLOPs), after one warm-up product: fp32 at
+    n = 2048 on the CPU, the run's precision at n = 8192 on a GPU."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 2048 if device == "cpu" else 8192
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(tries):
+        if device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
 
@@ -100,7 +114,7 @@ def run_child(spec: dict, folder: Path, threads: int, timeout: int) -> dict:
     return {**json.loads(result_file.read_text()), "wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def spec_for(workload: Workload, side: str, units: int, data: dict, threads: int, out: Path, variant: dict) -> dict:
+def spec_for(workload: Workload, side: str, units: int, data: dict, args, out: Path, variant: dict) -> dict:
     return {
         "name": workload.name,
         "kind": workload.kind,
@@ -112,7 +126,9 @@ def spec_for(workload: Workload, side: str, units: int, data: dict, threads: int
         "lora": workload.lora,
         "new_tokens": workload.new_tokens,
         "steps_per_unit": workload.steps_per_unit,
-        "threads": threads,
+        "threads": args.threads,
+        "device": args.device,
+        "precision": args.precision,
         "side": side,
         "variant": variant,
         "out": str(out),
@@ -135,7 +151,7 @@ def runs_of(workload: Workload, args, repeats: int, work: Path) -> dict[str, lis
     for repeat in range(repeats):
         for side, label, variant in sides:
             folder = work / f"{label.replace(' ', '_')}-{repeat}"
-            spec = spec_for(workload, side, units, data, args.threads, folder / "out", variant)
+            spec = spec_for(workload, side, units, data, args, folder / "out", variant)
             result = run_child(spec, folder, args.threads, args.timeout)
             runs[label].append(result)
             print(f"  {workload.name} · {label} · repeat {repeat + 1}: " + progress_line(workload, result), flush=True)
@@ -163,20 +179,20 @@ def section(workload: Workload, runs: dict[str, list[dict]], peak_flops: float) 
     return "\n".join(rows)
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     workloads = select(args.workloads)
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_before = os.getloadavg()[0]  # other processes on these cores make every number here meaningless
-    peak_before = matmul_peak(args.threads)
-    print(f"fp32 matmul peak: {peak_before:.1f} GFLOP/s with {args.threads} threads", flush=True)
+    peak_before = matmul_peak(args.threads, args.device, args.precision)
+    print(f"{args.precision} matmul peak: {peak_before:.1f} GFLOP/s on {args.device}", flush=True)
     all_runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="tuneoff-bench-") as tmp:
         for workload in workloads:
             print(f"{workload.name}:", flush=True)
             all_runs[workload.name] = runs_of(workload, args, repeats, Path(tmp) / workload.name)
-    peak_after = matmul_peak(args.threads)
+    peak_after = matmul_peak(args.threads, args.device, args.precision)
     peak_flops = max(peak_before, peak_after) * 1e9
     table = "\n".join([report.HEADER] + [section(w, all_runs[w.name], peak_flops) for w in workloads])
     notes = "\n".join(f"- **{w.name}**: {w.notes}" for w in workloads if w.notes)
@@ -188,7 +204,13 @@ def main() -> None:
         f"{w.name} {units_of(w, args)}" for w in workloads
     )
     text = report.document(
-        sections, command, args.threads, (peak_before, peak_after), mode, (load_before, os.getloadavg()[0])
+        sections,
+        command,
+        args.threads,
+        (peak_before, peak_after),
+        mode,
+        (load_before, os.getloadavg()[0]),
+        (args.device, args.precision),
     )
     Path(args.out).write_text(text)
     print("\n" + text)

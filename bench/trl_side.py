@@ -1,7 +1,9 @@
 """TRL 1.16's side of each workload: the trainer a TRL user would pick, configured to match tuneoff's run.
 
-The pitfalls of bench notes (../shared/BASELINES.md) are all set: float32 (bf16 and fp16 off), no gradient
-checkpointing, CPU, no reporting, no evaluation, no saving, no worker processes, logging only past the end.
+The pitfalls of bench notes (../shared/BASELINES.md) are all set: float32 (bf16 and fp16 off; bf16 autocast over
+float32 weights where the spec's precision says bf16, as tuneoff's --precision bf16), no gradient checkpointing, the
+spec's device (CPU unless bench.run --device cuda), no reporting, no evaluation, no saving, no worker processes,
+logging only past the end.
 The models are the folders tuneoff resolves, loaded in float32; the tokenizer is the one tuneoff loads.
 """
 
@@ -33,11 +35,11 @@ def trl_args(config_class, spec: dict, **extra):
         adam_epsilon=1e-8,
         seed=0,
         data_seed=0,
-        bf16=False,
+        bf16=spec.get("precision") == "bf16",
         fp16=False,
         gradient_checkpointing=False,
         activation_checkpointing=False,
-        use_cpu=True,
+        use_cpu=spec.get("device", "cpu") == "cpu",
         report_to=[],
         dataloader_num_workers=0,
         eval_strategy="no",

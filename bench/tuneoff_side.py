@@ -35,6 +35,8 @@ def training_fields(spec: dict) -> dict:
         lora_dropout=0.05,
         lora_target_modules="all-linear",
         threads=spec["threads"],
+        device=spec.get("device", "cpu"),
+        precision=spec.get("precision", "fp32"),
     )
 
 

@@ -115,7 +115,18 @@ def lean_path(model) -> LeanPath | None:
     """tuneoff's lean path that reproduces this model exactly (decode, prefill, packed passes), or None where only
     transformers' forward is exact (other architectures, adapters it cannot reproduce, live dropout, sliding
     windows: each module's ``supports``). The one place that decides, for sampling and for the RL passes."""
+    if not whole_parameters(model):
+        return None
     return next((path for path in LEAN_PATHS if path.module.supports(model)), None)
+
+
+def whole_parameters(model) -> bool:
+    """Every parameter a plain, non-empty tensor on this process: the lean paths read the weights themselves, which
+    FSDP (sharded DTensors, or flat parameters whose views are empty outside its forward) does not allow. DDP and
+    DeepSpeed ZeRO-1/2 keep whole weights on every process."""
+    from torch.distributed.tensor import DTensor
+
+    return all(p.numel() > 0 and not isinstance(p, DTensor) for p in model.parameters())
 
 
 def lean_decoder(model, prompt_mask: torch.Tensor, max_new_tokens: int):

@@ -219,6 +219,18 @@ def test_lean_paths_are_not_used_where_they_would_differ():
     assert not llama_decode.supports(torch.nn.Linear(2, 2))
 
 
+def test_lean_paths_are_off_where_fsdp_shards_the_weights():
+    """FSDP leaves each process a shard (a DTensor under FSDP2, an empty view outside forward under FSDP1): the lean
+    paths read whole weights, so lean_path says None and the loops take transformers' forward."""
+    from tuneoff.rollout import decode_path, lean_path
+
+    model = build("smollm2")
+    assert lean_path(model) is not None
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.data = torch.empty(0)  # what FSDP1 leaves outside its forward
+    assert lean_path(model) is None and "transformers' forward" in decode_path(model)
+
+
 def test_lora_adapters_count_and_switch_off_as_in_peft():
     """The lean step reads peft's switches: with ``disable_adapter()`` (π_ref under LoRA) it gives the base
     model's logits, with the adapters on it gives others (the adapters are not negligible here)."""
