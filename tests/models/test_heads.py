@@ -261,3 +261,80 @@ def test_untied_lm_head_is_frozen():
     lm = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50, tie_word_embeddings=False))
     RewardModel(lm)  # freezes the LM's untied output head, which a reward model never uses
     assert not lm.lm_head.weight.requires_grad and lm.transformer.wte.weight.requires_grad
+
+
+def transformers_rewards(folder, rows: list[list[int]]) -> torch.Tensor:
+    """Rewards of token-id rows from the folder loaded as transformers' sequence classifier, right-padded with the
+    pad id its config names (what a user of the exported model does)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ids, mask = pad_right(rows, model.config.pad_token_id)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0]
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_a_saved_reward_model_loads_as_a_transformers_sequence_classifier(tmp_path, tiny_tokenizer, pad_is_eos):
+    """save_reward_model's folder loads with AutoModelForSequenceClassification and gives tuneoff's rewards (1e-5),
+    also where the tokenizer pads with EOS (SmolLM2): the export names another special token as pad."""
+    import copy
+    import json
+
+    from tuneoff.models.load import load_model
+
+    torch.manual_seed(3)
+    model = RewardModel(load_model("tiny")).eval()
+    torch.nn.init.normal_(model.head.weight)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    if pad_is_eos:
+        tokenizer.pad_token = tokenizer.eos_token
+    folder = save_reward_model(tmp_path / "rm", model, tokenizer, {"max_length": 64})
+    info = json.loads((folder / "reward_model.json").read_text())
+    assert info["transformers"] == {"exported": True, "pad_token": "<|pad|>"}
+    prompts, responses = ["the movie is", "a film", "so"], [" great fun", " that never ends , and it is dull", " bad"]
+    rows = [encode_response(tokenizer, p, r)[0] for p, r in zip(prompts, responses)]
+    assert all(row[-1] == tokenizer.eos_token_id for row in rows)  # read at EOS, even where EOS is the pad
+    expected = load_reward_model(folder).score(prompts, responses)
+    with torch.no_grad():
+        direct = model(*pad_right(rows, tokenizer.pad_token_id))
+    torch.testing.assert_close(expected, direct, atol=1e-5, rtol=0)
+    torch.testing.assert_close(transformers_rewards(folder, rows), expected, atol=1e-5, rtol=0)
+
+
+def test_heads_that_cannot_export_say_why_and_still_load(tmp_path, tiny_tokenizer):
+    import json
+
+    from tuneoff.models.load import load_model
+
+    mean = RewardModel(load_model("tiny"), pooling="mean").eval()
+    folder = save_reward_model(tmp_path / "mean", mean, tiny_tokenizer, {"max_length": 64})
+    assert json.loads((folder / "reward_model.json").read_text())["transformers"] == {
+        "exported": False,
+        "reason": "mean pooling: transformers' sequence classifiers read the last token only",
+    }
+    biased = RewardModel(load_model("tiny")).eval()
+    torch.nn.init.constant_(biased.head.bias, 0.5)
+    folder = save_reward_model(tmp_path / "bias", biased, tiny_tokenizer, {"max_length": 64})
+    assert "bias" in json.loads((folder / "reward_model.json").read_text())["transformers"]["reason"]
+    assert load_reward_model(folder).score(["a"], [" b"]).shape == (1,)
+
+
+def test_a_folder_saved_before_the_export_still_loads(tmp_path, tiny_tokenizer, tiny_reward_model):
+    """Folders of earlier versions (no score.weight, no `transformers` entry) load as before."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = save_reward_model(tmp_path / "rm", tiny_reward_model, tiny_tokenizer, {"max_length": 64})
+    expected = load_reward_model(folder).score(["the movie is"], [" great fun"])
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["score.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = config["architectures"][:1]
+    (folder / "config.json").write_text(json.dumps(config))
+    info = json.loads((folder / "reward_model.json").read_text())
+    del info["transformers"]
+    (folder / "reward_model.json").write_text(json.dumps(info))
+    torch.testing.assert_close(load_reward_model(folder).score(["the movie is"], [" great fun"]), expected)

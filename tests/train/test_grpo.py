@@ -57,3 +57,18 @@ def test_grpo_and_rloo_smoke(tmp_path):
 def test_rejects_k_that_does_not_divide_the_batch(tmp_path):
     result = run_cli("grpo", *FAST, "--num-generations", "3", "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "num_generations" in result.stderr
+
+
+def test_a_hugging_face_reward_model_is_the_reward(tmp_path):
+    """--reward-model names a sequence classifier saved as TRL saves one: GRPO runs on its logit (the gold judge,
+    no longer the reward, is logged beside it, and the two differ)."""
+    from tests.feedback.test_judges import hf_reward_model
+
+    folder = tmp_path / "hf-rm"
+    hf_reward_model(folder)
+    out = tmp_path / "run"
+    args = [a if a != "gold" else str(folder) for a in FAST]
+    result = run_cli("grpo", *args, "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["objective/scores"] != rows[-1]["objective/gold"]  # gold: at the end

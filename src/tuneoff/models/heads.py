@@ -11,6 +11,14 @@ On disk a reward model is a folder: the backbone as a Hugging Face causal-LM fol
 LoRA merged), the head in ``reward_head.safetensors`` (``weight`` (1, H), ``bias`` (1,)) and
 ``reward_model.json`` (format, max_length, the reward mean/std over held-out responses, eval metrics).
 :func:`tuneoff.feedback.judges.load_reward_model` loads one back as a scorer.
+
+The same folder loads elsewhere as ``AutoModelForSequenceClassification.from_pretrained(folder)`` with the same
+rewards (:func:`export_for_transformers`): ``model.safetensors`` also holds the head as ``score.weight`` and
+``config.json`` says one label. transformers reads the reward at the last token that is not the pad id, tuneoff at
+the last token of the attention mask; where the pad token is EOS (SmolLM2), the folder's tokenizer and config
+get another special token as pad, one that never occurs in what the model reads, so the two agree. Heads with
+mean pooling, or a bias (the Bradley–Terry loss never moves it from 0, so tuneoff's own never have one), do not
+export: ``reward_model.json`` says why under ``transformers``.
 """
 
 from __future__ import annotations
@@ -184,8 +192,73 @@ def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: d
     lm.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     save_head(model.head, folder)
-    (folder / INFO_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "pooling": model.pooling, **info}, indent=1))
+    exported = export_for_transformers(folder, model, tokenizer)
+    info = {"format": FORMAT_VERSION, "pooling": model.pooling, **info, "transformers": exported}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
     return folder
+
+
+def export_pad_id(tokenizer) -> int | None:
+    """A pad id for transformers' sequence classifier, which reads the last token that is not the pad: the
+    tokenizer's pad where it is not EOS (EOS closes every response tuneoff scores), else its unknown token or
+    another special (added) token that is neither EOS nor BOS and not written by the chat template; None if none."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    closing = {tokenizer.eos_token_id, tokenizer.bos_token_id}
+    added = [i for i, token in sorted(tokenizer.added_tokens_decoder.items()) if token.special]
+    candidates = [tokenizer.pad_token_id, tokenizer.unk_token_id, *tokenizer.all_special_ids, *added]
+    for token_id in candidates:
+        if token_id is None or token_id in closing:
+            continue
+        if tokenizer.convert_ids_to_tokens(token_id) in template:
+            continue
+        return token_id
+    return None
+
+
+def export_for_transformers(folder: Path, model: RewardModel, tokenizer) -> dict:
+    """Make the saved folder load as ``AutoModelForSequenceClassification`` with tuneoff's rewards: the head as
+    ``score.weight`` in ``model.safetensors``, one label and the pad id (:func:`export_pad_id`) in
+    ``config.json``, that pad in the tokenizer. Returns {"exported": bool, "reason" or "pad_token"}."""
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "model.safetensors"
+    reason = None
+    if model.pooling != "last":
+        reason = f"{model.pooling} pooling: transformers' sequence classifiers read the last token only"
+    elif model.head.bias is not None and float(model.head.bias.detach().abs().max()) != 0.0:
+        reason = "the head has a bias; transformers' sequence classifiers have none"
+    elif not weights.exists():
+        reason = "the weights are sharded (no single model.safetensors)"
+    pad_id = export_pad_id(tokenizer) if reason is None else None
+    if reason is None and pad_id is None:
+        reason = "no special token can serve as pad without being read as the last token"
+    if reason is not None:
+        return {"exported": False, "reason": reason}
+    tensors = load_file(weights)
+    tensors["score.weight"] = model.head.weight.detach().float().cpu().contiguous()  # (1, H)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    causal = config.get("architectures") or []
+    config.update(
+        id2label={"0": "LABEL_0"},
+        label2id={"LABEL_0": 0},
+        pad_token_id=pad_id,
+        architectures=causal
+        + [
+            a.replace("ForCausalLM", "ForSequenceClassification").replace("LMHeadModel", "ForSequenceClassification")
+            for a in causal
+        ],
+    )
+    config_file.write_text(json.dumps(config, indent=2))
+    pad = tokenizer.convert_ids_to_tokens(pad_id)
+    if tokenizer.pad_token_id != pad_id:
+        import copy
+
+        exported = copy.deepcopy(tokenizer)
+        exported.pad_token = pad
+        exported.save_pretrained(folder)
+    return {"exported": True, "pad_token": pad}
 
 
 # ---------------------------------------------------------------- text -> token ids (training and scoring alike)
