@@ -139,3 +139,52 @@ def test_feedback_from_preference_files(tmp_path):
     assert jobs["pairs"].kind == "pair_files" and jobs["pairs"].deps == [] and jobs["rm"].deps == ["pairs"]
     result = run_pair_files(jobs["pairs"].spec, tmp_path, {})
     assert result["pairs"] == 3 and result["train"] == str(train) and result["agreement_with_gold"] is None
+
+
+GIVEN = """extends: demo
+name: given-reward-models
+base: tiny
+seeds: [0]
+judge: {folder}
+rm: {folder}
+eval: {{prompts: 8, diversity_prompts: 3, samples_per_prompt: 2, max_new_tokens: 8}}
+arms:
+  sft: null
+  sft+ppo: null
+  dpo: null
+  grpo: {{max_steps: 2, rollout_batch: 8, batch_size: 4, num_generations: 4, max_new_tokens: 8, eval_every: 1,
+          save_every: 1}}
+"""
+
+
+def test_a_given_reward_model_is_the_judge_and_the_proxy(tmp_path):
+    """judge: FOLDER and rm: FOLDER (a Hugging Face sequence classifier): nothing is trained for them, no pairs are
+    made when no arm needs any, GRPO optimises that model and every arm is judged by it."""
+    from tests.feedback.test_judges import hf_reward_model
+
+    folder = tmp_path / "hf-rm"
+    hf_reward_model(folder)
+    config = load_experiment(write(tmp_path, GIVEN.format(folder=folder)))
+    jobs = {j.name: j for j in plan(config, tmp_path / "out")}
+    assert jobs["judge"].kind == jobs["rm"].kind == "given_rm" and "pairs" not in jobs
+    assert set(jobs["train:grpo/seed-0"].deps) == {"rm"}
+    out = tmp_path / "out"
+    result = run_cli("compare", "--config", str(tmp_path / "x.yaml"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["judge"] == f"the reward model in {folder.resolve()} (given; no gold judge)"
+    assert results["shared"]["proxy_rm"]["given"] == str(folder.resolve())
+    arm = json.loads((out / "runs" / "grpo" / "seed-0" / "eval" / "eval.json").read_text())
+    from tuneoff.compare.evaluate import judge_scores
+
+    shown = arm["samples"][0]
+    rescored = judge_scores(str(folder), [shown["prompt"]], [shown["response"]])[0]
+    assert rescored == pytest.approx(shown["gold"], abs=1e-5)
+
+
+def test_a_judge_that_is_not_a_reward_model_is_refused(tmp_path):
+    with pytest.raises(TuneoffError, match="is not gold, rm or a reward model folder"):
+        load_experiment(write(tmp_path, "extends: demo\njudge: no/such/folder\n"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(TuneoffError, match="config.json is missing"):
+        load_experiment(write(tmp_path, f"extends: demo\nrm: {tmp_path / 'empty'}\n"))

@@ -244,7 +244,7 @@ def _pairwise(config: ExperimentConfig, records: dict) -> dict:
     return table
 
 
-def _shared(records: dict) -> dict:
+def _shared(config: ExperimentConfig, records: dict) -> dict:
     judge = (records.get("judge") or {}).get("result") or {}
     pairs = (records.get("pairs") or {}).get("result") or {}
     rm = records.get("rm") or {}
@@ -261,6 +261,7 @@ def _shared(records: dict) -> dict:
             "wall_s": (records.get("pairs") or {}).get("wall_s"),
         },
         "proxy_rm": {
+            "given": (rm.get("result") or {}).get("model") if isinstance(config.rm, str) else None,
             "accuracy_vs_gold": (rm.get("result") or {}).get("accuracy"),
             "ece": (rm.get("result") or {}).get("ece"),
             "wall_s": rm.get("wall_s"),
@@ -300,12 +301,13 @@ def aggregate(config: ExperimentConfig, records: dict) -> dict:
         "config": dataclasses.asdict(config),
         "environment": environment(),
         "seeds": list(config.seeds),
-        "judge": "gold judge (SST-2 sentiment classifier trained on human labels)"
-        if config.judge == "gold"
-        else "held-out reward model trained on a disjoint split (no gold judge)",
+        "judge": {
+            "gold": "gold judge (SST-2 sentiment classifier trained on human labels)",
+            "rm": "held-out reward model trained on a disjoint split (no gold judge)",
+        }.get(config.judge, f"the reward model in {config.judge} (given; no gold judge)"),
         "arms": arms,
         "win_rates": _pairwise(config, records),
-        "shared": _shared(records),
+        "shared": _shared(config, records),
         "priorities": config.priorities,
         "notes": list(config.notes) + failures,
         "jobs": {

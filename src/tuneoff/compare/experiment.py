@@ -61,8 +61,9 @@ class ExperimentConfig:
     """Autocast precision of every training job (auto: bf16 on a GPU that supports it, else fp32); an arm may set
     its own."""
     judge: str = "gold"
-    """Who says what is good: `gold` (the SST-2 sentiment classifier trained on human labels; the default task)
-    or `rm` (a reward model trained on `judge_data`, disjoint from the feedback: for real-data presets)."""
+    """Who says what is good: `gold` (the SST-2 sentiment classifier trained on human labels; the default task),
+    `rm` (a reward model trained on `judge_data`, disjoint from the feedback: for real-data presets) or the folder
+    of a reward model you trust (one `tuneoff rm` wrote, or any Hugging Face sequence classifier with one label)."""
     judge_data: str = ""
     """Preference file of the held-out judge when `judge` is rm."""
     judge_rm: dict = dataclasses.field(default_factory=dict)
@@ -91,8 +92,9 @@ class ExperimentConfig:
     eval: dict = dataclasses.field(default_factory=dict)
     """Held-out evaluation: prompts (96), diversity_prompts (24), samples_per_prompt (4), max_new_tokens (24),
     temperature (1.0), prompt_seed (0), samples_shown (6), max_prompt_length (64 tokens, the last ones kept)."""
-    rm: dict = dataclasses.field(default_factory=dict)
-    """Training fields (RMConfig) of the proxy reward model the RL arms optimise."""
+    rm: dict | str = dataclasses.field(default_factory=dict)
+    """Training fields (RMConfig) of the proxy reward model the RL arms optimise, or the folder of a reward model
+    to optimise instead (no proxy is trained: one `tuneoff rm` wrote, or a Hugging Face sequence classifier)."""
     arms: dict = dataclasses.field(default_factory=dict)
     """name -> {method: base|sft|ppo|grpo|rloo|dpo, init: another arm (optional), description, and any training
     field of that method's config (max_steps, lr, kl_coef, ...); an sft arm may set its own sft_data}. In a
@@ -108,7 +110,11 @@ class ExperimentConfig:
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise TuneoffError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         if self.judge not in ("gold", "rm"):
-            raise TuneoffError(f"judge must be gold or rm, got {self.judge!r}")
+            self.judge = self._reward_model_folder("judge", self.judge)
+        if isinstance(self.rm, str):
+            self.rm = self._reward_model_folder("rm", self.rm)
+        elif not isinstance(self.rm, dict):
+            raise TuneoffError(f"rm must be a mapping of training fields or a reward model folder, got {self.rm!r}")
         if self.judge == "rm" and not self.judge_data and self.feedback.get("source") != "real":
             raise TuneoffError(
                 "judge: rm needs judge_data, a preference file disjoint from the feedback "
@@ -124,6 +130,24 @@ class ExperimentConfig:
             raise TuneoffError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise TuneoffError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+
+    @staticmethod
+    def _reward_model_folder(field: str, value) -> str:
+        """A given reward model's folder, absolute, after checking it is one (tuneoff's or a HF classifier)."""
+        from tuneoff.feedback.judges import reward_model_kind
+
+        if not isinstance(value, str) or not value:
+            raise TuneoffError(f"{field} must be gold, rm or a reward model folder, got {value!r}")
+        if not Path(value).is_dir():
+            choices = "gold, rm or " if field == "judge" else ""
+            raise TuneoffError(f"{field}: {value!r} is not {choices}a reward model folder (no such folder)")
+        reward_model_kind(value)
+        return str(Path(value).resolve())
+
+    @property
+    def given_judge(self) -> bool:
+        """The judge is a reward model folder the user gave."""
+        return self.judge not in ("gold", "rm")
 
     @property
     def placement(self) -> dict:
@@ -220,7 +244,7 @@ def load_experiment(path: str | Path, **overrides) -> ExperimentConfig:
     unknown = set(data) - names
     if unknown:
         raise TuneoffError(f"{path}: unknown field(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
-    for key in ("feedback", "eval", "rm", "arms", "priorities", "judge_rm"):
+    for key in ("feedback", "eval", "arms", "priorities", "judge_rm"):
         if key in data and not isinstance(data[key], dict):
             raise TuneoffError(f"{path}: field '{key}' must be a mapping, got {data[key]!r}")
     return ExperimentConfig(**data)
@@ -281,8 +305,10 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
         pairs = add("pairs", "real_pairs", {k: v for k, v in config.feedback.items() if k != "source"}, [], None, 0.1)
     judge = add(
         "judge",
-        "gold" if config.judge == "gold" else "rm",
-        {
+        {"gold": "gold", "rm": "rm"}.get(config.judge, "given_rm"),
+        {"role": "judge", "model": config.judge}
+        if config.given_judge
+        else {
             "role": "judge",
             "data": config.judge_data,
             "model": config.base,
@@ -295,7 +321,10 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
         None,
         0.3,
     )
-    needs_pairs = any(a["method"] in ONLINE or _trains_on_pairs(a["method"]) for a in config.arms.values())
+    given_rm = isinstance(config.rm, str)
+    needs_pairs = any(
+        (a["method"] in ONLINE and not given_rm) or _trains_on_pairs(a["method"]) for a in config.arms.values()
+    )
     if needs_pairs and not real:
         if "train" in config.feedback:
             pairs = add(
@@ -318,7 +347,9 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
                 None,
                 1.0,
             )
-    if any(a["method"] in ONLINE for a in config.arms.values()):
+    if any(a["method"] in ONLINE for a in config.arms.values()) and given_rm:
+        rm = add("rm", "given_rm", {"role": "proxy", "model": config.rm}, [], None, 0.1)
+    elif any(a["method"] in ONLINE for a in config.arms.values()):
         rm = add(
             "rm",
             "rm",
@@ -346,7 +377,7 @@ def plan(config: ExperimentConfig, out: str | Path) -> list[Job]:
             if method != "base":
                 deps = (
                     ([jobs[f"train:{init}/seed-{seed}"]] if init else [])
-                    + ([pairs] if _trains_on_pairs(method) or (real and method in ONLINE) else [])
+                    + ([pairs] if _trains_on_pairs(method) or (real and method in ONLINE and pairs) else [])
                     + ([rm] if method in ONLINE else [])
                 )
                 trained = add(

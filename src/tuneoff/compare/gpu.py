@@ -66,13 +66,13 @@ def job_memory(kind: str, spec: dict, params: int) -> int:
 
     Trained models cost TRAINED bytes per trained parameter plus FP32 per frozen one; frozen copies (π_ref, the
     reward model) FP32 per parameter; PPO's critic is a fully trained copy of the base. Jobs that run on the CPU
-    (the gold judge, pair files) cost nothing."""
+    (the gold judge, pair files, checking a given reward model's folder) cost nothing."""
     weights = FP32 * params
 
     def trained(lora: bool) -> float:
         return weights + (TRAINED - FP32) * params * (LORA_SHARE if lora else 1.0)
 
-    if kind in ("gold", "pair_files", "real_pairs"):
+    if kind in ("gold", "pair_files", "real_pairs", "given_rm"):
         return 0
     if kind == "pairs":  # the base samples responses
         need = weights

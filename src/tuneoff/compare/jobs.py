@@ -131,6 +131,14 @@ def run_rm(spec: dict, folder: Path, inputs: dict) -> dict:
     }
 
 
+def run_given_rm(spec: dict, folder: Path, inputs: dict) -> dict:
+    """A reward model the experiment names by folder (judge or proxy): checked, never trained, no training cost."""
+    from tuneoff.feedback.judges import reward_model_kind
+
+    kind = reward_model_kind(spec["model"])
+    return {"model": spec["model"], "given": kind, "accuracy": None, "ece": None, "labels": None, "flops": None}
+
+
 def _training_tokens(rows: list[dict], elapsed: float) -> float | None:
     """Tokens a loop processed: its last cumulative rate (input tokens/s over the whole loop) × the loop's time
     (an estimate: the loop's rate excludes its set-up)."""
@@ -265,7 +273,7 @@ def run_eval(spec: dict, folder: Path, inputs: dict) -> dict:
     trained = inputs.get(f"train:{spec['arm']}/seed-{spec['seed']}")
     model = trained["model"] if trained else spec["base"]
     proxy = inputs["rm"]["model"] if "rm" in inputs else None
-    judge = inputs["judge"].get("model") if spec["judge"] == "rm" else "gold"
+    judge = "gold" if spec["judge"] == "gold" else inputs["judge"]["model"]  # trained (rm) or given (a folder)
     if spec["eval_prompts"] == "feedback":
         spec = {**spec, "eval_prompts": inputs["pairs"]["eval_prompts"]}
     result = evaluate_arm(model, spec["base"], proxy, judge, spec, folder)
@@ -278,6 +286,7 @@ RUNNERS = {
     "real_pairs": run_real_pairs,
     "pair_files": run_pair_files,
     "rm": run_rm,
+    "given_rm": run_given_rm,
     "train": run_train,
     "eval": run_eval,
 }

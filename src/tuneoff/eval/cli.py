@@ -1,4 +1,5 @@
-"""`tuneoff eval`: a model's continuations of held-out prompts, judged by the gold judge (and a proxy RM)."""
+"""`tuneoff eval`: a model's continuations of held-out prompts, judged by the gold judge (and a proxy RM).
+`tuneoff rm-eval`: a reward model's accuracy, calibration and length bias on a preference file."""
 
 from __future__ import annotations
 
@@ -45,6 +46,48 @@ def _eval(args) -> int:
     return 0
 
 
+def _rm_eval(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from tuneoff.data.formats import load_preferences
+    from tuneoff.eval.reward_models import evaluate_rewards, read_subsets, score_pairs
+    from tuneoff.feedback.judges import load_scorer
+
+    pairs = load_preferences(args.data)
+    subsets = read_subsets(args.data, len(pairs))
+    if args.limit:
+        pairs, subsets = pairs[: args.limit], subsets[: args.limit]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    scorer = load_scorer(args.reward_model, device)
+    r_chosen, r_rejected = score_pairs(scorer, pairs, args.batch_size)
+    words = lambda side: torch.tensor([len(getattr(p, side).split()) for p in pairs])  # noqa: E731
+    result = evaluate_rewards(r_chosen, r_rejected, words("chosen"), words("rejected"), subsets)
+    result = {"reward_model": args.reward_model, "data": args.data, **result}
+    print(
+        f"{args.reward_model} on {args.data}: {result['pairs']:,} pairs\n"
+        f"accuracy {result['accuracy']:.3f} [{result['ci_low']:.3f}, {result['ci_high']:.3f}] "
+        "(95% Wilson interval; a tie counts one half)\n"
+        f"ECE of sigmoid(r_chosen - r_rejected): {result['ece']:.3f}\n"
+        f"length bias: correlation of reward with length in words {_number(result['length_corr'])}; accuracy "
+        f"{_number(result['accuracy_shorter_preferred'])} where the preferred response is shorter "
+        f"({result['pairs_shorter_preferred']:.0f} pairs), {_number(result['accuracy_longer_preferred'])} where "
+        f"it is longer ({result['pairs_longer_preferred']:.0f})"
+    )
+    if "subsets" in result:
+        print("\n| subset | pairs | accuracy [95% CI] |\n|---|---|---|")
+        for name, row in result["subsets"].items():
+            print(f"| {name} | {row['pairs']} | {row['accuracy']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] |")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _number(value: float) -> str:
+    return "n/a" if value != value else f"{value:.3f}"  # nan: no pairs of that kind, or a constant reward
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
@@ -66,3 +109,21 @@ def add_parser(subparsers) -> None:
         "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the models run (auto: CUDA if any)"
     )
     parser.set_defaults(func=_eval)
+
+    rm_eval = subparsers.add_parser(
+        "rm-eval",
+        help="a reward model's accuracy, calibration and length bias on a preference file",
+        description="Score both responses of every pair with a reward model (a `tuneoff rm` folder, any Hugging "
+        "Face sequence classifier with one label, or gold) and print pairwise accuracy with a 95%% CI, the ECE of "
+        "sigmoid(r_chosen - r_rejected), the length bias, and per-subset accuracy when the records carry a "
+        "`subset` field (RewardBench's format: prompt, chosen, rejected, subset).",
+    )
+    rm_eval.add_argument("--reward-model", required=True, help="a reward model folder, or gold")
+    rm_eval.add_argument("--data", required=True, help="preference records (prompt, chosen, rejected[, subset])")
+    rm_eval.add_argument("--batch-size", type=int, default=32, help="pairs scored at a time")
+    rm_eval.add_argument("--limit", type=int, default=0, help="score only the first N pairs (0: all)")
+    rm_eval.add_argument("--out", default="", help="write the JSON result here")
+    rm_eval.add_argument(
+        "--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the model runs (auto: CUDA if any)"
+    )
+    rm_eval.set_defaults(func=_rm_eval)
