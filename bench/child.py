@@ -49,14 +49,36 @@ def run(spec: dict, meter: Meter) -> None:
     side.run(spec, meter)
 
 
+def profile_window(meter: Meter):
+    """A torch profiler that starts at the end of the warm-up unit (the first mark) and records until stopped."""
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    mark = meter.mark
+
+    def marked() -> None:
+        mark()
+        if len(meter.marks) == 1:
+            profiler.start()
+
+    meter.mark = marked
+    return profiler
+
+
 def main() -> None:
     spec_path = Path(sys.argv[1])
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])  # before any thread pool exists; tuneoff's `threads` field says the same
     started = time.perf_counter()
     meter = Meter(spec["steps_per_unit"]).install()
+    profiler = profile_window(meter) if spec.get("profile") else None
     run(spec, meter)
     result = {**meter.summary(), "child_s": time.perf_counter() - started, "threads": torch.get_num_threads()}
+    if profiler is not None:  # bench/profile.py: self CPU time by kind of work over the timed window
+        from bench.profile import by_kind
+
+        profiler.stop()
+        result["profile"] = by_kind(profiler.key_averages())
     if torch.cuda.is_available():  # the GPU's own peak next to the process's RSS
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     (spec_path.parent / "result.json").write_text(json.dumps(result))

@@ -58,7 +58,7 @@ def test_generation_files_to_annotators_to_export(tmp_path, capsys):
         assignment = store.next_task(annotator.id, annotators_per_task=1)
         store.record_judgment(annotator.id, assignment.task.id, "left" if assignment.a_on_left else "right")
     assert run("annotators", "list", "--db", db) == 0
-    assert "ann\ttoken" in capsys.readouterr().out
+    assert "ann\tannotator\ttoken" in capsys.readouterr().out
 
     out = tmp_path / "prefs.jsonl"
     assert run("export", "--db", db, "--out", out) == 0
@@ -185,3 +185,36 @@ def test_serve_prints_the_url_once_the_inputs_are_good(tmp_path, capsys, monkeyp
     assert options == {"host": "127.0.0.1", "port": 8765, "log_level": "info"}
     assert app.state.store.path == tmp_path / "fb.sqlite"
     app.state.store.close()
+
+
+def test_leads_revoke_and_rotate(tmp_path, capsys):
+    db = tmp_path / "fb.sqlite"
+    assert run("annotators", "add", "lead", "--db", db, "--lead") == 0
+    assert capsys.readouterr().out.startswith("lead lead: token ")
+    assert run("annotators", "add", "ann", "--db", db) == 0
+    old = capsys.readouterr().out.split("token ")[1].strip()
+    assert run("annotators", "rotate", "ann", "--db", db) == 0
+    new = capsys.readouterr().out.split("new token ")[1].strip()
+    with Store(db) as store:
+        assert store.annotator_by_token(old) is None and store.annotator_by_token(new).name == "ann"
+    assert run("annotators", "revoke", "ann", "--db", db) == 0
+    assert "access revoked" in capsys.readouterr().out
+    assert run("annotators", "list", "--db", db) == 0
+    assert capsys.readouterr().out.splitlines() == ["1\tlead\tlead\ttoken", "2\tann\tannotator\trevoked"]
+    assert run("annotators", "revoke", "nobody", "--db", db) == 2
+    assert "no annotator named 'nobody'" in capsys.readouterr().err
+
+
+def test_stats_say_n_a_for_a_pair_with_a_single_shared_task(tmp_path, capsys):
+    from tuneoff.feedback.store import NewTask
+
+    db = tmp_path / "fb.sqlite"
+    with Store(db) as store:
+        store.add_tasks([NewTask("p", "a", "b")])
+        people = [store.add_annotator(name)[0] for name in ("x", "y")]
+        for person in people:  # both prefer a: one shared task, full agreement, chance agreement 1: kappa 0/0
+            shown = store.next_task(person.id, annotators_per_task=2)
+            store.record_judgment(person.id, shown.task.id, "left" if shown.a_on_left else "right")
+    assert run("stats", "--db", db) == 0
+    out = capsys.readouterr().out
+    assert "x ~ y: n/a (n = 1)" in out and "nan" not in out

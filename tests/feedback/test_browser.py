@@ -147,3 +147,112 @@ def test_hostile_model_text_is_shown_as_text_and_runs_nothing(tmp_path, browser)
     page.close()
     assert dialogs == [] and errors == []
     assert not [url for url in requests if url.endswith("/x")]  # the <img src=x> was never fetched
+
+
+class AttackerPage:
+    """A page on another port of 127.0.0.1 (same site, another origin) that auto-submits a form to the labelling
+    server: what SameSite=Strict alone does not stop."""
+
+    def __init__(self, action: str, fields: dict):
+        import http.server
+        from html import escape
+
+        inputs = "".join(f'<input type="hidden" name="{escape(k)}" value="{escape(v)}">' for k, v in fields.items())
+        body = (f'<html><body><form id="f" method="post" action="{escape(action)}">{inputs}</form>'
+                '<script>document.getElementById("f").submit()</script></body></html>').encode()  # fmt: skip
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_a_persons_flow_guidelines_keyboard_undo_logout_and_cross_site_forms(tmp_path, browser):
+    """Log in, read the guidelines, judge with the keyboard, undo, judge again, rank three responses, log out: the
+    old cookie no longer works. Forms auto-submitted by a page on another port of 127.0.0.1 (same site, other
+    origin) to /judge and /login are refused (403) and record nothing."""
+    db = tmp_path / "fb.sqlite"
+    ranking = NewTask("Rank these", "response one", "response two", more=("response three",))
+    with Store(db) as store:
+        store.add_tasks([NewTask("Prompt 0", "- item a0\n- more", "answer b0"), ranking])
+        store.add_tasks(NewTask(f"Prompt {i}", f"- item a{i}\n- more", f"answer b{i}") for i in range(1, 4))
+        token = store.add_annotator("alice")[1]
+        attacker = store.add_annotator("mallory")[1]
+    guidelines = "# How to judge\n\nPrefer the **more helpful** answer; press *3* for a tie."
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    with LiveServer(db, annotators_per_task=1, guidelines=guidelines) as server:
+        log_in(page, server.url, token)
+        assert page.inner_text("#guidelines h1") == "How to judge"  # shown, open, before the first judgment
+        assert page.locator("#guidelines strong").inner_text() == "more helpful"
+        assert page.locator("#left li").count() == 2  # model text rendered as Markdown: a list
+        page.keyboard.press("r")  # the raw view shows the text as written
+        assert page.inner_text("#left").startswith("- item a")
+        page.keyboard.press("r")
+        first = page.input_value("#task_id")
+        with page.expect_navigation():
+            page.keyboard.press("1")
+        assert page.inner_text("#done") == "1" and page.input_value("#task_id") != first
+        with page.expect_navigation():
+            page.keyboard.press("u")  # undo: the same task comes back first
+        assert page.inner_text("#done") == "0" and page.input_value("#task_id") == first
+        page.fill("#reason", "the list is clearer")
+        with page.expect_navigation():
+            page.click("button[value=right]")
+        assert page.input_value("#task_id") == ranking.id  # three responses, in an order drawn for alice
+        shown = [page.inner_text(f"#response-{p}") for p in range(3)]
+        assert sorted(shown) == ["response one", "response three", "response two"]
+        best_first = ["response three", "response one", "response two"]
+        for position, text in enumerate(shown):
+            page.select_option(f"#rank-{position}", str(best_first.index(text) + 1))
+        with page.expect_navigation():
+            page.click("#submit-ranking")
+        second = page.input_value("#task_id")
+
+        for action, fields in (
+            (f"{server.url}/judge", {"task_id": second, "choice": "left"}),
+            (f"{server.url}/login", {"token": attacker}),
+        ):
+            evil = AttackerPage(action, fields)
+            other = context.new_page()  # the same browser: alice's cookie would go along (same site)
+            with other.expect_navigation(url=action):
+                other.goto(evil.url)
+            assert "Cross-site request refused" in other.content(), action
+            other.close()
+            evil.close()
+        assert page.reload().status == 200 and page.inner_text("#annotator") == "alice"  # still alice
+
+        cookie = next(c for c in context.cookies() if c["name"] == "tuneoff_session")
+        with page.expect_navigation():
+            page.click("#logout button")
+        assert page.url == f"{server.url}/login"
+        stale = browser.new_context()
+        stale.add_cookies([cookie])
+        assert stale.new_page().goto(f"{server.url}/").status == 401  # logout ended the session itself
+        stale.close()
+
+        narrow = browser.new_context(viewport={"width": 400, "height": 800}).new_page()
+        log_in(narrow, server.url, token)
+        left, right = (narrow.locator(f"#{side}").bounding_box() for side in ("left", "right"))
+        assert right["y"] > left["y"] + left["height"] - 1  # stacked on a narrow screen, not side by side
+        narrow.context.close()
+    context.close()
+    with Store(db) as store:
+        judgment, ranked = store.judgments()
+        (undone,) = store.undone()
+    assert (judgment.task_id, judgment.choice, judgment.reason) == (first, "right", "the list is clearer")
+    assert (undone["task_id"], undone["choice"]) == (first, "left") and judgment.annotator == "alice"
+    assert ranked.task_id == ranking.id and ranked.ranking == (2, 0, 1) and sorted(ranked.order_shown) == [0, 1, 2]

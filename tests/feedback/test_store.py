@@ -311,3 +311,109 @@ def test_export_is_read_by_the_project_preference_reader(tmp_path):
     assert export_preferences(store, out, mode="per-annotator")["empty_response"] == 1  # readers refuse empty text
     pairs = formats.load_preferences(out)
     assert [(p.chosen, p.rejected, p.annotator) for p in pairs] == [("A", "B", "x"), ("B", "A", "x")]
+
+
+V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- queue order
+    id TEXT NOT NULL UNIQUE,                -- stable: a hash of the content (or of the source's own key)
+    prompt TEXT NOT NULL,                   -- as shown to annotators
+    prompt_messages TEXT,                   -- JSON [{role, content}] when the prompt is a conversation
+    response_a TEXT NOT NULL,
+    response_b TEXT NOT NULL,
+    source_a TEXT,                          -- the model or file that wrote each response
+    source_b TEXT,
+    origin TEXT,                            -- e.g. "pandalm:17"
+    created_at REAL NOT NULL,
+    taken INTEGER NOT NULL DEFAULT 0        -- open assignments + labels other than skips (see next_task)
+);
+CREATE TABLE IF NOT EXISTS annotators (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_sha256 TEXT UNIQUE,               -- NULL for imported annotators, who cannot log in
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    a_on_left INTEGER NOT NULL,             -- the random order this annotator sees
+    assigned_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'judged', 'expired')),
+    PRIMARY KEY (task_id, annotator_id)
+);
+CREATE TABLE IF NOT EXISTS judgments (
+    id INTEGER PRIMARY KEY,
+    task_id TEXT NOT NULL REFERENCES tasks(id),
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    a_on_left INTEGER,                      -- NULL when the order shown is unknown (imported labels)
+    choice TEXT CHECK (choice IN ('left', 'right', 'tie', 'skip')),
+    preferred TEXT CHECK (preferred IN ('a', 'b', 'tie')),
+    seconds REAL,
+    created_at REAL NOT NULL,
+    UNIQUE (task_id, annotator_id)          -- nobody judges a task twice
+);
+CREATE INDEX IF NOT EXISTS judgments_by_annotator ON judgments (annotator_id);
+CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator_id, state);
+CREATE INDEX IF NOT EXISTS assignments_by_state ON assignments (state, assigned_at);
+"""
+
+
+def test_a_schema_1_database_is_migrated_with_every_label_kept(tmp_path):
+    """A database written by the previous version (schema 1) opens: it gains roles, revocation, sessions, reasons
+    and undo, and keeps its tasks, annotators and judgments."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(V1_SCHEMA)
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+        conn.execute(
+            "INSERT INTO tasks (id, prompt, response_a, response_b, created_at) VALUES ('t1', 'p', 'a', 'b', 0)"
+        )
+        conn.execute(
+            "INSERT INTO annotators (name, token_sha256, created_at) VALUES ('ann', ?, 0)", (hash_token("tok"),)
+        )
+        conn.execute(
+            "INSERT INTO judgments (task_id, annotator_id, a_on_left, choice, preferred, seconds, created_at)"
+            " VALUES ('t1', 1, 1, 'left', 'a', 2.0, 0)"
+        )
+    with Store(path) as store:
+        (judgment,) = store.judgments()
+        assert (judgment.task_id, judgment.preferred, judgment.reason) == ("t1", "a", None)
+        annotator = store.annotator_by_token("tok")
+        assert (annotator.name, annotator.role, annotator.revoked) == ("ann", "annotator", False)
+        assert store.task("t1").meta is None
+        assert store.session(store.open_session(annotator.id)).annotator.name == "ann"
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+
+
+def test_a_ranking_task_is_shown_in_a_random_order_and_stored_as_all_pairs(tmp_path):
+    """K = 3 responses: the order shown is drawn and recorded, a ranking given in shown positions is stored as
+    response indices, and the export holds its C(3, 2) = 3 pairs, the better response chosen in each."""
+    path = tmp_path / "fb.sqlite"
+    with Store(path) as store:
+        task = NewTask("p", "first", "second", more=("third",))
+        store.add_tasks([task])
+        ann = store.add_annotator("ann")[0]
+        assignment = store.next_task(ann.id, annotators_per_task=1)
+        assert sorted(assignment.order) == [0, 1, 2] and assignment.shown == [
+            ("first", "second", "third")[i] for i in assignment.order
+        ]
+        with pytest.raises(TuneoffError, match="ranks 3 responses"):
+            store.record_judgment(ann.id, task.id, "left")
+        with pytest.raises(TuneoffError, match="each of the 3 positions"):
+            store.record_judgment(ann.id, task.id, "rank", ranking=[0, 0, 1])
+        shown_best_first = [assignment.order.index(i) for i in (2, 0, 1)]  # third > first > second
+        store.record_judgment(ann.id, task.id, "rank", ranking=shown_best_first)
+        assert store.record_judgment(ann.id, task.id, "rank", ranking=shown_best_first)[1] is False  # idempotent
+        with pytest.raises(ConflictingJudgment):
+            store.record_judgment(ann.id, task.id, "rank", ranking=shown_best_first[::-1])
+        (judgment,) = store.judgments()
+        assert judgment.ranking == (2, 0, 1) and judgment.order_shown == assignment.order
+        assert judgment.choice is None and judgment.preferred is None
+        out = tmp_path / "prefs.jsonl"
+        export_preferences(store, out, mode="per-annotator")
+    pairs = {(r["chosen"], r["rejected"]) for r in map(json.loads, out.read_text().splitlines())}
+    assert pairs == {("first", "second"), ("third", "first"), ("third", "second")}

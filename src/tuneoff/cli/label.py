@@ -1,13 +1,17 @@
 """`tuneoff label ...`: queue comparisons, serve the labelling page, manage annotators, export, statistics.
 
     tuneoff label add --db fb.sqlite --prompts p.jsonl --responses-a a.jsonl --responses-b b.jsonl
+    tuneoff label add --db fb.sqlite --prompts p.jsonl --responses a.jsonl b.jsonl c.jsonl   (K > 2: rank them)
     tuneoff label add --db fb.sqlite --prompts p.jsonl --model-a review-gpt [--model-b runs/sft/model]
     tuneoff label add --db fb.sqlite --pandalm ../shared/data/pandalm/testset-v1.json.gz
     tuneoff label add --db fb.sqlite --preferences prefs.jsonl [--as-annotator file-labels]
-    tuneoff label annotators add NAME --db fb.sqlite        (prints the token once)
-    tuneoff label serve --db fb.sqlite --host 127.0.0.1 --port 8000 --annotators-per-task 3
+    tuneoff label add --db fb.sqlite --experiment runs/X [--max-prompts 50] [--arm-vs-arm 100]   (blind, vs base)
+    tuneoff label annotators add NAME --db fb.sqlite [--lead]   (prints the token once; a lead also sees /admin)
+    tuneoff label annotators revoke NAME --db fb.sqlite         (the token and every session end; labels stay)
+    tuneoff label annotators rotate NAME --db fb.sqlite         (a new token; the old one and every session end)
+    tuneoff label serve --db fb.sqlite --host 127.0.0.1 --port 8000 --annotators-per-task 3 [--guidelines G.md]
     tuneoff label export --db fb.sqlite --out prefs.jsonl [--mode majority|per-annotator] [--ties drop|keep]
-    tuneoff label stats --db fb.sqlite [--json stats.json]
+    tuneoff label stats --db fb.sqlite [--json stats.json] [--experiment runs/X]
 
 Heavy imports (FastAPI, uvicorn, torch) happen inside the handlers.
 """
@@ -40,6 +44,11 @@ def add_parser(subparsers) -> None:
     add.add_argument(
         "--responses-b", help="generation file for side b, line i answering the same prompt as line i of a"
     )
+    add.add_argument(
+        "--responses",
+        nargs="+",
+        help="K generation files answering the same prompts line by line: K = 2 a pair, K > 2 a ranking task",
+    )
     add.add_argument("--model-a", help="sample response a from this model (preset name or HF folder); with --prompts")
     add.add_argument("--model-b", help="sample response b from this model (default: a second sample from --model-a)")
     add.add_argument("--max-new-tokens", type=int, default=128)
@@ -50,6 +59,15 @@ def add_parser(subparsers) -> None:
     add.add_argument("--pandalm", help="import PandaLM's human test set with its three annotators' labels")
     add.add_argument("--preferences", help='import the pairs of a {"prompt","chosen","rejected"} file as tasks')
     add.add_argument("--as-annotator", help="with --preferences: also keep the file's labels under this annotator name")
+    add.add_argument(
+        "--experiment",
+        help="queue blind comparisons of this experiment folder's arms (each against base, same prompt and seed)",
+    )
+    add.add_argument("--max-prompts", type=int, default=0, help="with --experiment: first N held-out prompts per seed")
+    add.add_argument(
+        "--arm-vs-arm", type=int, default=0, help="with --experiment: also up to N comparisons between tuned arms"
+    )
+    add.add_argument("--seeds", type=int, nargs="+", help="with --experiment: only these seeds (default: all)")
     add.set_defaults(func=run_add)
 
     serve = verbs.add_parser("serve", help="serve the labelling page and its JSON API")
@@ -68,14 +86,24 @@ def add_parser(subparsers) -> None:
         default=30.0,
         help="an assigned task left unanswered this long is offered to someone else",
     )
+    serve.add_argument("--guidelines", help="a Markdown file of task guidelines, shown above every comparison")
     serve.set_defaults(func=run_serve)
 
-    annotators = verbs.add_parser("annotators", help="create or list annotators")
+    annotators = verbs.add_parser("annotators", help="create, list, revoke annotators or rotate their tokens")
     annotator_verbs = annotators.add_subparsers(dest="annotators_verb", required=True, metavar="SUBVERB")
     annotator_add = annotator_verbs.add_parser("add", help="create an annotator and print their token (once)")
     annotator_add.add_argument("name")
+    annotator_add.add_argument("--lead", action="store_true", help="a lead: also sees the admin page (/admin)")
     _db(annotator_add)
     annotator_add.set_defaults(func=run_annotators_add)
+    revoke = annotator_verbs.add_parser("revoke", help="end an annotator's access: token and sessions; labels stay")
+    revoke.add_argument("name")
+    _db(revoke)
+    revoke.set_defaults(func=run_annotators_revoke)
+    rotate = annotator_verbs.add_parser("rotate", help="a new token for an annotator (printed once); the old ends")
+    rotate.add_argument("name")
+    _db(rotate)
+    rotate.set_defaults(func=run_annotators_rotate)
     annotator_list = annotator_verbs.add_parser("list", help="list annotators")
     _db(annotator_list)
     annotator_list.set_defaults(func=run_annotators_list)
@@ -93,6 +121,9 @@ def add_parser(subparsers) -> None:
     stats = verbs.add_parser("stats", help="agreement (Cohen, Fleiss, Krippendorff) and biases (position, length)")
     _db(stats)
     stats.add_argument("--json", help="also write the figures to this JSON file")
+    stats.add_argument(
+        "--experiment", help="what people preferred among this experiment's arms (win rates vs base, Bradley-Terry)"
+    )
     stats.set_defaults(func=run_stats)
 
 
@@ -107,12 +138,30 @@ def run_add(args: argparse.Namespace) -> int:
         bool(args.pandalm),
         bool(args.preferences),
         bool(args.responses_a or args.responses_b),
+        bool(args.responses),
         bool(args.model_a),
+        bool(args.experiment),
     ]
     if sum(sources) != 1:
         raise TuneoffError(
-            "give exactly one source: --pandalm, --preferences, --responses-a/--responses-b, or --model-a"
+            "give exactly one source: --pandalm, --preferences, --responses-a/--responses-b, --responses, --model-a "
+            "or --experiment"
         )
+    if args.experiment:
+        from tuneoff.compare.human import comparison_tasks
+
+        if args.max_prompts < 0 or args.arm_vs_arm < 0:
+            raise TuneoffError("--max-prompts and --arm-vs-arm must be 0 or more")
+        tasks, made = comparison_tasks(
+            args.experiment, prompts=args.max_prompts, arm_vs_arm=args.arm_vs_arm, seeds=args.seeds
+        )
+        with fb.Store(args.db) as store:
+            added, existing = store.add_tasks(tasks)
+        print(
+            f"{args.db}: {added} comparisons queued, {existing} already there ({made['vs_base']} arm vs base, "
+            f"{made['arm_vs_arm']} arm vs arm; {made['identical']} left out: both arms wrote the same text)"
+        )
+        return 0
     if args.as_annotator and not args.preferences:
         raise TuneoffError("--as-annotator goes with --preferences")
     if args.model_b and not args.model_a:
@@ -122,6 +171,9 @@ def run_add(args: argparse.Namespace) -> int:
         counts = fb.import_pandalm(store, args.pandalm)
     elif args.preferences:
         counts = fb.import_preferences(store, args.preferences, as_annotator=args.as_annotator)
+    elif args.responses:
+        added, existing = store.add_tasks(fb.tasks_from_generation_files(args.prompts, args.responses))
+        counts = {"tasks_added": added, "tasks_existing": existing}
     elif args.responses_a or args.responses_b:
         if not (args.responses_a and args.responses_b):
             raise TuneoffError("--responses-a and --responses-b go together")
@@ -219,10 +271,17 @@ def run_serve(args: argparse.Namespace) -> int:
     if not math.isfinite(args.lease_minutes) or args.lease_minutes <= 0:
         raise TuneoffError(f"--lease-minutes must be a positive number, got {args.lease_minutes}")
     _check_address(args.host, args.port)
+    guidelines = None
+    if args.guidelines:
+        try:
+            guidelines = open(args.guidelines, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as error:
+            raise TuneoffError(f"--guidelines {args.guidelines}: {error}") from None
     app = create_app(
         args.db,
         annotators_per_task=args.annotators_per_task,  # opens the database: it must exist
         lease_seconds=args.lease_minutes * 60,
+        guidelines=guidelines,
     )
     if not _is_loopback(args.host):
         print(
@@ -264,9 +323,28 @@ def run_annotators_add(args: argparse.Namespace) -> int:
     from tuneoff.feedback.store import Store
 
     with Store(args.db) as store:
-        annotator, token = store.add_annotator(args.name)
-    print(f"annotator {annotator.name}: token {token}")
+        annotator, token = store.add_annotator(args.name, role="lead" if args.lead else "annotator")
+    print(f"{annotator.role} {annotator.name}: token {token}")
     print("Give this token to the annotator; it is shown only once (the database keeps its hash).", file=sys.stderr)
+    return 0
+
+
+def run_annotators_revoke(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.store import Store
+
+    with Store(args.db, create=False) as store:
+        annotator = store.revoke(args.name)
+    print(f"annotator {annotator.name}: access revoked (token and sessions ended; their labels stay)")
+    return 0
+
+
+def run_annotators_rotate(args: argparse.Namespace) -> int:
+    from tuneoff.feedback.store import Store
+
+    with Store(args.db, create=False) as store:
+        token = store.rotate(args.name)
+    print(f"annotator {args.name}: new token {token}")
+    print("The old token and every open session no longer work; the new token is shown only once.", file=sys.stderr)
     return 0
 
 
@@ -274,8 +352,9 @@ def run_annotators_list(args: argparse.Namespace) -> int:
     from tuneoff.feedback.store import Store
 
     with Store(args.db, create=False) as store:
-        for annotator in store.annotators():
-            print(f"{annotator.id}\t{annotator.name}\t{'token' if annotator.can_log_in else 'imported'}")
+        for a in store.annotators():
+            access = "revoked" if a.revoked else ("token" if a.can_log_in else "imported")
+            print(f"{a.id}\t{a.name}\t{a.role}\t{access}")
     return 0
 
 
@@ -291,27 +370,23 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from tuneoff.feedback.agreement import format_summary, summarize
+    from tuneoff.feedback.agreement import finite, format_summary, summarize
     from tuneoff.feedback.store import Store
 
-    with Store(args.db, create=False) as store:
-        summary = summarize(store.judgments())
-    print(format_summary(summary))
+    if args.experiment:
+        from tuneoff.compare.human import human_block
+        from tuneoff.compare.report import human_lines
+
+        summary = human_block(args.experiment, args.db)
+        print("\n".join(human_lines(summary)))
+    else:
+        with Store(args.db, create=False) as store:
+            summary = summarize(store.judgments())
+        print(format_summary(summary))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(_finite(summary), handle, indent=2)
+            json.dump(finite(summary), handle, indent=2)
     return 0
-
-
-def _finite(value):
-    """NaN (an undefined statistic) becomes JSON null instead of the non-standard NaN token."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

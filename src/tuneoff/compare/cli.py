@@ -15,8 +15,11 @@ def run_experiment(
     workers: int | None = None,
     seeds: list[int] | None = None,
     show_progress: bool = True,
+    human: str | Path | None = None,
 ) -> dict:
-    """Run (or resume) an experiment into ``out``; returns the results dict also written to ``out/results.json``."""
+    """Run (or resume) an experiment into ``out``; returns the results dict also written to ``out/results.json``.
+    ``human``: a feedback database with people's judgments of this experiment's arms (``tuneoff label add
+    --experiment``): folded in as the ``human`` block, and the recommendation's alignment."""
     from tuneoff.compare import scheduler
     from tuneoff.compare.aggregate import aggregate
     from tuneoff.compare.experiment import load_experiment, plan
@@ -36,6 +39,10 @@ def run_experiment(
         jobs, config.workers or os.cpu_count() or 1, config.threads, show_progress, _gpu_sharing(config, jobs)
     )
     results = aggregate(config, records)
+    if human:
+        from tuneoff.compare.human import human_block
+
+        results["human"] = human_block(out, human, results)
     try:
         results["recommendation"] = recommend(results, config.priorities)
     except TuneoffError as error:  # nothing measured (every evaluation failed): the results are still written
@@ -157,9 +164,15 @@ def add_parser(subparsers) -> None:
         "--workers", type=int, default=None, help="jobs at once (default: the config's, 0 = one per core)"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's seeds")
+    parser.add_argument(
+        "--human",
+        default=None,
+        help="a feedback database with people's blind judgments of the arms (tuneoff label add --experiment): "
+        "human win rates join the results and decide alignment in the recommendation",
+    )
 
     def handler(args) -> int:
-        results = run_experiment(args.config, args.out, args.workers, args.seeds)
+        results = run_experiment(args.config, args.out, args.workers, args.seeds, human=args.human)
         return _print_results(results, Path(args.out))
 
     parser.set_defaults(func=handler)

@@ -32,6 +32,10 @@ stable" (and their opposites) stand only before numbers that say so, reading low
 time, seed sd and divergence events. Where an axis's measures disagree (more diverse by EAD, less by embedding
 diversity), each side is named with its own numbers.
 
+When the results carry people's verdict (``results["human"]``, from ``tuneoff compare --human DB``) with a win
+rate against base for every tuned arm, alignment is that win rate instead of the gold reward (base counts 0.5),
+the automatic judge's paired win rates step aside, and the explanation says so and names the human numbers.
+
 A missing value (None, NaN, e.g. the seed sd of a one-seed run) skips that axis for that arm, with a
 note. The arm's weighted score is then the weighted mean over the axes it has. Ties go to the tuned arm
 over ``base``, then to the higher gold reward: the untuned model is only recommended when it wins outright.
@@ -114,6 +118,10 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
     arms = results.get("arms") if isinstance(results, dict) else None
     if not arms:
         raise TuneoffError("results: there are no arms to compare")
+    people = _human_view(results)
+    if people is not None:
+        chosen = recommend(people, priorities)
+        return {**chosen, "alignment": "human", "explanation": _in_human_words(chosen["explanation"], results)}
     # The untuned base is the reference, not a candidate: it is cheapest, keeps the base's diversity and never
     # varies, so it would win every axis but alignment by construction. Candidates are the tuned arms.
     tuned = {arm: m for arm, m in arms.items() if not _is_base(arm, m)}
@@ -167,6 +175,53 @@ def recommend(results: dict, priorities: dict | str | None = None) -> dict:
         "within_noise": overlap is True,
         "notes": notes,
     }
+
+
+def _human_view(results: dict) -> dict | None:
+    """The results with each arm's gold reward replaced by its human win rate against base (base: 0.5) and the
+    automatic judge's win rates removed, when people judged every tuned arm; else None."""
+    human = get_path(results, "human", "win_rate_vs_base")
+    base = get_path(results, "human", "base")
+    arms = results["arms"]
+    tuned = [arm for arm, m in arms.items() if not _is_base(arm, m)]
+    if not isinstance(human, dict) or not tuned or any(ci_mean(human.get(arm)) is None for arm in tuned):
+        return None
+    even = {"mean": 0.5, "ci_low": 0.5, "ci_high": 0.5}
+    view = {
+        arm: {**m, "gold_reward": human[arm] if arm in tuned else even, "win_rate_vs_base": None}
+        for arm, m in arms.items()
+        if arm in tuned or arm == base or _is_base(arm, m)
+    }
+    return {**{k: v for k, v in results.items() if k not in ("win_rates", "human")}, "arms": view}
+
+
+HUMAN_WORDS = (  # the automatic judge's words in the explanation, and what they are when people judged
+    ("seed sd of gold reward", "seed sd of the automatic judge's gold reward"),
+    ("gold-reward difference", "difference in human win rate"),
+    ("highest gold reward", "highest human win rate against base"),
+    ("has a gold reward", "has a human win rate"),
+    ("gold reward measurement", "human win rate"),
+    ("95% CIs of gold reward", "95% CIs of human win rate"),
+    ("differ in gold reward", "differ in human win rate"),
+    ("gold reward", "human win rate vs base"),
+    ("beyond seed noise", "beyond noise"),
+    ("with these seeds and prompts", "with these judgments"),
+)
+
+
+def _in_human_words(sentences: list[str], results: dict) -> list[str]:
+    human = results["human"]
+    intro = (
+        f"Alignment here is what people preferred: each arm's win rate against {human.get('base', 'base')} in "
+        f"{human.get('judgments', 0)} blind human judgments of {human.get('comparisons', 0)} comparisons (ties "
+        f"count half; 95% bootstrap CIs over comparisons), not the automatic judge."
+    )
+    rewritten = []
+    for sentence in sentences:
+        for old, new in HUMAN_WORDS:
+            sentence = sentence.replace(old, "\0".join(new)) if old in sentence else sentence
+        rewritten.append(sentence.replace("\0", ""))
+    return [rewritten[0], intro, *rewritten[1:]]
 
 
 # --- numbers -------------------------------------------------------------------------------------------------

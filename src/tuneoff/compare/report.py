@@ -69,6 +69,7 @@ def write_report(results: dict, path) -> Path:
         shared=_shared(results),
         environment=_pairs(results.get("environment")),
         samples=_samples(arms),
+        human=_human_section(results.get("human")),
         notes=_notes(results),
         config=json.dumps(results.get("config") or {}, indent=1, default=str),
     )
@@ -79,6 +80,48 @@ def write_report(results: dict, path) -> Path:
 
 
 # --- numbers and tables --------------------------------------------------------------------------------------
+
+
+def _human_section(human: dict | None) -> dict | None:
+    """ "What people preferred": per arm its human win rate against base and Bradley–Terry strength, and the lines
+    on agreement (between people, and of the automatic judge with them)."""
+    if not human:
+        return None
+    rows = []
+    for arm, strength in (human.get("bradley_terry") or {}).items():
+        win = (human.get("win_rate_vs_base") or {}).get(arm)
+        rows.append(
+            {
+                "arm": arm,
+                "win": _cell(win) if win else {"value": "base" if arm == human.get("base") else "—", "ci": ""},
+                "judgments": f"{win['n']:,} on {win['comparisons']:,}" if win else "",
+                "strength": _cell(strength),
+            }
+        )
+    return {"rows": rows, "lines": human_lines(human)[-3:]}
+
+
+def human_lines(human: dict) -> list[str]:
+    """The human block as the lines a person reads (``tuneoff label stats --experiment``; the report's notes)."""
+    agreement, judge = human.get("agreement") or {}, human.get("judge_agreement") or {}
+    lines = ["| arm | human win rate vs base (ties half) | judgments on comparisons | Bradley–Terry strength |",
+             "|---|---|---|---|"]  # fmt: skip
+    for arm, strength in (human.get("bradley_terry") or {}).items():
+        win = (human.get("win_rate_vs_base") or {}).get(arm)
+        cells = (format_ci(win), f"{win['n']:,} on {win['comparisons']:,}") if win else ("base", "")
+        lines.append(f"| {arm} | {cells[0]} | {cells[1]} | {format_ci(strength)} |")
+    lines += [
+        f"{human.get('judgments', 0):,} judgments of {human.get('comparisons', 0):,} blind comparisons by "
+        f"{len(human.get('annotators') or [])} people; 95% CIs bootstrap the comparisons; strengths are log-odds "
+        f"with {human.get('base', 'base')} at 0 (P(i preferred to j) = σ(s_i − s_j)).",
+        f"Agreement between people: Fleiss' kappa {format_number(agreement.get('fleiss_kappa'))} over "
+        f"{agreement.get('fleiss_items', 0)} comparisons with two or more labels, Krippendorff's alpha "
+        f"{format_number(agreement.get('krippendorff_alpha'))}.",
+        f"The automatic judge agrees with the people on {format_number(judge.get('rate'))} "
+        f"[{format_number(judge.get('ci_low'))}, {format_number(judge.get('ci_high'))}] of {judge.get('n', 0):,} "
+        "judgments that picked a side.",
+    ]
+    return lines
 
 
 def _cell(ci) -> dict:

@@ -218,6 +218,9 @@ def _by_annotator(metric, judgments: Sequence, fields) -> dict:
 def format_summary(summary: dict) -> str:
     """The summary as the few lines a person reads."""
 
+    def value(x: float) -> str:  # an undefined statistic (one shared task, no variation) reads n/a, not nan
+        return "n/a" if x != x else f"{x:.3f}"
+
     def pct(rate: dict, test: bool = True) -> str:
         if not rate["n"]:
             return "n/a (no judgments to count)"
@@ -227,13 +230,13 @@ def format_summary(summary: dict) -> str:
     lines = [
         f"judgments: {summary['judgments']} ({summary['skips']} skips) on {summary['tasks_labelled']} tasks by "
         f"{len(summary['annotators'])} annotators; labels {summary['labels']}",
-        f"Fleiss' kappa: {summary['fleiss_kappa']['value']:.3f} over {summary['fleiss_kappa']['items']} tasks with "
+        f"Fleiss' kappa: {value(summary['fleiss_kappa']['value'])} over {summary['fleiss_kappa']['items']} tasks with "
         f">= 2 labels",
-        f"Krippendorff's alpha (nominal): {summary['krippendorff_alpha']['value']:.3f} "
+        f"Krippendorff's alpha (nominal): {value(summary['krippendorff_alpha']['value'])} "
         f"over {summary['krippendorff_alpha']['items']} tasks",
         "Cohen's kappa per pair:",
         *[
-            f"  {row['annotators'][0]} ~ {row['annotators'][1]}: {row['kappa']:.3f} (n = {row['n']})"
+            f"  {row['annotators'][0]} ~ {row['annotators'][1]}: {value(row['kappa'])} (n = {row['n']})"
             for row in summary["cohen_kappa"]
         ],
         "agreement with the majority of the other annotators:",
@@ -252,3 +255,14 @@ def format_summary(summary: dict) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def finite(value):
+    """NaN (an undefined statistic) becomes JSON null instead of the non-standard NaN token, all the way down."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(item) for item in value]
+    return value

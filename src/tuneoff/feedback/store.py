@@ -11,14 +11,18 @@ task and nobody is ever given the same task twice.
 Vocabulary: a *task* compares response ``a`` with response ``b`` for one prompt. An annotator sees them
 in a random left/right order drawn per annotator and task (recorded as ``a_on_left``), and answers
 ``left`` / ``right`` / ``tie`` / ``skip``; the store keeps both that ``choice`` and what it means,
-``preferred`` = ``a`` / ``b`` / ``tie`` (NULL for a skip).
+``preferred`` = ``a`` / ``b`` / ``tie`` (NULL for a skip). A *ranking task* has K > 2 responses (``more``
+beyond a and b), shown in a random order drawn per annotator (``order_shown``), and is ranked whole
+(``ranking``: response indices, best first) or skipped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import hmac
+import itertools
 import json
 import math
 import os
@@ -35,7 +39,11 @@ from typing import Iterable, Iterator, Sequence
 from tuneoff.errors import DataError, TuneoffError
 
 CHOICES = ("left", "right", "tie", "skip")
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+ROLES = ("annotator", "lead")
+SESSION_IDLE_SECONDS = 12 * 3600.0  # a page session unused this long has ended
+SESSION_MAX_SECONDS = 7 * 24 * 3600.0  # and none lives longer than this
+MAX_REASON = 2000  # characters of an annotator's free-text reason
 MAX_SECONDS = 24 * 3600.0  # a client-reported time above a day is not a time taken to judge
 
 SCHEMA = """
@@ -50,19 +58,46 @@ CREATE TABLE IF NOT EXISTS tasks (
     source_a TEXT,                          -- the model or file that wrote each response
     source_b TEXT,
     origin TEXT,                            -- e.g. "pandalm:17"
+    meta TEXT,                              -- JSON: where the task comes from (an experiment's arms, seed, prompt)
+    more TEXT,                              -- JSON [response c, d, ...]: a ranking task of K > 2 responses
     created_at REAL NOT NULL,
     taken INTEGER NOT NULL DEFAULT 0        -- open assignments + labels other than skips (see next_task)
 );
 CREATE TABLE IF NOT EXISTS annotators (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE,
-    token_sha256 TEXT UNIQUE,               -- NULL for imported annotators, who cannot log in
-    created_at REAL NOT NULL
+    token_sha256 TEXT UNIQUE,               -- NULL for imported (or revoked) annotators, who cannot log in
+    created_at REAL NOT NULL,
+    role TEXT NOT NULL DEFAULT 'annotator' CHECK (role IN ('annotator', 'lead')),  -- a lead also sees /admin
+    revoked_at REAL                         -- set by `annotators revoke`: the token and every session end
+);
+CREATE TABLE IF NOT EXISTS sessions (       -- the page's logins: the cookie holds the session id, never the token
+    id_sha256 TEXT PRIMARY KEY,
+    annotator_id INTEGER NOT NULL REFERENCES annotators(id),
+    csrf TEXT NOT NULL,                     -- the token every form of this session carries
+    created_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    ended_at REAL                           -- logout, revoke or rotate
+);
+CREATE TABLE IF NOT EXISTS undone (         -- judgments their annotator took back: kept, never deleted
+    judgment_id INTEGER NOT NULL,
+    task_id TEXT NOT NULL,
+    annotator_id INTEGER NOT NULL,
+    a_on_left INTEGER,
+    choice TEXT,
+    preferred TEXT,
+    seconds REAL,
+    reason TEXT,
+    ranking TEXT,
+    order_shown TEXT,
+    created_at REAL NOT NULL,
+    undone_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT NOT NULL REFERENCES tasks(id),
     annotator_id INTEGER NOT NULL REFERENCES annotators(id),
     a_on_left INTEGER NOT NULL,             -- the random order this annotator sees
+    order_shown TEXT,                       -- a ranking task: JSON response indices in the order shown
     assigned_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'open' CHECK (state IN ('open', 'judged', 'expired')),
     PRIMARY KEY (task_id, annotator_id)
@@ -76,12 +111,29 @@ CREATE TABLE IF NOT EXISTS judgments (
     preferred TEXT CHECK (preferred IN ('a', 'b', 'tie')),
     seconds REAL,
     created_at REAL NOT NULL,
+    reason TEXT,                            -- the annotator's optional free-text reason
+    ranking TEXT,                           -- a ranking task: JSON response indices, best first (choice NULL)
+    order_shown TEXT,                       -- and the order they were shown in
     UNIQUE (task_id, annotator_id)          -- nobody judges a task twice
 );
 CREATE INDEX IF NOT EXISTS judgments_by_annotator ON judgments (annotator_id);
 CREATE INDEX IF NOT EXISTS assignments_by_annotator ON assignments (annotator_id, state);
 CREATE INDEX IF NOT EXISTS assignments_by_state ON assignments (state, assigned_at);
+CREATE INDEX IF NOT EXISTS sessions_by_annotator ON sessions (annotator_id);
 """
+
+MIGRATIONS = {
+    "1": [  # schema 1 -> 2: roles, revocation, server-side sessions, reasons, undo, task metadata
+        "ALTER TABLE tasks ADD COLUMN meta TEXT",
+        "ALTER TABLE annotators ADD COLUMN role TEXT NOT NULL DEFAULT 'annotator'",
+        "ALTER TABLE annotators ADD COLUMN revoked_at REAL",
+        "ALTER TABLE judgments ADD COLUMN reason TEXT",
+        "ALTER TABLE tasks ADD COLUMN more TEXT",
+        "ALTER TABLE assignments ADD COLUMN order_shown TEXT",
+        "ALTER TABLE judgments ADD COLUMN ranking TEXT",
+        "ALTER TABLE judgments ADD COLUMN order_shown TEXT",
+    ],
+}
 
 
 @dataclass(frozen=True)
@@ -95,10 +147,13 @@ class NewTask:
     source_a: str | None = None
     source_b: str | None = None
     key: str | None = None
+    meta: dict | None = None
+    more: tuple[str, ...] = ()
+    """Responses beyond a and b: a ranking task of K = 2 + len(more) responses, ranked whole by each annotator."""
 
     @property
     def id(self) -> str:
-        return task_id(self.prompt, self.response_a, self.response_b, key=self.key)
+        return task_id(self.prompt, self.response_a, self.response_b, key=self.key, more=self.more)
 
 
 @dataclass(frozen=True)
@@ -111,6 +166,13 @@ class Task:
     source_a: str | None
     source_b: str | None
     origin: str | None
+    meta: dict | None = None
+    more: tuple[str, ...] = ()
+
+    @property
+    def responses(self) -> tuple[str, ...]:
+        """Every response: a, b, then the ranking task's others."""
+        return (self.response_a, self.response_b, *self.more)
 
 
 @dataclass(frozen=True)
@@ -118,6 +180,14 @@ class Annotator:
     id: int
     name: str
     can_log_in: bool
+    role: str = "annotator"
+    revoked: bool = False
+
+
+@dataclass(frozen=True)
+class Session:
+    annotator: Annotator
+    csrf: str
 
 
 @dataclass(frozen=True)
@@ -125,6 +195,13 @@ class Assignment:
     task: Task
     a_on_left: bool
     assigned_at: float
+    order: tuple[int, ...] | None = None
+    """A ranking task: the response indices in the order this annotator sees them."""
+
+    @property
+    def shown(self) -> list[str]:
+        """A ranking task's responses in the order shown."""
+        return [self.task.responses[i] for i in self.order or ()]
 
     @property
     def left(self) -> str:
@@ -147,6 +224,10 @@ class Judgment:
     created_at: float
     len_a: int
     len_b: int
+    reason: str | None = None
+    ranking: tuple[int, ...] | None = None
+    """A ranking task: response indices, best first (``choice`` and ``preferred`` are None)."""
+    order_shown: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -163,9 +244,20 @@ class ConflictingJudgment(TuneoffError):
     """The annotator already judged this task differently; the first judgment stands."""
 
 
-def task_id(prompt: str, response_a: str, response_b: str, *, key: str | None = None) -> str:
+class NothingToUndo(TuneoffError):
+    """The annotator has no judgment to take back."""
+
+
+def shorten(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what error messages echo of a client's input."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def task_id(prompt: str, response_a: str, response_b: str, *, key: str | None = None, more: Sequence[str] = ()) -> str:
     """A stable id: the same content (or the same source key) gives the same id in every database."""
-    material = json.dumps(["key", key] if key is not None else [prompt, response_a, response_b], ensure_ascii=False)
+    content = [prompt, response_a, response_b, *more]
+    material = json.dumps(["key", key] if key is not None else content, ensure_ascii=False)
     return hashlib.sha256(material.encode("utf-8")).hexdigest()[:16]
 
 
@@ -202,6 +294,10 @@ class Store:
         try:
             if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise TuneoffError(f"{self.path}: SQLite refused WAL mode (is it on a network file system?)")
+            conn.executescript(SCHEMA.split("CREATE TABLE IF NOT EXISTS tasks")[0])  # meta first: the version
+            known = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if known is not None and known[0] in MIGRATIONS:
+                self._migrate(conn, known[0])
             conn.executescript(SCHEMA)
             conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
@@ -211,6 +307,21 @@ class Store:
         if version != SCHEMA_VERSION:
             self.close()
             raise TuneoffError(f"{self.path} has feedback schema {version}; this tuneoff reads schema {SCHEMA_VERSION}")
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection, version: str) -> None:
+        """Bring a database of an older schema up to this one, in one transaction (nothing is lost)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            while version in MIGRATIONS:
+                for statement in MIGRATIONS[version]:
+                    conn.execute(statement)
+                version = str(int(version) + 1)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (version,))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -- connections -------------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -275,7 +386,7 @@ class Store:
             for task in tasks:
                 cursor = db.execute(
                     "INSERT OR IGNORE INTO tasks (id, prompt, prompt_messages, response_a, response_b, source_a,"
-                    " source_b, origin, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " source_b, origin, meta, more, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         task.id,
                         task.prompt,
@@ -285,6 +396,8 @@ class Store:
                         task.source_a,
                         task.source_b,
                         task.key,
+                        None if task.meta is None else json.dumps(task.meta, sort_keys=True),
+                        json.dumps(list(task.more)) if task.more else None,
                         now,
                     ),
                 )
@@ -304,22 +417,25 @@ class Store:
 
     # -- annotators --------------------------------------------------------------------------------
     def add_annotator(
-        self, name: str, *, with_token: bool = True, now: float | None = None
+        self, name: str, *, with_token: bool = True, role: str = "annotator", now: float | None = None
     ) -> tuple[Annotator, str | None]:
-        """Create an annotator; returns it and its token (shown once: only the token's hash is kept)."""
+        """Create an annotator (a ``lead`` also sees the admin page); returns it and its token (shown once: only
+        the token's hash is kept)."""
         name = name.strip()
         if not name or len(name) > 100:
             raise TuneoffError("an annotator name must be 1 to 100 characters")
+        if role not in ROLES:
+            raise TuneoffError(f"role must be one of {', '.join(ROLES)}; got {shorten(role)}")
         token = secrets.token_urlsafe(32) if with_token else None
         now = time.time() if now is None else now
         with self._write() as db:
             if db.execute("SELECT 1 FROM annotators WHERE name = ?", (name,)).fetchone():
                 raise TuneoffError(f"annotator '{name}' already exists in {self.path}")
             cursor = db.execute(
-                "INSERT INTO annotators (name, token_sha256, created_at) VALUES (?, ?, ?)",
-                (name, None if token is None else hash_token(token), now),
+                "INSERT INTO annotators (name, token_sha256, created_at, role) VALUES (?, ?, ?, ?)",
+                (name, None if token is None else hash_token(token), now, role),
             )
-        return Annotator(cursor.lastrowid, name, token is not None), token
+        return Annotator(cursor.lastrowid, name, token is not None, role), token
 
     def imported_annotator(self, name: str) -> Annotator:
         """The token-less annotator that stands for an imported label column (created on first use)."""
@@ -332,19 +448,94 @@ class Store:
         if not token or len(token) > 512:
             return None
         digest = hash_token(token)
-        row = (
-            self._conn()
-            .execute("SELECT id, name, token_sha256 FROM annotators WHERE token_sha256 = ?", (digest,))
-            .fetchone()
-        )
+        row = self._conn().execute("SELECT * FROM annotators WHERE token_sha256 = ?", (digest,)).fetchone()
         # The lookup is by hash (nothing about the token leaks); the final check is constant-time anyway.
         if row is None or not hmac.compare_digest(row["token_sha256"], digest):
             return None
-        return Annotator(row["id"], row["name"], True)
+        return _annotator(row)
 
     def annotators(self) -> list[Annotator]:
-        rows = self._conn().execute("SELECT id, name, token_sha256 FROM annotators ORDER BY id")
-        return [Annotator(r["id"], r["name"], r["token_sha256"] is not None) for r in rows]
+        return [_annotator(r) for r in self._conn().execute("SELECT * FROM annotators ORDER BY id")]
+
+    def annotator_named(self, name: str) -> Annotator:
+        row = self._conn().execute("SELECT * FROM annotators WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise TuneoffError(f"no annotator named {shorten(name)} in {self.path}")
+        return _annotator(row)
+
+    def revoke(self, name: str, *, now: float | None = None) -> Annotator:
+        """End an annotator's access: the token stops working and every session ends; their labels stay."""
+        now = time.time() if now is None else now
+        annotator = self.annotator_named(name)
+        with self._write() as db:
+            db.execute("UPDATE annotators SET token_sha256 = NULL, revoked_at = ? WHERE id = ?", (now, annotator.id))
+            db.execute(
+                "UPDATE sessions SET ended_at = ? WHERE annotator_id = ? AND ended_at IS NULL", (now, annotator.id)
+            )
+        return self.annotator_named(name)
+
+    def rotate(self, name: str, *, now: float | None = None) -> str:
+        """A new token for an annotator (returned once); the old one stops working and every session ends. A
+        revoked annotator gets access back this way."""
+        now = time.time() if now is None else now
+        annotator = self.annotator_named(name)
+        token = secrets.token_urlsafe(32)
+        with self._write() as db:
+            db.execute(
+                "UPDATE annotators SET token_sha256 = ?, revoked_at = NULL WHERE id = ?",
+                (hash_token(token), annotator.id),
+            )
+            db.execute(
+                "UPDATE sessions SET ended_at = ? WHERE annotator_id = ? AND ended_at IS NULL", (now, annotator.id)
+            )
+        return token
+
+    # -- sessions (the page) -------------------------------------------------------------------------
+    def open_session(self, annotator_id: int, *, now: float | None = None) -> str:
+        """A new page session for the annotator; returns its id (the cookie's value; only its hash is kept)."""
+        now = time.time() if now is None else now
+        session_id = secrets.token_urlsafe(32)
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO sessions (id_sha256, annotator_id, csrf, created_at, last_seen) VALUES (?, ?, ?, ?, ?)",
+                (hash_token(session_id), annotator_id, secrets.token_urlsafe(32), now, now),
+            )
+        return session_id
+
+    def session(self, session_id: str | None, *, now: float | None = None) -> Session | None:
+        """The live session behind a cookie value: not ended, not idle past SESSION_IDLE_SECONDS nor older than
+        SESSION_MAX_SECONDS, its annotator not revoked. Marks it seen (at most once a minute)."""
+        if not session_id or len(session_id) > 512:
+            return None
+        now = time.time() if now is None else now
+        digest = hash_token(session_id)
+        row = (
+            self._conn()
+            .execute(
+                "SELECT s.csrf, s.created_at, s.last_seen, s.ended_at, a.* FROM sessions s"
+                " JOIN annotators a ON a.id = s.annotator_id WHERE s.id_sha256 = ?",
+                (digest,),
+            )
+            .fetchone()
+        )
+        if row is None or row["ended_at"] is not None or row["token_sha256"] is None:
+            return None
+        if now - row["last_seen"] > SESSION_IDLE_SECONDS or now - row["created_at"] > SESSION_MAX_SECONDS:
+            return None
+        if now - row["last_seen"] > 60:
+            with self._write(durable=False) as db:
+                db.execute("UPDATE sessions SET last_seen = ? WHERE id_sha256 = ?", (now, digest))
+        return Session(_annotator(row), row["csrf"])
+
+    def end_session(self, session_id: str | None, *, now: float | None = None) -> None:
+        """Log out: the session id stops working at once."""
+        if not session_id or len(session_id) > 512:
+            return
+        with self._write() as db:
+            db.execute(
+                "UPDATE sessions SET ended_at = ? WHERE id_sha256 = ? AND ended_at IS NULL",
+                (time.time() if now is None else now, hash_token(session_id)),
+            )
 
     # -- assignment --------------------------------------------------------------------------------
     def next_task(
@@ -361,25 +552,33 @@ class Store:
         with self._write(durable=False) as db:
             self._expire(db, now - lease_seconds)
             row = db.execute(
-                "SELECT task_id, a_on_left, assigned_at FROM assignments WHERE annotator_id = ? AND state = 'open'"
-                " ORDER BY assigned_at LIMIT 1",
+                "SELECT task_id, a_on_left, order_shown, assigned_at FROM assignments WHERE annotator_id = ?"
+                " AND state = 'open' ORDER BY assigned_at LIMIT 1",
                 (annotator_id,),
             ).fetchone()
             if row is not None:
-                return Assignment(self.task(row["task_id"]), bool(row["a_on_left"]), row["assigned_at"])
+                order = None if row["order_shown"] is None else tuple(json.loads(row["order_shown"]))
+                return Assignment(self.task(row["task_id"]), bool(row["a_on_left"]), row["assigned_at"], order)
             row = db.execute(
                 f"SELECT t.id FROM tasks t WHERE {_OPEN_FOR_ME} ORDER BY t.seq LIMIT 1",
                 {"me": annotator_id, "k": annotators_per_task},
             ).fetchone()
             if row is None:
                 return None
+            task = self.task(row["id"])
             a_on_left = secrets.randbelow(2) == 1  # the order this annotator sees, drawn once and recorded
+            order = None
+            if task.more:  # a ranking task: a random order of all K responses
+                order = list(range(len(task.responses)))
+                secrets.SystemRandom().shuffle(order)
+                order, a_on_left = tuple(order), order.index(0) < order.index(1)
             db.execute(
-                "INSERT INTO assignments (task_id, annotator_id, a_on_left, assigned_at) VALUES (?, ?, ?, ?)",
-                (row["id"], annotator_id, int(a_on_left), now),
+                "INSERT INTO assignments (task_id, annotator_id, a_on_left, order_shown, assigned_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (row["id"], annotator_id, int(a_on_left), None if order is None else json.dumps(order), now),
             )
             db.execute("UPDATE tasks SET taken = taken + 1 WHERE id = ?", (row["id"],))
-        return Assignment(self.task(row["id"]), a_on_left, now)
+        return Assignment(task, a_on_left, now, order)
 
     @staticmethod
     def _expire(db: sqlite3.Connection, cutoff: float) -> None:
@@ -403,31 +602,65 @@ class Store:
 
     # -- judgments ---------------------------------------------------------------------------------
     def record_judgment(
-        self, annotator_id: int, task_id: str, choice: str, *, seconds: float | None = None, now: float | None = None
+        self,
+        annotator_id: int,
+        task_id: str,
+        choice: str,
+        *,
+        ranking: Sequence[int] | None = None,
+        seconds: float | None = None,
+        reason: str | None = None,
+        now: float | None = None,
     ) -> tuple[int, bool]:
         """Store a judgment on an assigned task; returns (judgment id, newly created).
 
-        Idempotent per annotator and task: repeating the same choice returns the stored judgment; a
-        different choice raises :class:`ConflictingJudgment`. ``seconds`` is the client's measure of the
-        time taken (display to answer); without a plausible one, the time since assignment is kept.
+        A pair is judged left, right, tie or skip; a ranking task (K > 2 responses) is skipped or ranked:
+        ``choice="rank"`` with ``ranking``, the positions in the order shown (0 = first shown), best first; it is
+        stored as response indices with the order shown. Idempotent per annotator and task: repeating the same
+        answer returns the stored judgment; a different one raises :class:`ConflictingJudgment`. ``seconds`` is
+        the client's measure of the time taken (display to answer); without a plausible one, the time since
+        assignment is kept.
         """
-        if choice not in CHOICES:
-            raise TuneoffError(f"choice must be one of {', '.join(CHOICES)}; got {choice!r}")
+        if choice not in (*CHOICES, "rank"):
+            raise TuneoffError(f"choice must be one of {', '.join(CHOICES)} or rank; got {shorten(choice)}")
+        if (choice == "rank") != (ranking is not None):
+            raise TuneoffError("a ranking goes with choice 'rank', and choice 'rank' needs a ranking")
+        reason = (reason or "").strip() or None
+        if reason is not None and len(reason) > MAX_REASON:
+            raise TuneoffError(f"a reason must be at most {MAX_REASON} characters; got {len(reason)}")
         now = time.time() if now is None else now
         with self._write() as db:
-            row = db.execute(
-                "SELECT id, choice FROM judgments WHERE task_id = ? AND annotator_id = ?", (task_id, annotator_id)
-            ).fetchone()
-            if row is not None:
-                if row["choice"] != choice:
-                    raise ConflictingJudgment(f"task {task_id} was already judged '{row['choice']}' by this annotator")
-                return row["id"], False
             assigned = db.execute(
-                "SELECT a_on_left, assigned_at, state FROM assignments WHERE task_id = ? AND annotator_id = ?",
+                "SELECT a_on_left, order_shown, assigned_at, state FROM assignments WHERE task_id = ?"
+                " AND annotator_id = ?",
                 (task_id, annotator_id),
             ).fetchone()
             if assigned is None:
-                raise NotAssigned(f"task {task_id!r} is not assigned to this annotator")
+                raise NotAssigned(f"task {shorten(task_id)} is not assigned to this annotator")
+            order = None if assigned["order_shown"] is None else json.loads(assigned["order_shown"])
+            ranked = None
+            if order is None and choice == "rank":
+                raise TuneoffError(f"task {shorten(task_id)} compares two responses: choose left, right or tie")
+            if order is not None and choice in ("left", "right", "tie"):
+                raise TuneoffError(f"task {shorten(task_id)} ranks {len(order)} responses: send a ranking or skip")
+            if choice == "rank":
+                positions = list(ranking)
+                if sorted(positions) != list(range(len(order))) or not all(type(p) is int for p in positions):
+                    raise TuneoffError(
+                        f"a ranking must list each of the {len(order)} positions shown (0 to {len(order) - 1}) once"
+                    )
+                ranked = json.dumps([order[p] for p in positions])
+            row = db.execute(
+                "SELECT id, choice, ranking FROM judgments WHERE task_id = ? AND annotator_id = ?",
+                (task_id, annotator_id),
+            ).fetchone()
+            if row is not None:
+                stored = "rank" if row["ranking"] is not None else row["choice"]
+                if stored != choice or row["ranking"] != ranked:
+                    raise ConflictingJudgment(
+                        f"task {shorten(task_id)} was already judged '{stored}' by this annotator"
+                    )
+                return row["id"], False
             # The slot counter: an open slot becomes a label (a skip gives it back); a late label retakes one.
             change = {("open", True): -1, ("expired", False): 1}.get((assigned["state"], choice == "skip"), 0)
             db.execute(
@@ -439,19 +672,68 @@ class Store:
                 seconds = max(0.0, now - assigned["assigned_at"])
             a_on_left = bool(assigned["a_on_left"])
             cursor = db.execute(
-                "INSERT INTO judgments (task_id, annotator_id, a_on_left, choice, preferred, seconds, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO judgments (task_id, annotator_id, a_on_left, choice, preferred, seconds, created_at,"
+                " reason, ranking, order_shown) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     annotator_id,
                     int(a_on_left),
-                    choice,
-                    preferred_from_choice(choice, a_on_left),
+                    None if choice == "rank" else choice,
+                    None if choice == "rank" else preferred_from_choice(choice, a_on_left),
                     float(seconds),
                     now,
+                    reason,
+                    ranked,
+                    assigned["order_shown"],
                 ),
             )
         return cursor.lastrowid, True
+
+    def undo_last(self, annotator_id: int, *, now: float | None = None) -> str:
+        """Take back the annotator's latest judgment made on this page (not an imported label): it moves to the
+        ``undone`` table (kept, never deleted) and the task is theirs again, shown in the same order, first in
+        their queue. Returns the task id."""
+        now = time.time() if now is None else now
+        with self._write() as db:
+            row = db.execute(
+                "SELECT * FROM judgments WHERE annotator_id = ? AND a_on_left IS NOT NULL ORDER BY id DESC LIMIT 1",
+                (annotator_id,),
+            ).fetchone()
+            if row is None:
+                raise NothingToUndo("there is no judgment of yours to undo")
+            db.execute(
+                "INSERT INTO undone (judgment_id, task_id, annotator_id, a_on_left, choice, preferred, seconds, reason,"
+                " ranking, order_shown, created_at, undone_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    row["id"],
+                    row["task_id"],
+                    annotator_id,
+                    row["a_on_left"],
+                    row["choice"],
+                    row["preferred"],
+                    row["seconds"],
+                    row["reason"],
+                    row["ranking"],
+                    row["order_shown"],
+                    row["created_at"],
+                    now,
+                ),
+            )
+            db.execute("DELETE FROM judgments WHERE id = ?", (row["id"],))
+            # The slot: a label (not a skip) already holds one, which the reopened assignment now holds; a skip
+            # gave its slot back, so the reopened assignment takes one again.
+            # First in their queue: just before the task the page went on to (open assignments go oldest first).
+            earliest = db.execute(
+                "SELECT MIN(assigned_at) FROM assignments WHERE annotator_id = ? AND state = 'open'", (annotator_id,)
+            ).fetchone()[0]
+            db.execute(
+                "UPDATE assignments SET state = 'open', assigned_at = ? WHERE task_id = ? AND annotator_id = ?",
+                (now if earliest is None else min(now, earliest - 1e-3), row["task_id"], annotator_id),
+            )
+            db.execute(
+                "UPDATE tasks SET taken = taken + ? WHERE id = ?", (int(row["choice"] == "skip"), row["task_id"])
+            )
+        return row["task_id"]
 
     def import_judgments(self, rows: Iterable[tuple[int, str, str]], *, now: float | None = None) -> tuple[int, int]:
         """Store labels from a file: (annotator id, task id, preferred a/b/tie); the order shown is unknown.
@@ -493,9 +775,16 @@ class Store:
                 r["created_at"],
                 r["len_a"],
                 r["len_b"],
+                r["reason"],
+                None if r["ranking"] is None else tuple(json.loads(r["ranking"])),
+                None if r["order_shown"] is None else tuple(json.loads(r["order_shown"])),
             )
             for r in rows
         ]
+
+    def undone(self) -> list[dict]:
+        """The judgments their annotators took back, oldest first."""
+        return [dict(r) for r in self._conn().execute("SELECT * FROM undone ORDER BY undone_at, judgment_id")]
 
 
 # A task is open to annotator :me when fewer than :k annotators are on it and :me is not among them.
@@ -510,6 +799,12 @@ def _plausible_seconds(seconds) -> bool:
     return isinstance(seconds, (int, float)) and math.isfinite(seconds) and 0 <= seconds <= MAX_SECONDS
 
 
+def _annotator(row: sqlite3.Row) -> Annotator:
+    return Annotator(
+        row["id"], row["name"], row["token_sha256"] is not None, row["role"], row["revoked_at"] is not None
+    )
+
+
 def _task(row: sqlite3.Row) -> Task:
     messages = None if row["prompt_messages"] is None else json.loads(row["prompt_messages"])
     return Task(
@@ -521,6 +816,8 @@ def _task(row: sqlite3.Row) -> Task:
         row["source_a"],
         row["source_b"],
         row["origin"],
+        None if row["meta"] is None else json.loads(row["meta"]),
+        tuple(json.loads(row["more"])) if row["more"] else (),
     )
 
 
@@ -618,26 +915,48 @@ def read_generations(path: str | os.PathLike) -> list[tuple[str | None, str]]:
 
 def tasks_from_generations(prompts_path, responses_a, responses_b) -> list[NewTask]:
     """Pair line i of two generation files; prompts come from the prompts file (line i) or the files themselves."""
-    gen_a, gen_b = read_generations(responses_a), read_generations(responses_b)
-    if len(gen_a) != len(gen_b):
-        raise DataError(str(responses_b), None, None, f"has {len(gen_b)} responses but {responses_a} has {len(gen_a)}")
+    return tasks_from_generation_files(prompts_path, [responses_a, responses_b])
+
+
+def tasks_from_generation_files(prompts_path, paths: Sequence) -> list[NewTask]:
+    """Line i of K ≥ 2 generation files answers prompt i (from the prompts file, or the files themselves): a pair
+    task for K = 2, a ranking task of K responses for K > 2."""
+    if len(paths) < 2:
+        raise TuneoffError("a task needs at least two generation files")
+    generations = [read_generations(path) for path in paths]
+    for path, gen in zip(paths[1:], generations[1:]):
+        if len(gen) != len(generations[0]):
+            raise DataError(str(path), None, None, f"has {len(gen)} responses but {paths[0]} has {len(generations[0])}")
     if prompts_path is not None:
         prompts = load_prompt_texts(prompts_path)
-        if len(prompts) != len(gen_a):
+        if len(prompts) != len(generations[0]):
             raise DataError(
-                str(responses_a), None, None, f"has {len(gen_a)} responses for {len(prompts)} prompts in {prompts_path}"
+                str(paths[0]),
+                None,
+                None,
+                f"has {len(generations[0])} responses for {len(prompts)} prompts in {prompts_path}",
             )
     else:
-        prompts = [(p, None) for p, _ in gen_a]
+        prompts = [(p, None) for p, _ in generations[0]]
     tasks = []
-    for i, ((prompt, messages), (pa, ra), (pb, rb)) in enumerate(zip(prompts, gen_a, gen_b)):
-        for path, own in ((responses_a, pa), (responses_b, pb)):
+    for i, (prompt, messages) in enumerate(prompts):
+        answers = [gen[i] for gen in generations]
+        for path, (own, _) in zip(paths, answers):
             if own is None and prompts_path is None:
                 raise DataError(str(path), f"record {i + 1}", "prompt", "expected a prompt (or pass --prompts)")
             if own is not None and own != prompt:
                 raise DataError(str(path), f"record {i + 1}", "prompt", "does not match the prompt it is paired with")
+        texts = [text for _, text in answers]
         tasks.append(
-            NewTask(prompt, ra, rb, messages, source_a=Path(responses_a).name, source_b=Path(responses_b).name)
+            NewTask(
+                prompt,
+                texts[0],
+                texts[1],
+                messages,
+                source_a=Path(paths[0]).name,
+                source_b=Path(paths[1]).name,
+                more=tuple(texts[2:]),
+            )
         )
     return tasks
 
@@ -729,9 +1048,10 @@ def export_preferences(
 
     ``majority``: one record per task, the strict plurality of its labels (skips ignored); tasks with
     no strict majority or fewer than ``min_annotators`` labels, or an empty response, are left out.
-    ``per-annotator``: one record
-    per label, with ``annotator``. A tie is dropped, or kept with ``"tie": true`` (chosen = a, rejected = b:
-    a reader must honour the flag). The file is written whole or not at all. Returns counts.
+    ``per-annotator``: one record per label, with ``annotator``. A ranking of K responses counts as its C(K, 2)
+    pairs, each exported as a task ``ID:i-j`` (responses i and j of the task, the better one chosen). A tie is
+    dropped, or kept with ``"tie": true`` (chosen = a, rejected = b: a reader must honour the flag). The file is
+    written whole or not at all. Returns counts.
     """
     from tuneoff.feedback.agreement import majority
 
@@ -742,6 +1062,15 @@ def export_preferences(
     for judgment in store.judgments():
         if judgment.preferred is not None:
             by_task.setdefault(judgment.task_id, []).append(judgment)
+        elif judgment.ranking is not None:  # K responses ranked: all C(K, 2) pairs, each a pair task of its own
+            task = tasks[judgment.task_id]
+            place = {index: rank for rank, index in enumerate(judgment.ranking)}
+            for i, j in itertools.combinations(range(len(task.responses)), 2):
+                pair_id = f"{task.id}:{i}-{j}"
+                tasks.setdefault(pair_id, dataclasses.replace(task, id=pair_id, response_a=task.responses[i],
+                                                              response_b=task.responses[j], more=()))  # fmt: skip
+                label = "a" if place[i] < place[j] else "b"
+                by_task.setdefault(pair_id, []).append(dataclasses.replace(judgment, preferred=label))
     counts = {"records": 0, "ties_dropped": 0, "no_majority": 0, "too_few_annotators": 0, "empty_response": 0}
     records = []
     for task_id_, judged in by_task.items():

@@ -13,7 +13,7 @@ LoRA merged), the head in ``reward_head.safetensors`` (``weight`` (1, H), ``bias
 :func:`tuneoff.feedback.judges.load_reward_model` loads one back as a scorer.
 
 The same folder loads elsewhere as ``AutoModelForSequenceClassification.from_pretrained(folder)`` with the same
-rewards (:func:`export_for_transformers`): ``model.safetensors`` also holds the head as ``score.weight`` and
+rewards (:func:`transformers_export`): ``model.safetensors`` also holds the head as ``score.weight`` and
 ``config.json`` says one label. transformers reads the reward at the last token that is not the pad id, tuneoff at
 the last token of the attention mask; where the pad token is EOS (SmolLM2), the folder's tokenizer and config
 get another special token as pad, one that never occurs in what the model reads, so the two agree. Heads with
@@ -179,7 +179,8 @@ def save_head(head: torch.nn.Linear, folder: Path) -> None:
 
 
 def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: dict) -> Path:
-    """The final form: a plain HF folder (LoRA merged) + head + ``reward_model.json`` (``info`` added)."""
+    """The final form: a plain HF folder (LoRA merged) + head + ``reward_model.json`` (``info`` added), which also
+    loads as a transformers sequence classifier where the head allows (:func:`transformers_export`)."""
     import copy
 
     from transformers.utils import logging as hf_logging
@@ -189,10 +190,17 @@ def save_reward_model(folder: str | Path, model: RewardModel, tokenizer, info: d
     lm = model.model
     if hasattr(lm, "peft_config"):
         lm = copy.deepcopy(lm).merge_and_unload()
-    lm.save_pretrained(folder, safe_serialization=True)
+    pad_id, reason = transformers_export(model, tokenizer)
+    state = lm.state_dict()  # views of the weights: no copy
+    if reason is None:
+        state["score.weight"] = model.head.weight.detach()  # (1, H): transformers' sequence-classifier head
+    lm.save_pretrained(folder, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     save_head(model.head, folder)
-    exported = export_for_transformers(folder, model, tokenizer)
+    if reason is None:
+        exported = {"exported": True, "pad_token": mark_sequence_classifier(folder, tokenizer, pad_id)}
+    else:
+        exported = {"exported": False, "reason": reason}
     info = {"format": FORMAT_VERSION, "pooling": model.pooling, **info, "transformers": exported}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
     return folder
@@ -215,41 +223,29 @@ def export_pad_id(tokenizer) -> int | None:
     return None
 
 
-def export_for_transformers(folder: Path, model: RewardModel, tokenizer) -> dict:
-    """Make the saved folder load as ``AutoModelForSequenceClassification`` with tuneoff's rewards: the head as
-    ``score.weight`` in ``model.safetensors``, one label and the pad id (:func:`export_pad_id`) in
-    ``config.json``, that pad in the tokenizer. Returns {"exported": bool, "reason" or "pad_token"}."""
-    from safetensors.torch import load_file, save_file
-
-    weights = folder / "model.safetensors"
-    reason = None
+def transformers_export(model: RewardModel, tokenizer) -> tuple[int | None, str | None]:
+    """(pad id, None) where the reward model can also be a transformers sequence classifier with the same rewards,
+    else (None, why not)."""
     if model.pooling != "last":
-        reason = f"{model.pooling} pooling: transformers' sequence classifiers read the last token only"
-    elif model.head.bias is not None and float(model.head.bias.detach().abs().max()) != 0.0:
-        reason = "the head has a bias; transformers' sequence classifiers have none"
-    elif not weights.exists():
-        reason = "the weights are sharded (no single model.safetensors)"
-    pad_id = export_pad_id(tokenizer) if reason is None else None
-    if reason is None and pad_id is None:
-        reason = "no special token can serve as pad without being read as the last token"
-    if reason is not None:
-        return {"exported": False, "reason": reason}
-    tensors = load_file(weights)
-    tensors["score.weight"] = model.head.weight.detach().float().cpu().contiguous()  # (1, H)
-    save_file(tensors, weights, metadata={"format": "pt"})
+        return None, f"{model.pooling} pooling: transformers' sequence classifiers read the last token only"
+    if model.head.bias is not None and float(model.head.bias.detach().abs().max()) != 0.0:
+        return None, "the head has a bias; transformers' sequence classifiers have none"
+    pad_id = export_pad_id(tokenizer)
+    if pad_id is None:
+        return None, "no special token can serve as pad without being read as the last token"
+    return pad_id, None
+
+
+def mark_sequence_classifier(folder: Path, tokenizer, pad_id: int) -> str:
+    """``config.json``: one label, the pad id, the sequence-classifier architecture beside the causal LM's; the
+    tokenizer saved with that pad. Returns the pad token."""
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text())
     causal = config.get("architectures") or []
-    config.update(
-        id2label={"0": "LABEL_0"},
-        label2id={"LABEL_0": 0},
-        pad_token_id=pad_id,
-        architectures=causal
-        + [
-            a.replace("ForCausalLM", "ForSequenceClassification").replace("LMHeadModel", "ForSequenceClassification")
-            for a in causal
-        ],
-    )
+    classifier = [a.replace("ForCausalLM", "ForSequenceClassification") for a in causal]
+    classifier = [a.replace("LMHeadModel", "ForSequenceClassification") for a in classifier]
+    config.update(id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=pad_id)
+    config["architectures"] = causal + [a for a in classifier if a not in causal]
     config_file.write_text(json.dumps(config, indent=2))
     pad = tokenizer.convert_ids_to_tokens(pad_id)
     if tokenizer.pad_token_id != pad_id:
@@ -258,7 +254,7 @@ def export_for_transformers(folder: Path, model: RewardModel, tokenizer) -> dict
         exported = copy.deepcopy(tokenizer)
         exported.pad_token = pad
         exported.save_pretrained(folder)
-    return {"exported": True, "pad_token": pad}
+    return pad
 
 
 # ---------------------------------------------------------------- text -> token ids (training and scoring alike)
