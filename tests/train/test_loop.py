@@ -106,3 +106,20 @@ def test_rl_two_processes_match_one_with_double_batch(tmp_path, verb, extra):
         assert len(a) == len(b) == 4, (key, a, b)
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (key, a, b)
     assert len(set(curve(one, names.OBJECTIVE_KL))) > 1  # the policy moved away from the reference: updates happened
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_reaches_the_lora_adapters(disable):
+    """disable_dropout turns off every dropout, LoRA's own included (applied after the adapters, as TRL does);
+    without it, LoRA's dropout stays as configured."""
+    import torch
+
+    from tuneoff.config import RMConfig
+    from tuneoff.train.loop import trainable_model
+
+    config = RMConfig(model="tiny", lora=True, lora_r=2, lora_dropout=0.05, disable_dropout=disable)
+    model = trainable_model(config)
+    lora_dropouts = [
+        m for name, m in model.named_modules() if "lora_dropout" in name and isinstance(m, torch.nn.Dropout)
+    ]
+    assert lora_dropouts and all(m.p == (0.0 if disable else 0.05) for m in lora_dropouts)

@@ -270,16 +270,17 @@ class Rates:
 
 
 def trainable_model(config) -> torch.nn.Module:
-    """The LM an offline method trains: loaded (or initialised, ``from_scratch``), its dropout off where the
-    config says so, LoRA adapters on it where asked."""
+    """The LM an offline method trains: loaded (or initialised, ``from_scratch``), LoRA adapters on it where
+    asked, and every dropout off where the config says so, the adapters' own included (as TRL's
+    ``disable_dropout``: the chosen and rejected passes, or π and π_ref, must be the same function)."""
     from tuneoff.models.heads import disable_dropout
     from tuneoff.models.load import apply_lora, load_model
 
     model = load_model(config.model, from_scratch=config.from_scratch)
-    if getattr(config, "disable_dropout", False):
-        disable_dropout(model)
     if config.lora:
         model = apply_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules)
+    if getattr(config, "disable_dropout", False):
+        disable_dropout(model)
     return model
 
 
