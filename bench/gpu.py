@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     left = lambda: args.budget - (time.perf_counter() - began)  # noqa: E731
     tests = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-q", "-p", "no:cacheprovider"]
     status, seconds, tail = run(tests, env, min(args.tests_timeout, left()), logs / "tests.log")
-    summary = [line for line in tail.splitlines() if " passed" in line or " failed" in line or " error" in line]
+    words = (" passed", " failed", " error", " skipped")
+    summary = [line for line in tail.splitlines() if any(word in line for word in words)]
     report.add(
         f"## 1. CUDA tests: `{' '.join(tests[2:])}`\n\n{outcome(status, seconds, args.tests_timeout)}: "
         f"{summary[-1] if summary else 'no summary line'}\n" + ("" if status == 0 else f"\n```\n{tail[-2500:]}\n```\n")

@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.precision == "bf16" and args.device != "cuda":
         parser.error("--precision bf16 is for --device cuda (on CPU the table compares float32)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: torch sees no CUDA GPU here")
     return args
 
 
