@@ -1,7 +1,7 @@
 """The verifiable-instructions prompts: shipped instructions, compatible constraints, a split by instruction."""
 
 from tuneoff.feedback.constraints import Constraint
-from tuneoff.tasks.instruct_task import CONFLICTS, constrained_prompts, instructions
+from tuneoff.tasks.instruct_task import CONFLICTS, constrained_prompts, creative_prompts, instructions, is_creative
 
 
 def test_every_shipped_instruction_once():
@@ -31,3 +31,13 @@ def test_constraints_are_one_to_three_compatible_and_rebuild():
         assert not any(frozenset({a, b}) in CONFLICTS for a in kinds for b in kinds if a != b)
         for c in constraints:
             assert c.instruction() in record["prompt"]
+
+
+def test_creative_requests_are_their_own_set():
+    creative = creative_prompts()
+    assert len(creative) == 7 and all(is_creative(r["prompt"]) for r in creative)
+    assert is_creative("Write a poem about the sea.") and is_creative("Come up with a slogan for a bakery.")
+    assert not is_creative("Tell me why this joke is not funny.") and not is_creative("Read the story and answer.")
+    split = constrained_prompts(seed=0)
+    constrained = {r["instruction"] for part in split.values() for r in part}
+    assert not constrained & {r["prompt"] for r in creative}

@@ -3,7 +3,9 @@
 
 Instructions are the shipped Self-Instruct seed tasks (175, instruction + input) and the PandaLM test set's
 instructions (deduplicated), each kept once. The split is by instruction: an instruction's hash decides its side,
-so no instruction is ever on both, and adding sources never moves an instruction across. Constraints are drawn
+so no instruction is ever on both, and adding sources never moves an instruction across. The open-ended creative
+requests among them (poems, stories, jokes, slogans, lyrics: :func:`creative_prompts`) carry no constraints and
+are never in either split: they are the set on which diversity is measured. Constraints are drawn
 per instruction from a seeded generator, never two that contradict each other (all lowercase and all capitals;
 JSON with bullets, paragraphs, a title, quotes, a postscript or an end phrase; quotes with a postscript or an end
 phrase; a postscript with an end phrase), with arguments in IFEval's ranges.
@@ -74,6 +76,31 @@ def instructions() -> list[tuple[str, str]]:
     return out
 
 
+CREATIVE = re.compile(
+    r"^(write|compose|generate|come up with|create|tell me|give me|complete|make up|invent)\b.*"
+    r"\b(poems?|poetry|story|stories|slogans?|haiku|songs?|lyrics|jokes?|limerick|tagline|fairy tale|rhymes?|"
+    r"opening scene|creative)\b",
+    re.IGNORECASE,
+)
+
+
+ANALYTIC = re.compile(r"\b(why|explain|answer|read|identify|classify|summari[sz]e|translate)\b", re.IGNORECASE)
+"""Requests about a text rather than for one ("tell me why this joke is not funny")."""
+
+
+def is_creative(instruction: str) -> bool:
+    """An open-ended creative request: it asks to write (compose, tell, ...) a poem, story, joke, slogan, ..."""
+    first = instruction.split("\n\n")[0].strip()
+    return bool(CREATIVE.search(first)) and not ANALYTIC.search(first)
+
+
+def creative_prompts() -> list[dict]:
+    """{"prompt", "source"} of every shipped creative request (no constraints), in source order: 7 of them (the
+    Self-Instruct seed tasks that ask for a haiku, a story, jokes, lyrics, rhymes). A small set: per-input
+    diversity over several samples of each is what it measures."""
+    return [{"prompt": text, "source": source} for source, text in instructions() if is_creative(text)]
+
+
 def held_out(instruction: str, fraction: float) -> bool:
     """Whether an instruction is held out: its SHA-256 (of the instruction alone) below ``fraction``."""
     digest = hashlib.sha256(instruction.split("\n\n")[0].strip().encode("utf-8")).digest()
@@ -129,6 +156,8 @@ def constrained_prompts(seed: int = 0, held_out_fraction: float = 0.2, max_const
     (``Constraint(**c)`` rebuilds them). The draws depend on ``seed`` and the instruction only."""
     split = {"train": [], "held_out": []}
     for source, instruction in instructions():
+        if is_creative(instruction):
+            continue  # the creative set, measured apart
         rng = random.Random(f"{seed}:{instruction}")
         constraints = draw_constraints(instruction, rng, rng.randint(1, max_constraints))
         prompt = instruction + "\n\n" + "\n".join(c.instruction() for c in constraints)
