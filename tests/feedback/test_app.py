@@ -319,6 +319,7 @@ def test_the_admin_view_is_for_leads(db):
     assert response.headers["location"] == "/admin"
     admin = lead_page.get("/admin")
     assert admin.status_code == 200 and "chose left" in admin.text and "<bdi>ann</bdi>" in admin.text
+    assert "built-in method" not in admin.text and "over 0 tasks with ≥ 2 labels" in admin.text
     stats = TestClient(app, headers={"Authorization": f"Bearer {lead}"}).get("/api/admin").json()
     row = next(r for r in stats["annotators"] if r["name"] == "ann")
     assert row["judgments"] == 3 and row["position_bias"]["rate"] == 1.0 and row["median_seconds"] == 2.0
@@ -464,3 +465,27 @@ def test_concurrent_load_and_a_killed_server_lose_no_acknowledged_judgment(tmp_p
     assert len(acked) == JUDGMENTS and sorted(rows) == expected  # each acknowledged judgment once; nothing else
     assert per_task <= PER_TASK
     print(f"\n{JUDGMENTS} judgments by {CLIENTS} clients with one kill and restart in {elapsed:.1f} s")
+
+
+def test_odd_form_values_are_refused_not_crashes(db):
+    """A non-ASCII CSRF token, ranks that are not plain small numbers: 403 or 422, never a 500."""
+    token = annotator(db, "ann")
+    client = TestClient(create_app(db), raise_server_exceptions=False)
+    csrf = login(client, token)
+    task_id = task_of(client.get("/").text)
+    assert (
+        client.post("/judge", data={"task_id": task_id, "choice": "left", "csrf": "é"}, headers=SAME).status_code == 403
+    )
+    for ranks in ({"rank-0": "²"}, {"rank-" + "9" * 5000: "1"}, {"rank-0": "1", "rank-1": "1"}):
+        form = {"task_id": task_id, "choice": "rank", "csrf": csrf, **ranks}
+        assert client.post("/judge", data=form, headers=SAME).status_code == 422, ranks
+    assert count_judgments(db) == 0
+
+
+def test_a_login_racing_a_rotation_opens_no_session(db):
+    token = annotator(db, "ann")
+    with Store(db) as store:
+        ann = store.annotator_by_token(token)
+        store.rotate("ann")  # between the login's token check and its session
+        assert store.open_session(ann.id, token=token) is None
+        assert store.open_session(ann.id) is not None  # without a token to check (tests, scripts)

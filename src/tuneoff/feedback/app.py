@@ -128,7 +128,8 @@ def create_app(
         return JSONResponse({"detail": problems[:5]}, status_code=422)
 
     def csrf_ok(request: Request, form) -> bool:
-        return hmac.compare_digest(str(form.get("csrf", "")), request.state.session.csrf)
+        sent = str(form.get("csrf", "")).encode("utf-8")  # bytes: compare_digest refuses non-ASCII text
+        return hmac.compare_digest(sent, request.state.session.csrf.encode("utf-8"))
 
     @app.get("/login")
     def login_form():
@@ -140,7 +141,9 @@ def create_app(
         annotator = store.annotator_by_token(token)
         if annotator is None:
             return page("login.html", 401, error="That token is not valid.")
-        session_id = await _run_sync(store.open_session, annotator.id)
+        session_id = await _run_sync(store.open_session, annotator.id, token=token)
+        if session_id is None:  # the token was rotated or revoked between the check and now
+            return page("login.html", 401, error="That token is not valid.")
         response = RedirectResponse("/admin" if annotator.role == "lead" else "/", status_code=303)
         response.set_cookie(
             COOKIE, session_id, httponly=True, samesite="strict", path="/", secure=request.url.scheme == "https"
@@ -289,13 +292,20 @@ def ranking_from_form(form) -> list[int]:
     position P); TuneoffError unless the ranks are 1..K, each once."""
     ranks = {}
     for key, value in form.items():
-        if key.startswith("rank-") and key[5:].isdigit():
-            if not str(value).isdigit():
-                raise TuneoffError("give every response a rank")
-            ranks[int(key[5:])] = int(value)
+        if not key.startswith("rank-"):
+            continue
+        position, rank = key[5:], str(value)
+        if not (_small_number(position) and _small_number(rank)):
+            raise TuneoffError("give every response a rank")
+        ranks[int(position)] = int(rank)
     if sorted(ranks.values()) != list(range(1, len(ranks) + 1)) or sorted(ranks) != list(range(len(ranks))):
         raise TuneoffError(f"give the {len(ranks)} responses the ranks 1 to {len(ranks)}, each once")
     return sorted(ranks, key=ranks.get)
+
+
+def _small_number(text: str) -> bool:
+    """ASCII digits, at most 6 of them (isdigit alone accepts ² and numbers int() refuses to read)."""
+    return 0 < len(text) <= 6 and text.isascii() and text.isdecimal()
 
 
 def admin_view(store: Store) -> dict:
@@ -358,6 +368,8 @@ class Guard:
         path, request = scope["path"], Request(scope)
         if scope["method"] not in ("GET", "HEAD", "OPTIONS"):
             body = await read_capped(request, receive)
+            if body is DISCONNECTED:  # the client went away mid-body: nothing of a half-sent form is recorded
+                return None
             if body is None:
                 too_large = JSONResponse({"detail": f"request body over {MAX_BODY} bytes"}, status_code=413)
                 return await too_large(scope, receive, send_with_headers)
@@ -380,8 +392,13 @@ class Guard:
         await self.app(scope, receive, send_with_headers)
 
 
-async def read_capped(request: Request, receive) -> bytes | None:
-    """The whole request body, or None once it passes MAX_BODY (declared or streamed)."""
+DISCONNECTED = object()
+"""What :func:`read_capped` returns when the client disconnected before its body ended."""
+
+
+async def read_capped(request: Request, receive):
+    """The whole request body; None once it passes MAX_BODY (declared or streamed); DISCONNECTED when the client
+    went away first."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY:
         return None
@@ -389,7 +406,7 @@ async def read_capped(request: Request, receive) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            break
+            return DISCONNECTED
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:

@@ -312,7 +312,8 @@ class Store:
     def _migrate(conn: sqlite3.Connection, version: str) -> None:
         """Bring a database of an older schema up to this one, in one transaction (nothing is lost)."""
         conn.execute("BEGIN IMMEDIATE")
-        try:
+        try:  # another process may have migrated between our read and the write lock: read again under it
+            version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
             while version in MIGRATIONS:
                 for statement in MIGRATIONS[version]:
                     conn.execute(statement)
@@ -491,11 +492,21 @@ class Store:
         return token
 
     # -- sessions (the page) -------------------------------------------------------------------------
-    def open_session(self, annotator_id: int, *, now: float | None = None) -> str:
-        """A new page session for the annotator; returns its id (the cookie's value; only its hash is kept)."""
+    def open_session(self, annotator_id: int, *, token: str | None = None, now: float | None = None) -> str | None:
+        """A new page session for the annotator; returns its id (the cookie's value; only its hash is kept). With
+        ``token``, only if that is still the annotator's token, checked in the same transaction (a login racing a
+        rotate or revoke opens nothing): None otherwise."""
         now = time.time() if now is None else now
         session_id = secrets.token_urlsafe(32)
         with self._write() as db:
+            if token is not None:
+                row = db.execute("SELECT token_sha256 FROM annotators WHERE id = ?", (annotator_id,)).fetchone()
+                if (
+                    row is None
+                    or row["token_sha256"] is None
+                    or not hmac.compare_digest(row["token_sha256"], hash_token(token))
+                ):
+                    return None
             db.execute(
                 "INSERT INTO sessions (id_sha256, annotator_id, csrf, created_at, last_seen) VALUES (?, ?, ?, ?, ?)",
                 (hash_token(session_id), annotator_id, secrets.token_urlsafe(32), now, now),
