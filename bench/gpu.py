@@ -1,7 +1,7 @@
 """The GPU check in one command: CUDA smoke and parity tests, throughput against TRL in bf16, and the smollm2-hh
 comparison end to end, written to one Markdown file as each part ends (a run cut short keeps what it finished).
 
-    python -m bench.gpu --out bench/results-gpu.md            # on a CUDA machine; about 8 minutes on one H200
+    python -m bench.gpu --out bench/results-gpu.md            # on a CUDA machine; --budget 480 s by default
     python -m bench.gpu --wheels bench/.wheels --out ...      # first install the wheels of `make gpu-wheels`
 
 The parts, each with its own time limit (the compare gets what is left of --budget):
