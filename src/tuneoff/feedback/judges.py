@@ -58,6 +58,18 @@ class RewardScorer:
         self.device = torch.device(device)
         self.max_length = int(info.get("max_length", 512))
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def encode(self, prompt, response: str) -> list[int]:
+        """The token ids this model reads for one (prompt, response): exactly those it trained on, its last
+        ``max_length``."""
+        from tuneoff.data.grouped import fit_left
+        from tuneoff.models.heads import encode_response
+
+        return fit_left(encode_response(self.tokenizer, prompt, response)[0], self.max_length)
+
     @torch.inference_mode()
     def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Rewards (B,) of token ids (B, T) padded on either side; for RL loops that hold ids already."""
@@ -72,17 +84,15 @@ class RewardScorer:
         normalize: subtract the mean and divide by the std of the rewards of held-out responses at the end
         of training (``reward_mean``/``reward_std`` in ``reward_model.json``), so 0 is a typical response.
         """
-        from tuneoff.data.grouped import fit_left, pad_right
-        from tuneoff.models.heads import encode_response
+        from tuneoff.data.grouped import pad_right
 
         if isinstance(prompts, str) or isinstance(responses, str):
             raise TypeError("score takes a list of prompts and a list of responses, got a string")
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [fit_left(encode_response(self.tokenizer, p, r)[0], self.max_length) for p, r in zip(prompts, responses)]
+        rows = [self.encode(p, r) for p, r in zip(prompts, responses)]
         rewards = [
-            self.score_ids(*pad_right(rows[i : i + batch_size], self.tokenizer.pad_token_id))
-            for i in range(0, len(rows), batch_size)
+            self.score_ids(*pad_right(rows[i : i + batch_size], self.pad_id)) for i in range(0, len(rows), batch_size)
         ]
         out = torch.cat(rewards) if rewards else torch.zeros(0)  # (B,)
         if normalize:
@@ -92,7 +102,7 @@ class RewardScorer:
     __call__ = score
 
 
-class SequenceClassifierScorer:
+class SequenceClassifierScorer(RewardScorer):
     """A Hugging Face ``AutoModelForSequenceClassification`` with ``num_labels == 1`` as a reward: its logit.
 
     Text is formatted the way TRL's ``RewardTrainer`` formats reward data, so a model TRL trained scores what it
@@ -100,17 +110,20 @@ class SequenceClassifierScorer:
     tokenizer's chat template; a plain prompt as ``prompt + response`` with EOS appended (unless already there),
     tokenized with the tokenizer's special tokens. Rows keep their last ``max_length`` tokens, are right-padded with
     the config's pad id (the tokenizer's pad, else EOS, where the config has none: TRL's choice) and the model reads
-    the last token that is not the pad, as transformers does."""
+    the last token that is not the pad, as transformers does. Scoring is :meth:`RewardScorer.score`'s; such a
+    model carries no held-out reward statistics, so ``normalize`` changes nothing."""
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", max_length: int = 1024):
-        self.model, self.tokenizer = model.eval().to(device), tokenizer
-        self.device, self.max_length, self.info = torch.device(device), max_length, {}
+        super().__init__(model, tokenizer, {"max_length": max_length}, device)
         config = model.config.get_text_config()
         if config.pad_token_id is None:
             config.pad_token_id = (
                 tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             )
-        self.pad_id = config.pad_token_id
+
+    @property
+    def pad_id(self) -> int:
+        return self.model.config.get_text_config().pad_token_id
 
     def encode(self, prompt, response: str) -> list[int]:
         """The token ids this model reads for one (prompt, response)."""
@@ -131,26 +144,6 @@ class SequenceClassifierScorer:
         """Rewards (B,) of right-padded token ids (B, T), padded with ``pad_id``."""
         logits = self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device)).logits
         return logits[:, 0].float().cpu()
-
-    @torch.inference_mode()
-    def score(
-        self, prompts: Sequence, responses: Sequence[str], batch_size: int = 32, normalize: bool = False
-    ) -> torch.Tensor:
-        """r(x, y) for each (prompt, response): (B,) float32 on CPU. ``normalize`` is accepted for the common
-        interface and changes nothing: such a model carries no held-out reward statistics."""
-        from tuneoff.data.grouped import pad_right
-
-        if isinstance(prompts, str) or isinstance(responses, str):
-            raise TypeError("score takes a list of prompts and a list of responses, got a string")
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        rows = [self.encode(p, r) for p, r in zip(prompts, responses)]
-        rewards = [
-            self.score_ids(*pad_right(rows[i : i + batch_size], self.pad_id)) for i in range(0, len(rows), batch_size)
-        ]
-        return torch.cat(rewards) if rewards else torch.zeros(0)
-
-    __call__ = score
 
 
 def reward_model_kind(folder: str | Path) -> str:
