@@ -1,4 +1,6 @@
+import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -51,3 +53,25 @@ def kill_after_checkpoint(verb: str, args: list, out, checkpoint: str, final: st
     kept = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
     assert kept and kept[-1] < final, f"the run finished before the kill: {kept}"
     return kept
+
+
+@pytest.fixture(scope="session")
+def sft_and_pair_files(tmp_path_factory) -> dict[str, Path]:
+    """32 SST-2 SFT records ("sft") and 32 preference pairs ("pairs": a positive completion over a negative one)."""
+    from tuneoff.data.sources import sst2_sft_records
+
+    folder = tmp_path_factory.mktemp("sft-and-pairs")
+    positive, negative = sst2_sft_records(label=1)[:32], sst2_sft_records(label=0)[:32]
+    random.Random(0).shuffle(negative)
+    records = {
+        "sft": [{"prompt": r["prompt"], "completion": r["completion"]} for r in positive],
+        "pairs": [
+            {"prompt": g["prompt"], "chosen": g["completion"], "rejected": b["completion"]}
+            for g, b in zip(positive, negative)
+        ],
+    }
+    out = {}
+    for name, rows in records.items():
+        out[name] = folder / f"{name}.jsonl"
+        out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

@@ -5,16 +5,15 @@ the GPU's other kernel order).
 
 TUNEOFF_GPU_TESTS_ON=cpu runs the same checks on the CPU (a dry run of this file where there is no GPU)."""
 
-import json
 import math
 import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 from tests.conftest import run_cli
 from tests.models.test_llama_decode import KINDS, VOCAB, make, prompts
+from tests.train.test_common import metrics
 
 from tuneoff.rollout import decode_path, generate, lean_decoder
 
@@ -23,35 +22,9 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-EXAMPLES = Path(__file__).parents[2] / "examples"
+PROMPTS = Path(__file__).parents[2] / "examples" / "sst2_prompts.jsonl"
 FAST = ["--model", "tiny", "--batch-size", "4", "--log-every", "1", "--save-every", "100", "--max-steps", "3"]
 CUDA_BF16 = ["--device", DEVICE, "--precision", "bf16"]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    from tuneoff.data.sources import sst2_sft_records
-
-    folder = tmp_path_factory.mktemp("cuda")
-    positive, negative = sst2_sft_records(label=1)[:32], sst2_sft_records(label=0)[:32]
-    random.Random(0).shuffle(negative)
-    rows = {
-        "sft": [{"prompt": r["prompt"], "completion": r["completion"]} for r in positive],
-        "pairs": [
-            {"prompt": g["prompt"], "chosen": g["completion"], "rejected": b["completion"]}
-            for g, b in zip(positive, negative)
-        ],
-    }
-    out = {}
-    for name, records in rows.items():
-        out[name] = folder / f"{name}.jsonl"
-        out[name].write_text("".join(json.dumps(r) + "\n" for r in records))
-    out["prompts"] = EXAMPLES / "sst2_prompts.jsonl"
-    return out
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -66,9 +39,10 @@ def metrics(out: Path) -> list[dict]:
         ("rloo", "prompts", ["--reward-model", "gold", "--rollout-batch", "8", "--max-new-tokens", "8"]),
     ],
 )
-def test_every_training_verb_runs_on_cuda_in_bf16(tmp_path, files, verb, data, extra):
+def test_every_training_verb_runs_on_cuda_in_bf16(tmp_path, sft_and_pair_files, verb, data, extra):
     out = tmp_path / verb
-    result = run_cli(verb, *FAST, *extra, "--data", str(files[data]), *CUDA_BF16, "--out", str(out))
+    path = PROMPTS if data == "prompts" else sft_and_pair_files[data]
+    result = run_cli(verb, *FAST, *extra, "--data", str(path), *CUDA_BF16, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"device {DEVICE}, precision bf16" in result.stdout
     from tuneoff.train import metrics as names

@@ -3,7 +3,6 @@ bf16 on the CPU end to end for SFT, the RM and DPO, and the refusal of CUDA wher
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
@@ -70,27 +69,6 @@ FAST = ["--model", "tiny", "--batch-size", "4", "--max-length", "48", "--lr", "1
 FAST += ["--threads", "1", "--eval-fraction", "0", "--save-every", "100"]
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, Path]:
-    from tuneoff.data.sources import sst2_sft_records
-
-    folder = tmp_path_factory.mktemp("precision")
-    positive, negative = sst2_sft_records(label=1)[:32], sst2_sft_records(label=0)[:32]
-    random.Random(0).shuffle(negative)
-    records = {
-        "sft": [{"prompt": r["prompt"], "completion": r["completion"]} for r in positive],
-        "pairs": [
-            {"prompt": g["prompt"], "chosen": g["completion"], "rejected": b["completion"]}
-            for g, b in zip(positive, negative)
-        ],
-    }
-    out = {}
-    for name, rows in records.items():
-        out[name] = folder / f"{name}.jsonl"
-        out[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
-
 def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -98,14 +76,14 @@ def metrics(out: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "verb, data, key", [("sft", "sft", "train/loss"), ("rm", "pairs", "train/loss"), ("dpo", "pairs", "logps/chosen")]
 )
-def test_bf16_on_the_cpu_runs_to_the_end_with_finite_losses(tmp_path, files, verb, data, key):
+def test_bf16_on_the_cpu_runs_to_the_end_with_finite_losses(tmp_path, sft_and_pair_files, verb, data, key):
     """--precision bf16 --device cpu: the run completes with finite losses, and the method's training forward did
     run under autocast (its first value, before any update, differs a little from fp32's; for the RM this checks
     the packed forward, which is not the forward accelerate wraps). DPO's π_ref runs under the same autocast as π,
     so at step 1 they agree and the loss is log 2."""
     from tuneoff.cli import main
 
-    args = [*FAST, "--data", str(files[data])]
+    args = [*FAST, "--data", str(sft_and_pair_files[data])]
     bf16 = tmp_path / "bf16"
     result = run_cli(verb, *args, "--max-steps", "3", "--precision", "bf16", "--device", "cpu", "--out", str(bf16))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,9 +99,9 @@ def test_bf16_on_the_cpu_runs_to_the_end_with_finite_losses(tmp_path, files, ver
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(tmp_path, files):
+def test_device_cuda_without_a_gpu_exits_2_and_writes_nothing(tmp_path, sft_and_pair_files):
     out = tmp_path / "run"
-    result = run_cli("sft", *FAST, "--data", str(files["sft"]), "--device", "cuda", "--out", str(out))
+    result = run_cli("sft", *FAST, "--data", str(sft_and_pair_files["sft"]), "--device", "cuda", "--out", str(out))
     assert result.returncode == 2
     assert "CUDA" in result.stderr and "Traceback" not in result.stderr and not out.exists()
 
