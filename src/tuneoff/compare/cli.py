@@ -27,6 +27,7 @@ def run_experiment(
     from tuneoff.compare.recommend import recommend
     from tuneoff.compare.report import write_report
     from tuneoff.errors import TuneoffError
+    from tuneoff.feedback.agreement import finite
 
     started = time.perf_counter()
     config = load_experiment(config_path, seeds=seeds, workers=workers)
@@ -49,21 +50,11 @@ def run_experiment(
         results["recommendation"] = {"error": str(error)}
     results["wall_s"] = time.perf_counter() - started
     staging = out / ".results.json.tmp"
-    staging.write_text(json.dumps(_finite(results), indent=1, allow_nan=False), encoding="utf-8")
+    # NaN and infinities (e.g. the CI of a single seed) become null: results.json stays strict JSON for other tools
+    staging.write_text(json.dumps(finite(results), indent=1, allow_nan=False), encoding="utf-8")
     staging.rename(out / "results.json")
     write_report(results, out / "report.html")
     return results
-
-
-def _finite(value):
-    """NaN and infinities (e.g. the CI of a single seed) become null: results.json stays strict JSON for other tools."""
-    if isinstance(value, float):
-        return value if value == value and abs(value) != float("inf") else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _gpu_sharing(config, jobs) -> tuple[dict, int] | None:

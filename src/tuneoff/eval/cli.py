@@ -98,7 +98,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, help="model preset or folder")
     parser.add_argument("--reference", default="", help="reference model for the KL (e.g. review-gpt)")
-    parser.add_argument("--reward-model", default="", help="a `tuneoff rm` folder: also report the proxy reward")
+    parser.add_argument(
+        "--reward-model", default="", help="a reward model folder (tuneoff rm, or a HF classifier): also report it"
+    )
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts (SST-2 dev beginnings)")
     parser.add_argument("--prompt-words", type=int, default=4, help="words per prompt")
     parser.add_argument("--prompt-seed", type=int, default=0, help="which dev reviews (fixed across models)")

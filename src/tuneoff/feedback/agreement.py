@@ -258,7 +258,8 @@ def format_summary(summary: dict) -> str:
 
 
 def finite(value):
-    """NaN (an undefined statistic) becomes JSON null instead of the non-standard NaN token, all the way down."""
+    """NaN and infinities (undefined statistics) become JSON null instead of non-standard tokens, all the way down
+    (`label stats --json`, the admin API, results.json)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
